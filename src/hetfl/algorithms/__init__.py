@@ -1,0 +1,17 @@
+"""Algorithms: transport-agnostic objects with explicit state (see :mod:`hetfl.algorithms.base`)."""
+
+from hetfl.algorithms import fedavg  # noqa: F401  (registers)
+from hetfl.algorithms.base import (
+    Algorithm,
+    ClientResult,
+    ClientTask,
+    Context,
+    EvalTarget,
+    ModelRef,
+    ServerState,
+    Weights,
+)
+from hetfl.algorithms.registry import ALGORITHMS
+
+__all__ = ["ALGORITHMS", "Algorithm", "ClientResult", "ClientTask", "Context", "EvalTarget", "ModelRef",
+           "ServerState", "Weights"]

@@ -1,0 +1,188 @@
+"""The algorithm interface: transport-agnostic objects with explicit state.
+
+An algorithm never knows which engine drives it (the in-process simulator, Flower, worker
+processes).  A round is four calls, each a pure function of its inputs::
+
+    clients = algo.sample_clients(state, rnd, ctx, rng)          # server
+    tasks   = algo.configure_round(state, rnd, clients, ctx)     # server: one ClientTask per client
+    result  = algo.local_update(task, model, data, device)       # client (engine loads task.weights)
+    update  = algo.aggregate(state, rnd, results, ctx)           # server, streams over results
+    state   = algo.server_step(state, update, ctx)               # server
+
+Every :class:`ClientTask` names its own :class:`ModelRef` and carries its own weights and local
+config, so clients of one round may train models of different shapes or architectures.  Tasks and
+results hold only tensors and plain values, so any transport can carry them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from hetfl.config import Params, TrainConfig
+from hetfl.data.base import DataInfo, Split
+from hetfl.errors import ConfigError
+
+Weights = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Which network a client trains: a registered model name, its width and its own params."""
+
+    name: str
+    width: float = 1.0
+    params: Params = ()
+
+    def build(self, info: DataInfo) -> nn.Module:
+        from hetfl.models import build_model
+
+        return build_model(self.name, info, width=self.width, **dict(self.params))
+
+    def __str__(self) -> str:
+        extra = "".join(f",{k}={v}" for k, v in self.params)
+        return f"{self.name}@{self.width:g}{extra}"
+
+
+@dataclass(frozen=True)
+class Context:
+    """Static facts about a run that the server side of an algorithm may use."""
+
+    info: DataInfo
+    model: ModelRef
+    train: TrainConfig
+    client_sizes: np.ndarray  # training samples per client
+    seed: int
+    rounds: int
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.client_sizes)
+
+
+@dataclass
+class ClientTask:
+    client_id: int
+    model: ModelRef
+    weights: Weights
+    train: TrainConfig
+    seed: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ClientResult:
+    client_id: int
+    num_samples: int
+    weights: Weights
+    metrics: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ServerState:
+    """Everything the server carries between rounds; checkpointed as plain tensors and values.
+
+    ``models`` maps a model key ("global", or one key per architecture family) to its weights;
+    ``buffers`` holds optimiser state and other algorithm-specific values.
+    """
+
+    round: int
+    models: dict[str, Weights]
+    buffers: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"round": self.round, "models": self.models, "buffers": self.buffers}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ServerState:
+        return cls(round=int(d["round"]), models=d["models"], buffers=d.get("buffers", {}))
+
+
+@dataclass(frozen=True)
+class EvalTarget:
+    """A model the runner should evaluate: its architecture and weights."""
+
+    model: ModelRef
+    weights: Weights
+
+
+def weights_of(model: nn.Module) -> Weights:
+    """A detached copy of a module's state (parameters and buffers), safe to keep after reuse."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def nbytes(weights: Weights) -> int:
+    return sum(t.numel() * t.element_size() for t in weights.values())
+
+
+def round_seed(seed: int, rnd: int, client_id: int = -1) -> int:
+    """A 63-bit seed derived from (run seed, round, client): independent of execution order."""
+    ss = np.random.SeedSequence([seed, rnd, client_id + 1, 0x6865_7466])
+    return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """Base of every algorithm: client sampling plus the four-call round protocol.
+
+    Subclasses are frozen dataclasses whose fields are their hyperparameters (the ``[algorithm]``
+    section of a config), registered in :data:`hetfl.algorithms.ALGORITHMS`.
+    """
+
+    clients_per_round: int = 10
+    fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.clients_per_round < 1:
+            raise ConfigError(f"algorithm.clients_per_round must be >= 1, got {self.clients_per_round}")
+        if not 0.0 <= self.fraction <= 1.0:
+            raise ConfigError(f"algorithm.fraction must be in [0, 1] (0 = use clients_per_round), "
+                              f"got {self.fraction}")
+
+    # ------------------------------------------------------------------ server side
+    def clients_for(self, num_clients: int) -> int:
+        if self.fraction > 0:
+            return max(1, int(round(self.fraction * num_clients)))
+        return min(self.clients_per_round, num_clients)
+
+    def sample_clients(self, state: ServerState, rnd: int, ctx: Context,
+                       rng: np.random.Generator) -> np.ndarray:
+        k = self.clients_for(ctx.num_clients)
+        return np.sort(rng.choice(ctx.num_clients, size=k, replace=False))
+
+    def init_state(self, ctx: Context) -> ServerState:
+        raise NotImplementedError
+
+    def configure_round(self, state: ServerState, rnd: int, clients: Sequence[int],
+                        ctx: Context) -> list[ClientTask]:
+        raise NotImplementedError
+
+    def aggregate(self, state: ServerState, rnd: int, results: Iterable[ClientResult], ctx: Context) -> Any:
+        raise NotImplementedError
+
+    def server_step(self, state: ServerState, update: Any, ctx: Context) -> ServerState:
+        raise NotImplementedError
+
+    def eval_targets(self, state: ServerState, ctx: Context) -> dict[str, EvalTarget]:
+        """The models to evaluate on the test set, by label (``"global"`` is the headline)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ client side
+    def local_update(self, task: ClientTask, model: nn.Module, data: Split,
+                     device: torch.device) -> ClientResult:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ helpers
+    def round_train_config(self, ctx: Context, rnd: int) -> TrainConfig:
+        """The local config of round ``rnd`` (1-based): the configured lr decayed per round."""
+        t = ctx.train
+        if t.lr_decay == 1.0:
+            return t
+        return dataclasses.replace(t, lr=t.lr * t.lr_decay ** (rnd - 1))

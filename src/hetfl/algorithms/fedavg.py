@@ -1,0 +1,134 @@
+"""FedAvg (McMahan et al., 2017), with optional server learning rate and server momentum (FedAvgM)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hetfl.algorithms.base import (
+    Algorithm,
+    ClientResult,
+    ClientTask,
+    Context,
+    EvalTarget,
+    ServerState,
+    Weights,
+    round_seed,
+    weights_of,
+)
+from hetfl.algorithms.registry import ALGORITHMS
+from hetfl.data.base import Split
+from hetfl.errors import ConfigError
+from hetfl.train import local_sgd
+
+
+def average_weights(results: Iterable[ClientResult], weighted: bool = True) -> tuple[Weights, int, int]:
+    """Streaming (sample-)weighted average of client weights.
+
+    Results are consumed one at a time and only a float64 running sum is kept, so a round's memory
+    does not grow with the number of clients.  With one client the average equals its weights.
+    Returns (average, clients, samples).
+    """
+    sums: dict[str, torch.Tensor] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    single: Weights | None = None
+    total = 0.0
+    count = samples = 0
+    for res in results:
+        w = float(res.num_samples) if weighted else 1.0
+        if w <= 0:
+            continue
+        if count == 0:
+            single = res.weights
+            dtypes = {k: v.dtype for k, v in res.weights.items()}
+            sums = {k: v.detach().to(torch.float64) * w for k, v in res.weights.items()}
+        else:
+            single = None
+            for k, v in res.weights.items():
+                sums[k].add_(v.detach().to(torch.float64), alpha=w)
+        total += w
+        count += 1
+        samples += res.num_samples
+    if count == 0:
+        return {}, 0, 0
+    if single is not None:
+        return dict(single), 1, samples
+    out = {}
+    for k, s in sums.items():
+        avg = s / total
+        out[k] = avg.round().to(dtypes[k]) if not dtypes[k].is_floating_point else avg.to(dtypes[k])
+    return out, count, samples
+
+
+@ALGORITHMS.register("fedavg")
+@dataclass(frozen=True)
+class FedAvg(Algorithm):
+    """FedAvg: clients run local SGD on the global model; the server averages (sample-weighted)."""
+
+    weighted: bool = True
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.server_lr <= 0:
+            raise ConfigError(f"algorithm.server_lr must be > 0, got {self.server_lr}")
+        if not 0 <= self.server_momentum < 1:
+            raise ConfigError(f"algorithm.server_momentum must be in [0, 1), got {self.server_momentum}")
+
+    # ---------------------------------------------------------------- server
+    def init_state(self, ctx: Context) -> ServerState:
+        torch.manual_seed(round_seed(ctx.seed, 0))
+        return ServerState(round=0, models={"global": weights_of(ctx.model.build(ctx.info))})
+
+    def configure_round(self, state: ServerState, rnd: int, clients: Sequence[int],
+                        ctx: Context) -> list[ClientTask]:
+        train = self.round_train_config(ctx, rnd)
+        glob = state.models["global"]
+        return [ClientTask(int(c), ctx.model, glob, train, round_seed(ctx.seed, rnd, int(c)))
+                for c in clients]
+
+    def aggregate(self, state: ServerState, rnd: int, results: Iterable[ClientResult],
+                  ctx: Context) -> Weights:
+        avg, _, _ = average_weights(results, self.weighted)
+        return avg
+
+    def server_step(self, state: ServerState, update: Weights, ctx: Context) -> ServerState:
+        if not update:  # nobody reported: keep the model
+            return ServerState(state.round + 1, state.models, state.buffers)
+        old = state.models["global"]
+        if self.server_lr == 1.0 and self.server_momentum == 0.0:
+            new = update
+            buffers = state.buffers
+        else:
+            new, mom = {}, dict(state.buffers.get("momentum", {}))
+            for k, w_old in old.items():
+                if not w_old.is_floating_point():
+                    new[k] = update[k]
+                    continue
+                delta = w_old - update[k]  # pseudo-gradient
+                if self.server_momentum > 0:
+                    buf = mom.get(k)
+                    buf = delta.clone() if buf is None else buf.mul(self.server_momentum).add_(delta)
+                    mom[k] = buf
+                    delta = buf
+                new[k] = w_old - self.server_lr * delta
+            buffers = {**state.buffers, "momentum": mom}
+        return ServerState(state.round + 1, {**state.models, "global": new}, buffers)
+
+    def eval_targets(self, state: ServerState, ctx: Context) -> dict[str, EvalTarget]:
+        return {"global": EvalTarget(ctx.model, state.models["global"])}
+
+    # ---------------------------------------------------------------- client
+    def local_update(self, task: ClientTask, model: nn.Module, data: Split,
+                     device: torch.device) -> ClientResult:
+        stats = local_sgd(model, data, task.train, seed=task.seed, device=device)
+        return ClientResult(
+            client_id=task.client_id,
+            num_samples=len(data),
+            weights=weights_of(model),
+            metrics={"train_loss": stats.loss, "steps": stats.steps},
+        )

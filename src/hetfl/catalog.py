@@ -1,0 +1,18 @@
+"""Every registry in one place (importing this module registers all built-in entries)."""
+
+from __future__ import annotations
+
+from hetfl.algorithms import ALGORITHMS
+from hetfl.data.datasets import DATASETS
+from hetfl.data.partition import PARTITIONERS
+from hetfl.models import MODELS
+from hetfl.registry import Registry
+
+REGISTRIES: dict[str, Registry] = {
+    "datasets": DATASETS,
+    "partitioners": PARTITIONERS,
+    "models": MODELS,
+    "algorithms": ALGORITHMS,
+}
+
+__all__ = ["ALGORITHMS", "DATASETS", "MODELS", "PARTITIONERS", "REGISTRIES"]

@@ -1,0 +1,135 @@
+"""The ``hetfl`` command line: thin wrappers over the library.
+
+    hetfl run CONFIG [--set k=v ...] [--out DIR] [--resume DIR] [--seed N] [--device cpu|cuda] [--quiet]
+    hetfl list
+    hetfl plot DIR [DIR ...] [--out DIR]
+    hetfl summary DIR [DIR ...]
+
+A user error (bad config, missing data, ...) prints one paragraph on stderr and exits with code 2;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from hetfl.errors import HetflError
+
+EXIT_USER_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hetfl", description="Federated learning across heterogeneous devices.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run (or resume) an experiment from a TOML config")
+    r.add_argument("config", nargs="?", help="TOML config file (optional with --resume)")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set rounds=50 --set data.partition.alpha=0.3")
+    r.add_argument("--out", help="run directory to create (default: runs/<name>-<timestamp>)")
+    r.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    r.add_argument("--seed", type=int, help="shorthand for --set seed=N")
+    r.add_argument("--device", help="cpu or cuda[:N] (shorthand for --set device=...)")
+    r.add_argument("--data-dir", help="where to read datasets from (shorthand for --set data.data_dir=...)")
+    r.add_argument("--quiet", action="store_true", help="no progress bar; print only the summary path")
+    r.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    sub.add_parser("list", help="list every registry: datasets, partitioners, models, algorithms")
+
+    pl = sub.add_parser("plot", help="plot accuracy/loss vs round and vs bytes for run directories")
+    pl.add_argument("runs", nargs="+", metavar="DIR")
+    pl.add_argument("--out", help="folder for the PNGs (default: the first run directory)")
+
+    s = sub.add_parser("summary", help="print a table of run directories' results")
+    s.add_argument("runs", nargs="+", metavar="DIR")
+    return p
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from hetfl.config import apply_overrides, config_from_dict, load_config, parse_toml
+    from hetfl.results import CONFIG
+    from hetfl.runner import run
+
+    overrides = list(args.overrides)
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    if args.device:
+        overrides.append(f'device="{args.device}"')
+    if args.data_dir:
+        overrides.append(f"data.data_dir={_toml_str(args.data_dir)}")
+    if args.resume:
+        if args.out:
+            raise HetflError("--out and --resume exclude each other: a resumed run stays in its directory")
+        saved = Path(args.resume) / CONFIG
+        if args.config:
+            cfg = load_config(args.config, overrides)
+        elif saved.is_file():
+            cfg = config_from_dict(apply_overrides(parse_toml(saved.read_text(), str(saved)), overrides))
+        else:
+            cfg = None  # run() reports the missing run directory
+    else:
+        if not args.config:
+            raise HetflError("hetfl run needs a CONFIG file (e.g. configs/digits_fedavg.toml) or --resume DIR")
+        cfg = load_config(args.config, overrides)
+    summary = run(cfg, args.out, resume=args.resume, quiet=args.quiet, config_path=args.config)
+    acc = summary.get("test_accuracy")
+    acc_text = f"{acc:.4f}" if isinstance(acc, float) else "n/a"
+    print(f"{summary['run_dir']}  rounds={summary['rounds_completed']}  test_accuracy={acc_text}  "
+          f"wall_time_s={summary['wall_time_s']:.1f}")
+    return 0
+
+
+def _toml_str(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from hetfl.catalog import REGISTRIES
+    from hetfl.registry import describe
+
+    for kind, reg in REGISTRIES.items():
+        print(f"{kind}:")
+        for name, obj in reg.items():
+            doc = describe(obj)
+            print(f"  {name:<16} {doc}" if doc else f"  {name}")
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from hetfl.plot import plot_runs
+
+    for path in plot_runs(args.runs, args.out):
+        print(path)
+    return 0
+
+
+def _cmd_summary(args: argparse.Namespace) -> int:
+    from hetfl.plot import summary_table
+
+    summary_table(args.runs)
+    return 0
+
+
+COMMANDS = {"run": _cmd_run, "list": _cmd_list, "plot": _cmd_plot, "summary": _cmd_summary}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except HetflError as exc:
+        if args.debug:
+            raise
+        print(f"hetfl {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("hetfl: interrupted; resume with `hetfl run --resume RUN_DIR`", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Evaluation of the server's models: on the global test set, and on every client's local test split.
+
+Local evaluation runs one batched pass over the union of the clients' held-out samples and splits
+per-sample correctness by client (``np.bincount``), instead of one small pass per client.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hetfl.algorithms.base import Algorithm, Context, ServerState
+from hetfl.config import EvalConfig
+from hetfl.data.base import Split
+from hetfl.data.federation import Federation
+from hetfl.engines.simulator import ModelCache
+from hetfl.train import evaluate
+
+
+def client_distribution(acc: np.ndarray, prefix: str = "client_acc") -> dict[str, float]:
+    """Mean, 10th percentile and mean of the worst 10% of per-client accuracies."""
+    if len(acc) == 0:
+        return {}
+    k = max(1, int(np.ceil(0.1 * len(acc))))
+    worst = np.sort(acc)[:k]
+    return {
+        f"{prefix}_mean": float(acc.mean()),
+        f"{prefix}_p10": float(np.percentile(acc, 10)),
+        f"{prefix}_worst10": float(worst.mean()),
+        f"{prefix}_min": float(acc.min()),
+    }
+
+
+@dataclass
+class LocalTestSet:
+    data: Split
+    owner: np.ndarray  # position (0..k-1) of the owning client for every sample
+    clients: np.ndarray  # client ids evaluated
+
+
+class Evaluator:
+    def __init__(self, federation: Federation, ctx: Context, cfg: EvalConfig, models: ModelCache,
+                 device: torch.device, seed: int) -> None:
+        self.cfg = cfg
+        self.ctx = ctx
+        self.models = models
+        self.test = federation.dataset.test.to(device)
+        self.local = self._local_set(federation, cfg, seed) if cfg.local else None
+
+    @staticmethod
+    def _local_set(fed: Federation, cfg: EvalConfig, seed: int) -> LocalTestSet | None:
+        has = np.array([len(i) > 0 for i in fed.test_idx])
+        if not has.any():
+            return None
+        clients = np.flatnonzero(has)
+        if 0 < cfg.local_clients < len(clients):
+            rng = np.random.default_rng([seed, 0x6C6F63])
+            clients = np.sort(rng.choice(clients, size=cfg.local_clients, replace=False))
+        idx = np.concatenate([fed.test_idx[c] for c in clients])
+        owner = np.repeat(np.arange(len(clients)), [len(fed.test_idx[c]) for c in clients])
+        data = fed.train.subset(torch.as_tensor(idx, device=fed.train.x.device))
+        return LocalTestSet(data, owner, clients)
+
+    def __call__(self, algorithm: Algorithm, state: ServerState) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for label, target in algorithm.eval_targets(state, self.ctx).items():
+            model = self.models.loaded(target.model, target.weights)
+            res = evaluate(model, self.test, self.cfg.batch_size)
+            suffix = "" if label == "global" else f".{label}"
+            out[f"test_accuracy{suffix}"] = res.accuracy
+            out[f"test_loss{suffix}"] = res.loss
+            if label == "global" and self.local is not None:
+                loc = evaluate(model, self.local.data, self.cfg.batch_size, per_sample=True)
+                k = len(self.local.clients)
+                correct = np.bincount(self.local.owner, weights=loc.correct, minlength=k)
+                count = np.bincount(self.local.owner, minlength=k)
+                out.update(client_distribution(correct / count))
+        return out

@@ -1,0 +1,227 @@
+"""Turn a config into a finished run directory: prepare everything, then loop over rounds.
+
+Everything that can fail because of user input (config values, data, partition, model parameters,
+device) fails in :func:`prepare`, *before* a run directory is created, so a bad run leaves nothing
+behind.  :func:`run` drives any engine round by round, evaluates, writes metrics and checkpoints, and
+resumes from the last checkpoint exactly (per-round seeds are derived from the run seed and the round
+number, so the rounds after a resume are those an uninterrupted run would have done).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hetfl import catalog
+from hetfl.algorithms.base import Algorithm, Context, ModelRef, ServerState
+from hetfl.config import RunConfig, config_from_dict, parse_toml
+from hetfl.data.base import Dataset
+from hetfl.data.federation import Federation, build_federation
+from hetfl.data.partition import check_groups, make_partitioner
+from hetfl.engines.simulator import Simulator
+from hetfl.errors import ConfigError, HetflError
+from hetfl.evaluation import Evaluator
+from hetfl.progress import RunProgress
+from hetfl.results import CONFIG, PARTITION, RunDir
+
+
+@dataclass
+class Experiment:
+    cfg: RunConfig
+    dataset: Dataset
+    federation: Federation
+    algorithm: Algorithm
+    ctx: Context
+    device: torch.device
+
+
+def resolve_device(name: str) -> torch.device:
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r} was asked for but this machine has no CUDA device "
+                              f"(torch {torch.__version__}); use --device cpu")
+        dev = torch.device(name)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) exist")
+        return dev
+    return torch.device("cpu")
+
+
+def load_data(cfg: RunConfig) -> Dataset:
+    from hetfl.data.datasets import load_dataset
+
+    return load_dataset(cfg.data.name, data_dir=cfg.data.data_dir, seed=cfg.seed, **dict(cfg.data.params))
+
+
+def prepare(cfg: RunConfig) -> Experiment:
+    """Load data, partition it, check the model builds and runs; no files are written."""
+    device = resolve_device(cfg.device)
+    dataset = load_data(cfg)
+    part = make_partitioner({"name": cfg.data.partition.name, **cfg.data.partition.kwargs})
+    groups = dataset.groups
+    check_groups(part, groups, cfg.data.name)
+    labels = dataset.train.y.numpy()
+    num_clients = cfg.data.num_clients if cfg.data.num_clients > 0 else None
+    if num_clients is not None and num_clients > len(labels):
+        raise ConfigError(f"data.num_clients={num_clients} exceeds the {len(labels)} training samples "
+                          f"of dataset {cfg.data.name!r}")
+    rng = np.random.default_rng([cfg.seed, 0x70617274])
+    parts = part(labels, num_clients, rng, groups)
+    federation = build_federation(dataset, parts, local_test_fraction=cfg.data.local_test_fraction,
+                                  seed=cfg.seed, device=device)
+    model_ref = ModelRef(cfg.model.name, cfg.model.width, cfg.model.params)
+    _check_model(model_ref, dataset)
+    algo_cls = catalog.ALGORITHMS.get(cfg.algorithm.name, "algorithm.name")
+    algorithm = algo_cls(**dict(cfg.algorithm.params))
+    ctx = Context(info=dataset.info, model=model_ref, train=cfg.train, client_sizes=federation.sizes,
+                  seed=cfg.seed, rounds=cfg.rounds)
+    return Experiment(cfg, dataset, federation, algorithm, ctx, device)
+
+
+def _check_model(ref: ModelRef, dataset: Dataset) -> None:
+    """Build the model and run two samples through it, so a mismatch fails before any file is written."""
+    try:
+        model = ref.build(dataset.info)
+        with torch.no_grad():
+            model.eval()
+            out = model(dataset.train.x[:2])
+    except HetflError:
+        raise
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise ConfigError(f"model {str(ref)!r} cannot run on dataset {dataset.name!r} "
+                          f"(input shape {dataset.info.input_shape}): {exc}") from None
+    if out.shape != (min(2, len(dataset.train)), dataset.info.num_classes):
+        raise ConfigError(f"model {str(ref)!r} outputs shape {tuple(out.shape)} on {dataset.name!r}; "
+                          f"expected (batch, {dataset.info.num_classes})")
+
+
+def default_out_dir(cfg: RunConfig, config_path: str | Path | None) -> Path:
+    stem = cfg.name or (Path(config_path).stem if config_path else f"{cfg.data.name}_{cfg.algorithm.name}")
+    return Path("runs") / f"{stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def summarize_metrics(rows: list[dict[str, Any]], wall_time_s: float, cfg: RunConfig,
+                      status: str) -> dict[str, Any]:
+    evals = [r for r in rows if r.get("test_accuracy") is not None]
+    last = evals[-1] if evals else {}
+    best = max(evals, key=lambda r: r["test_accuracy"]) if evals else {}
+    last5 = [r["test_accuracy"] for r in evals[-5:]]
+    summary: dict[str, Any] = {
+        "status": status,
+        "name": cfg.name,
+        "dataset": cfg.data.name,
+        "partition": cfg.data.partition.name,
+        "model": cfg.model.name,
+        "algorithm": cfg.algorithm.name,
+        "num_clients": cfg.data.num_clients,
+        "seed": cfg.seed,
+        "rounds": cfg.rounds,
+        "rounds_completed": rows[-1]["round"] if rows else 0,
+        "test_accuracy": last.get("test_accuracy"),
+        "test_loss": last.get("test_loss"),
+        "best_test_accuracy": best.get("test_accuracy"),
+        "best_round": best.get("round"),
+        "test_accuracy_last5_mean": float(np.mean(last5)) if last5 else None,
+        "wall_time_s": round(wall_time_s, 3),
+        "bytes_up": int(sum(r.get("bytes_up", 0) for r in rows)),
+        "bytes_down": int(sum(r.get("bytes_down", 0) for r in rows)),
+    }
+    for key in ("client_acc_mean", "client_acc_p10", "client_acc_worst10"):
+        if key in last:
+            summary[key] = last[key]
+    return summary
+
+
+def run(
+    cfg: RunConfig | None = None,
+    out_dir: str | Path | None = None,
+    *,
+    resume: str | Path | None = None,
+    quiet: bool = False,
+    config_path: str | Path | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) an experiment; returns the summary written to summary.json."""
+    ckpt = None
+    if resume is not None:
+        run_dir = RunDir.open(resume)
+        saved = config_from_dict(parse_toml((run_dir.path / CONFIG).read_text(), str(run_dir.path / CONFIG)))
+        cfg = _merge_resume(saved, cfg)
+        ckpt = run_dir.load_checkpoint()
+        exp = prepare(cfg)
+        if cfg.rounds != saved.rounds:
+            from hetfl.results import atomic_write_text
+
+            atomic_write_text(run_dir.path / CONFIG, cfg.to_toml())
+    else:
+        if cfg is None:
+            raise HetflError("no config given")
+        exp = prepare(cfg)
+        run_dir = RunDir.create(out_dir or default_out_dir(cfg, config_path), cfg.to_toml())
+        run_dir.write_json(PARTITION, exp.federation.summary.to_dict())
+
+    engine = Simulator(exp.algorithm, exp.federation, exp.ctx, exp.device)
+    evaluator = Evaluator(exp.federation, exp.ctx, cfg.eval, engine.models, exp.device, cfg.seed)
+    if ckpt is not None:
+        state = ServerState.from_dict(ckpt["state"])
+        start, elapsed = int(ckpt["round"]), float(ckpt["elapsed_s"])
+    else:
+        state = exp.algorithm.init_state(exp.ctx)
+        start, elapsed = 0, 0.0
+    run_dir.truncate_metrics(start)
+
+    t_start = time.perf_counter() - elapsed
+    status = "running"
+    label = cfg.name or f"{cfg.algorithm.name}/{cfg.model.name}/{cfg.data.name}"
+    try:
+        with RunProgress(cfg.rounds, start, label=label, quiet=quiet) as bar:
+            for rnd in range(start + 1, cfg.rounds + 1):
+                t0 = time.perf_counter()
+                state, report = engine.run_round(state, rnd)
+                row: dict[str, Any] = {"round": rnd, **report.as_metrics()}
+                if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
+                    t1 = time.perf_counter()
+                    row.update(evaluator(exp.algorithm, state))
+                    row["eval_time_s"] = round(time.perf_counter() - t1, 4)
+                now = time.perf_counter()
+                row["round_time_s"] = round(now - t0, 4)
+                row["time_s"] = round(now - t_start, 4)
+                if not math.isfinite(row.get("train_loss", 0.0) or 0.0):
+                    bar.log(f"round {rnd}: training loss is not finite (diverged?); lower train.lr")
+                run_dir.append_metrics(row)
+                if rnd == cfg.rounds or (cfg.checkpoint_every and rnd % cfg.checkpoint_every == 0):
+                    run_dir.save_checkpoint({"round": rnd, "state": state.to_dict(),
+                                             "elapsed_s": now - t_start, "seed": cfg.seed,
+                                             "torch_rng": torch.get_rng_state()})
+                bar.update(rnd, row)
+        status = "complete"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    except BaseException:
+        status = "failed"
+        raise
+    finally:
+        summary = summarize_metrics(run_dir.metrics(), time.perf_counter() - t_start, cfg, status)
+        summary["run_dir"] = str(run_dir.path)
+        run_dir.write_summary(summary)
+    return summary
+
+
+def _merge_resume(saved: RunConfig, given: RunConfig | None) -> RunConfig:
+    """A resumed run keeps its saved config; only ``rounds`` may be extended (or given equal)."""
+    if given is None:
+        return saved
+    if dataclasses.replace(given, rounds=saved.rounds, device=saved.device) != saved:
+        raise ConfigError("--resume continues the run with its saved config.toml; only rounds (and device) "
+                          "may change. Drop the CONFIG argument or the other --set overrides")
+    if given.rounds < saved.rounds:
+        raise ConfigError(f"rounds={given.rounds} is less than the run's rounds={saved.rounds}")
+    return given

@@ -1,0 +1,156 @@
+"""The single local training loop every algorithm uses, and batched evaluation.
+
+Batches are drawn by indexing in-memory tensors with a seeded permutation (no DataLoader, no worker
+processes).  Variants hook in without copying the loop:
+
+* ``forward(model, x) -> logits`` replaces the plain ``model(x)`` (e.g. a width-sampling forward);
+* ``loss_terms``: extra differentiable terms ``term(model, x, y, logits) -> Tensor`` added to the
+  cross-entropy (a FedProx proximal term, a distillation term, a generator regulariser);
+* ``loss_fn(logits, y)`` replaces cross-entropy (e.g. masked cross-entropy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hetfl.config import TrainConfig
+from hetfl.data.base import Split
+
+Forward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+LossTerm = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _plain_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model(x)
+
+
+def batch_indices(n: int, batch_size: int, cfg_epochs: int, steps: int,
+                  generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Minibatch index tensors: ``cfg_epochs`` shuffled passes, or exactly ``steps`` batches if > 0.
+
+    In step mode the shuffled passes continue as long as needed.  The last batch of a pass may be
+    smaller (no samples are dropped).
+    """
+    done = 0
+    epoch = 0
+    while True:
+        if steps <= 0 and epoch >= cfg_epochs:
+            return
+        perm = torch.randperm(n, generator=generator)
+        epoch += 1
+        for start in range(0, n, batch_size):
+            if steps > 0 and done >= steps:
+                return
+            yield perm[start:start + batch_size]
+            done += 1
+
+
+@dataclass
+class TrainStats:
+    loss: float
+    steps: int
+    samples: int
+
+
+def local_sgd(
+    model: nn.Module,
+    data: Split,
+    cfg: TrainConfig,
+    *,
+    seed: int,
+    device: torch.device | str = "cpu",
+    forward: Forward = _plain_forward,
+    loss_fn: LossFn | None = None,
+    loss_terms: Sequence[LossTerm] = (),
+) -> TrainStats:
+    """Train ``model`` in place with SGD (fresh optimiser, as in FedAvg) and return loss statistics.
+
+    ``data`` must already be on ``device``.  ``seed`` fixes the batch order (and anything random in
+    the forward, such as dropout), so the same task gives the same update wherever it runs.
+    """
+    n = len(data)
+    if n == 0:
+        return TrainStats(loss=float("nan"), steps=0, samples=0)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss_fn = loss_fn or F.cross_entropy
+    x, y = data.x, data.y
+    on_cpu = x.device.type == "cpu"
+    total = torch.zeros((), device=x.device)
+    steps = samples = 0
+    for idx in batch_indices(n, cfg.batch_size, cfg.epochs, cfg.steps, gen):
+        if not on_cpu:
+            idx = idx.to(x.device, non_blocking=True)
+        xb, yb = x[idx], y[idx]
+        logits = forward(model, xb)
+        loss = loss_fn(logits, yb)
+        for term in loss_terms:
+            loss = loss + term(model, xb, yb, logits)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        total += loss.detach() * len(yb)
+        steps += 1
+        samples += len(yb)
+    return TrainStats(loss=float(total) / max(samples, 1), steps=steps, samples=samples)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1000,
+            forward: Forward = _plain_forward) -> torch.Tensor:
+    """Logits for every row of ``x`` (eval mode), computed in batches."""
+    model.eval()
+    outs = [forward(model, x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float
+    accuracy: float
+    n: int
+    correct: np.ndarray | None = None  # per-sample correctness, when asked for
+    losses: np.ndarray | None = None  # per-sample loss, when asked for
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Split, batch_size: int = 1000, *, per_sample: bool = False,
+             forward: Forward = _plain_forward) -> EvalResult:
+    """Mean cross-entropy and accuracy of ``model`` on ``data`` (already on the model's device)."""
+    n = len(data)
+    if n == 0:
+        return EvalResult(float("nan"), float("nan"), 0)
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=data.x.device)
+    correct_sum = torch.zeros((), dtype=torch.long, device=data.x.device)
+    correct_parts, loss_parts = [], []
+    for i in range(0, n, batch_size):
+        xb, yb = data.x[i:i + batch_size], data.y[i:i + batch_size]
+        logits = forward(model, xb)
+        losses = F.cross_entropy(logits, yb, reduction="none")
+        correct = logits.argmax(1) == yb
+        loss_sum += losses.sum(dtype=torch.float64)
+        correct_sum += correct.sum()
+        if per_sample:
+            correct_parts.append(correct.cpu())
+            loss_parts.append(losses.cpu())
+    return EvalResult(
+        loss=float(loss_sum) / n,
+        accuracy=float(correct_sum) / n,
+        n=n,
+        correct=torch.cat(correct_parts).numpy() if per_sample else None,
+        losses=torch.cat(loss_parts).numpy() if per_sample else None,
+    )
