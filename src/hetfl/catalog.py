@@ -5,6 +5,7 @@ from __future__ import annotations
 from hetfl.algorithms import ALGORITHMS
 from hetfl.data.datasets import DATASETS
 from hetfl.data.partition import PARTITIONERS
+from hetfl.engines import ENGINES
 from hetfl.models import MODELS
 from hetfl.registry import Registry
 
@@ -13,6 +14,7 @@ REGISTRIES: dict[str, Registry] = {
     "partitioners": PARTITIONERS,
     "models": MODELS,
     "algorithms": ALGORITHMS,
+    "engines": ENGINES,
 }
 
-__all__ = ["ALGORITHMS", "DATASETS", "MODELS", "PARTITIONERS", "REGISTRIES"]
+__all__ = ["ALGORITHMS", "DATASETS", "ENGINES", "MODELS", "PARTITIONERS", "REGISTRIES"]

@@ -34,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     r.add_argument("--seed", type=int, help="shorthand for --set seed=N")
     r.add_argument("--device", help="cpu or cuda[:N] (shorthand for --set device=...)")
+    r.add_argument("--engine", help="simulator (default, in-process) or flower (shorthand for --set engine=...)")
     r.add_argument("--data-dir", help="where to read datasets from (shorthand for --set data.data_dir=...)")
     r.add_argument("--quiet", action="store_true", help="no progress bar; print only the summary path")
     r.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -59,6 +60,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         overrides.append(f"seed={args.seed}")
     if args.device:
         overrides.append(f'device="{args.device}"')
+    if args.engine:
+        overrides.append(f"engine={_toml_str(args.engine)}")
     if args.data_dir:
         overrides.append(f"data.data_dir={_toml_str(args.data_dir)}")
     if args.resume:

@@ -126,6 +126,7 @@ class RunConfig:
     rounds: int = 10
     seed: int = 0
     device: str = "cpu"
+    engine: str = "simulator"
     checkpoint_every: int = 1
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -262,6 +263,9 @@ def _validate_ranges(cfg: RunConfig) -> None:
     _require(cfg.checkpoint_every >= 0, f"checkpoint_every must be >= 0 (0 = only at the end), "
              f"got {cfg.checkpoint_every}")
     _require(cfg.seed >= 0, f"seed must be >= 0, got {cfg.seed}")
+    from hetfl.engines import ENGINES
+
+    ENGINES.get(cfg.engine, "engine")
     _require(cfg.device == "cpu" or cfg.device.startswith("cuda"),
              f"device must be 'cpu' or 'cuda[:N]', got {cfg.device!r}")
     d = cfg.data

@@ -26,7 +26,8 @@ from hetfl.config import RunConfig, config_from_dict, parse_toml
 from hetfl.data.base import Dataset
 from hetfl.data.federation import Federation, build_federation
 from hetfl.data.partition import check_groups, make_partitioner
-from hetfl.engines.simulator import Simulator
+from hetfl.engines import ENGINES
+from hetfl.engines.simulator import ModelCache
 from hetfl.errors import ConfigError, HetflError
 from hetfl.evaluation import Evaluator
 from hetfl.progress import RunProgress
@@ -167,8 +168,8 @@ def run(
         run_dir = RunDir.create(out_dir or default_out_dir(cfg, config_path), cfg.to_toml())
         run_dir.write_json(PARTITION, exp.federation.summary.to_dict())
 
-    engine = Simulator(exp.algorithm, exp.federation, exp.ctx, exp.device)
-    evaluator = Evaluator(exp.federation, exp.ctx, cfg.eval, engine.models, exp.device, cfg.seed)
+    engine = ENGINES.get(cfg.engine, "engine")(exp.algorithm, exp.federation, exp.ctx, exp.device, cfg)
+    evaluator = Evaluator(exp.federation, exp.ctx, cfg.eval, ModelCache(exp.ctx, exp.device), exp.device, cfg.seed)
     if ckpt is not None:
         state = ServerState.from_dict(ckpt["state"])
         start, elapsed = int(ckpt["round"]), float(ckpt["elapsed_s"])
@@ -209,6 +210,7 @@ def run(
         status = "failed"
         raise
     finally:
+        engine.close()
         summary = summarize_metrics(run_dir.metrics(), time.perf_counter() - t_start, cfg, status)
         summary["run_dir"] = str(run_dir.path)
         run_dir.write_summary(summary)

@@ -76,6 +76,9 @@ class Simulator:
         self.device = torch.device(device)
         self.models = ModelCache(ctx, self.device)
 
+    def close(self) -> None:
+        """Nothing to release: everything lives in this process."""
+
     def run_client(self, task: ClientTask) -> ClientResult:
         model = self.models.loaded(task.model, task.weights)
         data = self.federation.client_train(task.client_id)
