@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from hetfl.errors import ConfigError
+from hetfl.fleet import FleetConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -133,6 +134,7 @@ class RunConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
@@ -304,7 +306,7 @@ def config_from_dict(raw: Mapping[str, Any]) -> RunConfig:
     from hetfl import catalog
 
     raw = dict(raw)
-    sections = {"data", "model", "algorithm", "train", "eval"}
+    sections = {"data", "model", "algorithm", "train", "eval", "fleet"}
     top = {k: v for k, v in raw.items() if k not in sections}
     for key in sections:
         if key in raw and not isinstance(raw[key], Mapping):
@@ -354,8 +356,9 @@ def config_from_dict(raw: Mapping[str, Any]) -> RunConfig:
 
     train = _build_fixed(TrainConfig, "train", raw.get("train", {}))
     ev = _build_fixed(EvalConfig, "eval", raw.get("eval", {}))
+    fleet = _build_fixed(FleetConfig, "fleet", raw.get("fleet", {}))
     run = _build_fixed(RunConfig, "", top)
-    cfg = dataclasses.replace(run, data=data, model=model, algorithm=algorithm, train=train, eval=ev)
+    cfg = dataclasses.replace(run, data=data, model=model, algorithm=algorithm, train=train, eval=ev, fleet=fleet)
     _validate_ranges(cfg)
     return cfg
 
@@ -379,6 +382,7 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
         algorithm={"name": cfg.algorithm.name, **dict(cfg.algorithm.params)},
         train=plain(cfg.train),
         eval=plain(cfg.eval),
+        fleet=plain(cfg.fleet),
     )
     return out
 

@@ -30,6 +30,7 @@ from hetfl.engines import ENGINES
 from hetfl.engines.simulator import ModelCache
 from hetfl.errors import ConfigError, HetflError
 from hetfl.evaluation import Evaluator
+from hetfl.fleet import build_fleet
 from hetfl.progress import RunProgress
 from hetfl.results import CONFIG, PARTITION, RunDir
 
@@ -82,8 +83,9 @@ def prepare(cfg: RunConfig) -> Experiment:
     _check_model(model_ref, dataset)
     algo_cls = catalog.ALGORITHMS.get(cfg.algorithm.name, "algorithm.name")
     algorithm = algo_cls(**dict(cfg.algorithm.params))
+    fleet = build_fleet(cfg.fleet, federation.num_clients, cfg.seed)
     ctx = Context(info=dataset.info, model=model_ref, train=cfg.train, client_sizes=federation.sizes,
-                  seed=cfg.seed, rounds=cfg.rounds)
+                  seed=cfg.seed, rounds=cfg.rounds, fleet=fleet)
     return Experiment(cfg, dataset, federation, algorithm, ctx, device)
 
 

@@ -28,6 +28,7 @@ from torch import nn
 from hetfl.config import Params, TrainConfig
 from hetfl.data.base import DataInfo, Split
 from hetfl.errors import ConfigError
+from hetfl.fleet import Fleet
 
 Weights = dict[str, torch.Tensor]
 
@@ -60,6 +61,7 @@ class Context:
     client_sizes: np.ndarray  # training samples per client
     seed: int
     rounds: int
+    fleet: Fleet | None = None
 
     @property
     def num_clients(self) -> int:
