@@ -119,6 +119,7 @@ class EvalConfig:
     batch_size: int = 1000
     local: bool = True
     local_clients: int = 0
+    bn_samples: int = 10000
 
 
 @dataclass(frozen=True)
@@ -290,6 +291,7 @@ def _validate_ranges(cfg: RunConfig) -> None:
     e = cfg.eval
     _require(e.every >= 1, f"eval.every must be >= 1, got {e.every}")
     _require(e.batch_size >= 1, f"eval.batch_size must be >= 1, got {e.batch_size}")
+    _require(e.bn_samples >= 1, f"eval.bn_samples must be >= 1, got {e.bn_samples}")
     _require(e.local_clients >= 0, f"eval.local_clients must be >= 0 (0 = all), got {e.local_clients}")
 
 

@@ -48,6 +48,20 @@ class Evaluator:
         self.models = models
         self.test = federation.dataset.test.to(device)
         self.local = self._local_set(federation, cfg, seed) if cfg.local else None
+        self.federation = federation
+        self.seed = seed
+        self._calib: Split | None = None
+
+    def calibration_data(self) -> Split:
+        """Up to ``eval.bn_samples`` client training samples (seeded): the static-BN statistics pass."""
+        if self._calib is None:
+            fed = self.federation
+            idx = np.concatenate(fed.train_idx)
+            if len(idx) > self.cfg.bn_samples:
+                rng = np.random.default_rng([self.seed, 0x626E])
+                idx = np.sort(rng.choice(idx, size=self.cfg.bn_samples, replace=False))
+            self._calib = fed.train.subset(torch.as_tensor(idx, device=fed.train.x.device))
+        return self._calib
 
     @staticmethod
     def _local_set(fed: Federation, cfg: EvalConfig, seed: int) -> LocalTestSet | None:
@@ -67,14 +81,43 @@ class Evaluator:
         out: dict[str, float] = {}
         for label, target in algorithm.eval_targets(state, self.ctx).items():
             model = self.models.loaded(target.model, target.weights)
+            if target.calibrate_bn:
+                out["bn_calibration_samples"] = recalibrate_bn(model, self.calibration_data(), self.cfg.batch_size)
             res = evaluate(model, self.test, self.cfg.batch_size)
             suffix = "" if label == "global" else f".{label}"
             out[f"test_accuracy{suffix}"] = res.accuracy
             out[f"test_loss{suffix}"] = res.loss
-            if label == "global" and self.local is not None:
-                loc = evaluate(model, self.local.data, self.cfg.batch_size, per_sample=True)
-                k = len(self.local.clients)
-                correct = np.bincount(self.local.owner, weights=loc.correct, minlength=k)
-                count = np.bincount(self.local.owner, minlength=k)
-                out.update(client_distribution(correct / count))
+            if self.local is None or (label != "global" and target.clients is None):
+                continue
+            loc = evaluate(model, self.local.data, self.cfg.batch_size, per_sample=True)
+            k = len(self.local.clients)
+            correct = np.bincount(self.local.owner, weights=loc.correct, minlength=k)
+            count = np.bincount(self.local.owner, minlength=k)
+            acc = correct / count
+            if label == "global":
+                out.update(client_distribution(acc))
+            if target.clients is not None:
+                members = np.isin(self.local.clients, target.clients)
+                if members.any():
+                    out[f"tier_acc.{label}"] = float(acc[members].mean())
         return out
+
+
+@torch.no_grad()
+def recalibrate_bn(model: torch.nn.Module, data: Split, batch_size: int) -> int:
+    """Static BN: reset every BatchNorm's running statistics and recompute them as a cumulative average
+    (momentum=None) over ``data`` in training mode; returns the number of samples used."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return 0
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for i in range(0, len(data), batch_size):
+        model(data.x[i:i + batch_size])
+    for m, mom in zip(norms, saved):
+        m.momentum = mom
+    model.eval()
+    return len(data)

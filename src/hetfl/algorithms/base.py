@@ -109,10 +109,17 @@ class ServerState:
 
 @dataclass(frozen=True)
 class EvalTarget:
-    """A model the runner should evaluate: its architecture and weights."""
+    """A model the runner should evaluate: its architecture and weights.
+
+    ``calibrate_bn``: recompute BatchNorm statistics (one pass over client training data at this
+    width) before evaluating, as static BN requires.  ``clients``: the clients this model serves (a
+    capability tier); their local test splits give its per-tier accuracy.
+    """
 
     model: ModelRef
     weights: Weights
+    calibrate_bn: bool = False
+    clients: np.ndarray | None = None
 
 
 def weights_of(model: nn.Module) -> Weights:

@@ -1,0 +1,301 @@
+"""Width-sliced submodels: HeteroFL, FedRolex, Federated Dropout and FjORD as one algorithm.
+
+Every client trains a real smaller network — the registered model built at ``rate`` times the global
+width — whose weights are the channels its index policy selects from the global model.  The server
+averages every global element over the clients that trained it.  The methods differ only in the
+index policy (``prefix``, ``rolling``, ``random``) and in whether a client also trains narrower
+nested widths per minibatch (FjORD's ordered dropout).
+
+HeteroFL's options, with its defaults: static BN (running statistics are not aggregated; they are
+recomputed for evaluation in one pass over client data at each evaluated width), the Scaler (hidden
+Linear/Conv outputs divided by the rate during training), masked cross-entropy (logits of labels
+absent on the client set to 0, as HeteroFL's code does) and the classifier rule (an output row is
+averaged only over clients that hold its label), unweighted element averaging.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hetfl.algorithms.base import (
+    Algorithm,
+    ClientResult,
+    ClientTask,
+    Context,
+    EvalTarget,
+    ModelRef,
+    ServerState,
+    Weights,
+    round_seed,
+    weights_of,
+)
+from hetfl.algorithms.registry import ALGORITHMS
+from hetfl.data.base import DataInfo, Split
+from hetfl.errors import ConfigError
+from hetfl.hetero import group_sizes, spec_for, submodel_ref
+from hetfl.hetero.extract import OverlapAverage, extract, param_indices
+from hetfl.hetero.policy import POLICIES, Prefix, Selection, make_policy
+from hetfl.train import local_sgd
+
+BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _bn_stat_keys(weights: Weights) -> frozenset[str]:
+    return frozenset(k for k in weights if k.rsplit(".", 1)[-1] in BN_STATS)
+
+
+def masked_cross_entropy(mask: torch.Tensor):
+    """Cross-entropy with the logits of classes absent on the client set to 0 (HeteroFL's rule)."""
+
+    def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.masked_fill(~mask, 0.0), y)
+
+    return loss
+
+
+class Scaler:
+    """HeteroFL's Scaler as forward hooks: in training mode, the outputs of the Linear/Conv layers whose
+    input channels are sliced are divided by ``rate``, compensating for the fewer summands.
+
+    HeteroFL scales every hidden conv, each followed by a norm in its models, where the two are
+    equivalent (batch statistics cancel a constant factor).  Without norms, scaling a layer whose
+    fan-in is complete (the first layer) only amplifies activations by 1/rate and diverges, so hetfl
+    scales exactly the layers whose fan-in is sliced (including the classifier).
+    """
+
+    def __init__(self, model: nn.Module, module_names: Sequence[str], rate: float) -> None:
+        self.handles = []
+        if rate == 1.0:
+            return
+        modules = dict(model.named_modules())
+        scale = 1.0 / rate
+
+        def hook(mod: nn.Module, inp: object, out: torch.Tensor) -> torch.Tensor:
+            return out * scale if mod.training else out
+
+        for name in module_names:
+            self.handles.append(modules[name].register_forward_hook(hook))
+
+    def __enter__(self) -> Scaler:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@ALGORITHMS.register("heterofl")
+@dataclass(frozen=True)
+class HeteroFL(Algorithm):
+    """HeteroFL: every client trains the prefix submodel of its width; overlaps are averaged."""
+
+    policy: str = "prefix"
+    stride: int = 1
+    weighted: bool = False
+    static_bn: bool = True
+    scaler: bool = True
+    masked_ce: bool = True
+    classifier_rule: bool = True
+    ordered: bool = False  # FjORD: also train nested narrower widths, one drawn per minibatch
+    eval_widths: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.policy not in POLICIES:
+            raise ConfigError(f"algorithm.policy must be one of {', '.join(POLICIES.names())}, got {self.policy!r}")
+        make_policy(self.policy, self.stride)
+        if self.ordered and self.policy != "prefix":
+            raise ConfigError("algorithm.ordered (FjORD) needs nested submodels: algorithm.policy must be 'prefix'")
+
+    # ------------------------------------------------------------------ helpers
+    def _rates(self, ctx: Context, rnd: int) -> np.ndarray:
+        if ctx.fleet is None:
+            return np.ones(ctx.num_clients)
+        return ctx.fleet.widths(rnd, ctx.seed)
+
+    def selection(self, ctx: Context, rnd: int, client: int, rate: float) -> Selection:
+        spec = spec_for(ctx.model, ctx.info)
+        sizes = group_sizes(ctx.model, ctx.info, rate)
+        return make_policy(self.policy, self.stride).select(spec.groups, sizes, rnd=rnd, client=client,
+                                                             seed=ctx.seed)
+
+    # ------------------------------------------------------------------ server
+    def init_state(self, ctx: Context) -> ServerState:
+        spec_for(ctx.model, ctx.info)  # fail early (clear error) if the model cannot be sliced
+        if ctx.fleet is not None:
+            for rate in ctx.fleet.levels:
+                group_sizes(ctx.model, ctx.info, rate)
+        torch.manual_seed(round_seed(ctx.seed, 0))  # the same initial model as FedAvg
+        return ServerState(round=0, models={"global": weights_of(ctx.model.build(ctx.info))})
+
+    def configure_round(self, state: ServerState, rnd: int, clients: Sequence[int], ctx: Context) -> list[ClientTask]:
+        train = self.round_train_config(ctx, rnd)
+        glob = state.models["global"]
+        spec = spec_for(ctx.model, ctx.info)
+        rates = self._rates(ctx, rnd)
+        tasks = []
+        for c in clients:
+            rate = float(rates[int(c)])
+            sel = self.selection(ctx, rnd, int(c), rate)
+            extra: dict[str, object] = {"rate": rate, "info": info_to_plain(ctx.info)}
+            if self.ordered:
+                levels = ctx.fleet.levels if ctx.fleet is not None else (1.0,)
+                extra["widths"] = [w / rate for w in levels if w <= rate + 1e-12]  # relative to this submodel
+            tasks.append(ClientTask(int(c), submodel_ref(ctx.model, rate), extract(glob, spec, sel), train,
+                                    round_seed(ctx.seed, rnd, int(c)), extra))
+        return tasks
+
+    def aggregate(self, state: ServerState, rnd: int, results: Iterable[ClientResult], ctx: Context) -> Weights:
+        glob = state.models["global"]
+        spec = spec_for(ctx.model, ctx.info)
+        skip = _bn_stat_keys(glob) if self.static_bn else frozenset()
+        acc = OverlapAverage(glob, spec, skip)
+        for res in results:
+            rate = float(res.extra.get("rate", 1.0))
+            sel = self.selection(ctx, rnd, res.client_id, rate)
+            mask = res.extra.get("labels") if self.classifier_rule else None
+            acc.add(res.weights, sel, float(res.num_samples) if self.weighted else 1.0, mask)
+        return acc.result() if acc.clients else {}
+
+    def server_step(self, state: ServerState, update: Weights, ctx: Context) -> ServerState:
+        if not update:
+            return ServerState(state.round + 1, state.models, state.buffers)
+        return ServerState(state.round + 1, {**state.models, "global": update}, state.buffers)
+
+    def eval_targets(self, state: ServerState, ctx: Context) -> dict[str, EvalTarget]:
+        glob = state.models["global"]
+        has_bn = bool(_bn_stat_keys(glob))
+        calibrate = self.static_bn and has_bn
+        fleet = ctx.fleet
+        tiers = fleet.tiers() if fleet is not None else np.zeros(ctx.num_clients, dtype=np.int64)
+        levels = fleet.levels if fleet is not None else (1.0,)
+        targets = {"global": EvalTarget(ctx.model, glob, calibrate_bn=calibrate,
+                                        clients=np.flatnonzero(tiers == 0) if len(levels) > 1 else None)}
+        if not self.eval_widths:
+            return targets
+        spec = spec_for(ctx.model, ctx.info)
+        for t, rate in enumerate(levels):
+            if rate == 1.0:
+                continue
+            sizes = group_sizes(ctx.model, ctx.info, rate)
+            sel = Prefix().select(spec.groups, sizes, rnd=0, client=0, seed=0)
+            targets[f"w{rate:g}"] = EvalTarget(submodel_ref(ctx.model, rate), extract(glob, spec, sel),
+                                               calibrate_bn=calibrate, clients=np.flatnonzero(tiers == t))
+        return targets
+
+    # ------------------------------------------------------------------ client
+    def local_update(self, task: ClientTask, model: nn.Module, data: Split, device: torch.device) -> ClientResult:
+        rate = float(task.extra.get("rate", 1.0))
+        num_classes = None
+        labels = None
+        loss_fn = None
+        if self.masked_ce or self.classifier_rule:
+            num_classes = self._num_classes(model, data)
+            labels = torch.zeros(num_classes, dtype=torch.bool, device=data.y.device)
+            labels[data.y] = True
+            if self.masked_ce:
+                loss_fn = masked_cross_entropy(labels)
+        forward = self._ordered_forward(task, model) if self.ordered else None
+        hidden = self._hidden_modules(task) if self.scaler else ()
+        with Scaler(model, hidden, rate):
+            kwargs = {"forward": forward} if forward is not None else {}
+            stats = local_sgd(model, data, task.train, seed=task.seed, device=device, loss_fn=loss_fn, **kwargs)
+        extra: dict[str, object] = {"rate": rate}
+        if self.classifier_rule and labels is not None:
+            extra["labels"] = labels.cpu()
+        return ClientResult(task.client_id, len(data), weights_of(model),
+                            {"train_loss": stats.loss, "steps": stats.steps}, extra)
+
+    @staticmethod
+    def _num_classes(model: nn.Module, data: Split) -> int:
+        with torch.no_grad():
+            model.eval()
+            return int(model(data.x[:1]).shape[-1])
+
+    @staticmethod
+    def _hidden_modules(task: ClientTask) -> tuple[str, ...]:
+        return spec_for(task.model, info_from_plain(task.extra["info"])).sliced_fanin
+
+    def _ordered_forward(self, task: ClientTask, model: nn.Module):
+        widths = tuple(sorted(float(w) for w in task.extra.get("widths", [1.0])))
+        if widths == (1.0,):
+            return None
+        return OrderedDropout(model, task.model, info_from_plain(task.extra["info"]), widths, task.seed)
+
+
+def info_to_plain(info: DataInfo) -> dict[str, object]:
+    return {"input_shape": list(info.input_shape), "num_classes": info.num_classes, "vocab_size": info.vocab_size}
+
+
+def info_from_plain(d: dict) -> DataInfo:
+    return DataInfo(tuple(int(x) for x in d["input_shape"]), int(d["num_classes"]),
+                    None if d.get("vocab_size") is None else int(d["vocab_size"]))
+
+
+class OrderedDropout:
+    """FjORD's forward: each minibatch runs a nested prefix width drawn uniformly from ``widths``."""
+
+    def __init__(self, model: nn.Module, ref: ModelRef, info: DataInfo, widths: tuple[float, ...], seed: int) -> None:
+        self.model = model
+        self.ref = ref
+        self.widths = widths
+        self.rng = np.random.default_rng([seed, 0x6F64])
+        self.info = info
+        self.spec = spec_for(ref, self.info)
+        self.subs: dict[float, nn.Module] = {}
+
+    def _sub(self, p: float) -> nn.Module:
+        if p not in self.subs:
+            self.subs[p] = submodel_ref(self.ref, p).build(self.info).to(next(self.model.parameters()).device)
+        return self.subs[p]
+
+    def __call__(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        p = float(self.widths[self.rng.integers(len(self.widths))])
+        if p == 1.0:
+            return model(x)
+        sizes = group_sizes(self.ref, self.info, p)
+        sel = Prefix().select(self.spec.groups, sizes, rnd=0, client=0, seed=0)
+        tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        sliced = {}
+        for key, t in tensors.items():
+            for d, idx in param_indices(self.spec, key, sel).items():
+                t = t.index_select(d, idx.to(t.device))
+            sliced[key] = t
+        sub = self._sub(p)
+        sub.train(model.training)
+        return torch.func.functional_call(sub, sliced, (x,))
+
+
+@ALGORITHMS.register("fedrolex")
+@dataclass(frozen=True)
+class FedRolex(HeteroFL):
+    """FedRolex: rolling windows over the channels, one channel per round by default."""
+
+    policy: str = "rolling"
+
+
+@ALGORITHMS.register("feddropout")
+@dataclass(frozen=True)
+class FederatedDropout(HeteroFL):
+    """Federated Dropout: a random channel subset per client and round (no static BN: it diverges there)."""
+
+    policy: str = "random"
+    static_bn: bool = False
+
+
+@ALGORITHMS.register("fjord")
+@dataclass(frozen=True)
+class FjORD(HeteroFL):
+    """FjORD: ordered dropout, a nested width drawn uniformly per minibatch up to the client's maximum."""
+
+    ordered: bool = True
+    scaler: bool = False
+    masked_ce: bool = False
+    classifier_rule: bool = False
+    weighted: bool = True
