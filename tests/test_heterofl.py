@@ -60,3 +60,62 @@ def test_fleet_levels_below_full_get_smaller_models(digits_cfg):
     assert widths == [0.0625, 1.0]
     small = next(t for t in tasks if t.model.width < 1)
     assert small.weights["fc1.weight"].shape == (2, 64)  # ceil(32/16) hidden units
+
+
+def test_fjord_self_distillation_trains_and_differs(digits_cfg):
+    common = ('fleet.source="tiers"', 'fleet.mix="a-c"', 'model={name="mlp", hidden="32"}', "rounds=2")
+    plain = _final(digits_cfg(*common, 'algorithm={name="fjord", clients_per_round=5}'), 2)
+    kd = _final(digits_cfg(*common, 'algorithm={name="fjord", clients_per_round=5, self_distill=true}'), 2)
+    assert all(torch.isfinite(v).all() for v in kd.values())
+    assert not torch.equal(plain["fc1.weight"], kd["fc1.weight"])
+
+
+def test_bad_submodel_configs(digits_cfg):
+    from hetfl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="algorithm.policy must be one of prefix, random, rolling"):
+        digits_cfg('algorithm={name="heterofl", policy="zigzag"}')
+    with pytest.raises(ConfigError, match="needs nested submodels"):
+        digits_cfg('algorithm={name="fjord", policy="random"}')
+    with pytest.raises(ConfigError, match="algorithm.stride must be >= 1"):
+        digits_cfg('algorithm={name="fedrolex", stride=0}')
+    with pytest.raises(ConfigError, match="self_distill needs algorithm.ordered"):
+        digits_cfg('algorithm={name="heterofl", self_distill=true}')
+
+
+def test_fedavg_capable_only_baseline_samples_only_full_width_clients(digits_cfg):
+    cfg = digits_cfg('algorithm={name="fedavg", clients_per_round=3, min_width=1.0}', 'fleet.source="tiers"',
+                     'fleet.mix="a1-e3"', "data.num_clients=8")
+    exp = prepare(cfg)
+    import numpy as np
+
+    capable = set(np.flatnonzero(exp.ctx.fleet.max_width == 1.0).tolist())
+    for rnd in range(1, 6):
+        chosen = exp.algorithm.sample_clients(None, rnd, exp.ctx, np.random.default_rng(rnd))
+        assert set(chosen.tolist()) <= capable and len(chosen) == 2  # only 2 of 8 clients are 'a'
+
+
+TEXT = ('data={name="synthetic_text", num_clients=0, num_groups=6, samples_per_group=40, partition={name="natural"}}',
+        'fleet.source="tiers"', 'fleet.mix="a-b-d"', "rounds=2", "train.lr=0.5")
+
+
+@pytest.mark.parametrize("algo", ["heterofl", "fedrolex", "feddropout", "fjord"])
+@pytest.mark.parametrize("model", ['model={name="lstm", hidden=32}',
+                                   'model={name="transformer", d_model=32, heads=4, ffn=64}'])
+def test_sequence_models_train_with_every_policy(tmp_path, digits_cfg, algo, model):
+    cfg = digits_cfg(*TEXT, model, f'algorithm={{name="{algo}", clients_per_round=6}}')
+    exp = prepare(cfg)
+    sim = Simulator(exp.algorithm, exp.federation, exp.ctx)
+    state = exp.algorithm.init_state(exp.ctx)
+    before = {k: v.clone() for k, v in state.models["global"].items()}
+    for rnd in (1, 2):
+        state, report = sim.run_round(state, rnd)
+        assert report.samples > 0
+    after = state.models["global"]
+    changed = [k for k in after if not torch.equal(before[k], after[k])]
+    # every tensor was trained by someone (attention key biases get no gradient: softmax is shift-invariant)
+    unchanged = {k for k in set(after) - set(changed) if not k.endswith("attn.k.bias")}
+    assert not unchanged, unchanged
+    assert all(torch.isfinite(v).all() for v in after.values())
+    targets = exp.algorithm.eval_targets(state, exp.ctx)
+    assert {"global", "w0.5", "w0.125"} <= set(targets)

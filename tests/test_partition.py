@@ -254,7 +254,7 @@ def test_impossible_requests():
 def test_natural_errors(groups):
     y = np.zeros(N, dtype=int)
     msg = (
-        "the 'natural' partitioner needs a dataset with natural groups (shakespeare, synthetic); "
+        "the 'natural' partitioner needs a dataset with natural groups (shakespeare, synthetic, synthetic_text); "
         "digits has none"
     )
     with pytest.raises(ConfigError) as exc:

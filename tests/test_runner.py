@@ -66,8 +66,7 @@ def test_resume_can_extend_rounds(tmp_path, digits_cfg):
 def test_digits_fedavg_reaches_90_percent(tmp_path):
     cfg = load_config("configs/digits_fedavg.toml")
     summary = run(cfg, tmp_path / "run", quiet=True)
-    assert summary["test_accuracy"] >= 0.90, summary
-    assert summary["wall_time_s"] < 30
+    assert summary["test_accuracy"] >= 0.90, summary  # ~3 s on an idle 2-core machine (README); not timed here
     row = read_metrics(tmp_path / "run")[-1]
     for key in ("client_acc_mean", "client_acc_p10", "client_acc_worst10", "bytes_up", "bytes_down",
                 "train_loss", "time_s"):

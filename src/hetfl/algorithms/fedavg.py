@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -71,9 +72,12 @@ class FedAvg(Algorithm):
     weighted: bool = True
     server_lr: float = 1.0
     server_momentum: float = 0.0
+    min_width: float = 0.0  # sample only clients whose fleet capability is at least this width
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not 0.0 <= self.min_width <= 1.0:
+            raise ConfigError(f"algorithm.min_width must be in [0, 1] (0 = every client), got {self.min_width}")
         if self.server_lr <= 0:
             raise ConfigError(f"algorithm.server_lr must be > 0, got {self.server_lr}")
         if not 0 <= self.server_momentum < 1:
@@ -83,6 +87,18 @@ class FedAvg(Algorithm):
     def init_state(self, ctx: Context) -> ServerState:
         torch.manual_seed(round_seed(ctx.seed, 0))
         return ServerState(round=0, models={"global": weights_of(ctx.model.build(ctx.info))})
+
+    def sample_clients(self, state: ServerState, rnd: int, ctx: Context, rng: np.random.Generator) -> np.ndarray:
+        """The base sampling, or — with ``min_width`` — only among clients that can afford that width
+        (the "drop the weak devices" baseline of width-heterogeneous FL)."""
+        if self.min_width <= 0 or ctx.fleet is None:
+            return super().sample_clients(state, rnd, ctx, rng)
+        capable = np.flatnonzero(ctx.fleet.max_width >= self.min_width - 1e-12)
+        if len(capable) == 0:
+            raise ConfigError(f"algorithm.min_width={self.min_width}: no client of the fleet can afford it "
+                              f"(fleet levels {list(ctx.fleet.levels)})")
+        k = min(self.clients_for(ctx.num_clients), len(capable))
+        return np.sort(rng.choice(capable, size=k, replace=False))
 
     def configure_round(self, state: ServerState, rnd: int, clients: Sequence[int],
                         ctx: Context) -> list[ClientTask]:

@@ -103,6 +103,7 @@ class HeteroFL(Algorithm):
     masked_ce: bool = True
     classifier_rule: bool = True
     ordered: bool = False  # FjORD: also train nested narrower widths, one drawn per minibatch
+    self_distill: bool = False  # FjORD + KD: the client's widest width teaches the sampled narrower one
     eval_widths: bool = True
 
     def __post_init__(self) -> None:
@@ -112,6 +113,8 @@ class HeteroFL(Algorithm):
         make_policy(self.policy, self.stride)
         if self.ordered and self.policy != "prefix":
             raise ConfigError("algorithm.ordered (FjORD) needs nested submodels: algorithm.policy must be 'prefix'")
+        if self.self_distill and not self.ordered:
+            raise ConfigError("algorithm.self_distill needs algorithm.ordered = true (FjORD's per-minibatch widths)")
 
     # ------------------------------------------------------------------ helpers
     def _rates(self, ctx: Context, rnd: int) -> np.ndarray:
@@ -202,6 +205,8 @@ class HeteroFL(Algorithm):
             if self.masked_ce:
                 loss_fn = masked_cross_entropy(labels)
         forward = self._ordered_forward(task, model) if self.ordered else None
+        if forward is not None and self.self_distill:
+            loss_fn = forward.distillation_loss(loss_fn or F.cross_entropy)
         hidden = self._hidden_modules(task) if self.scaler else ()
         with Scaler(model, hidden, rate):
             kwargs = {"forward": forward} if forward is not None else {}
@@ -249,6 +254,22 @@ class OrderedDropout:
         self.info = info
         self.spec = spec_for(ref, self.info)
         self.subs: dict[float, nn.Module] = {}
+        self.teacher: torch.Tensor | None = None
+        self.keep_teacher = False
+
+    def distillation_loss(self, hard_loss):
+        """FjORD's self-distillation (as its reference code): CE of the full-width logits against the labels
+        plus CE of the sampled width's logits against the detached full-width softmax."""
+        self.keep_teacher = True
+
+        def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            if self.teacher is None:  # the full width was drawn: plain loss
+                return hard_loss(logits, y)
+            teacher, self.teacher = self.teacher, None
+            soft = torch.softmax(teacher.detach(), dim=-1)
+            return hard_loss(teacher, y) + torch.sum(-soft * torch.log_softmax(logits, dim=-1), dim=-1).mean()
+
+        return loss
 
     def _sub(self, p: float) -> nn.Module:
         if p not in self.subs:
@@ -259,6 +280,8 @@ class OrderedDropout:
         p = float(self.widths[self.rng.integers(len(self.widths))])
         if p == 1.0:
             return model(x)
+        if self.keep_teacher:
+            self.teacher = model(x)
         sizes = group_sizes(self.ref, self.info, p)
         sel = Prefix().select(self.spec.groups, sizes, rnd=0, client=0, seed=0)
         tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
@@ -296,6 +319,7 @@ class FjORD(HeteroFL):
 
     ordered: bool = True
     scaler: bool = False
+    static_bn: bool = True
     masked_ce: bool = False
     classifier_rule: bool = False
     weighted: bool = True

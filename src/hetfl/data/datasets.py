@@ -1206,6 +1206,62 @@ def synthetic(
     )
 
 
+@DATASETS.register("synthetic_text")
+def synthetic_text(
+    *,
+    data_dir: str | None = None,
+    seed: int = 0,
+    num_groups: int = 8,
+    samples_per_group: int = 64,
+    seq_len: int = 16,
+    vocab_size: int = 24,
+    heterogeneity: float = 0.5,
+    test_fraction: float = 0.2,
+) -> Dataset:
+    """Token sequences from per-group bigram Markov chains (next-token task, natural groups): fast text tests.
+
+    Group ``g`` draws text from a transition matrix ``(1 - h) * T + h * T_g`` where ``T`` is shared and
+    ``T_g`` its own (both sparse-ish Dirichlet rows); a sample is ``seq_len`` tokens and the label is the
+    next token, as in the Shakespeare task.
+    """
+    num_groups = _check_int("num_groups", num_groups, 1)
+    samples_per_group = _check_int("samples_per_group", samples_per_group, 2)
+    seq_len = _check_int("seq_len", seq_len, 2)
+    vocab_size = _check_int("vocab_size", vocab_size, 2)
+    test_fraction = _check_fraction("test_fraction", test_fraction)
+    if isinstance(heterogeneity, bool) or not 0 <= heterogeneity <= 1:
+        raise ConfigError(f"data.heterogeneity must be in [0, 1], got {heterogeneity!r}")
+    rng = np.random.default_rng(seed)
+    shared = rng.dirichlet(np.full(vocab_size, 0.2), size=vocab_size)
+    xs, ys, gs, test = [], [], [], []
+    for g in range(num_groups):
+        trans = (1 - heterogeneity) * shared + heterogeneity * rng.dirichlet(np.full(vocab_size, 0.2), size=vocab_size)
+        cum = np.cumsum(trans, axis=1)
+        n = samples_per_group + seq_len
+        tokens = np.empty(n, dtype=np.int64)
+        tokens[0] = rng.integers(vocab_size)
+        u = rng.random(n)
+        for i in range(1, n):
+            tokens[i] = min(int(np.searchsorted(cum[tokens[i - 1]], u[i])), vocab_size - 1)
+        windows = np.lib.stride_tricks.sliding_window_view(tokens[:-1], seq_len)[:samples_per_group]
+        xs.append(windows)
+        ys.append(tokens[seq_len:seq_len + samples_per_group])
+        gs.append(np.full(samples_per_group, g))
+        n_test = _split_counts(samples_per_group, test_fraction)
+        test.append(np.arange(samples_per_group) >= samples_per_group - n_test)  # the last windows, LEAF-style
+    x, y, grp, te = (np.concatenate(a) for a in (xs, ys, gs, test))
+    tr = ~te
+    return Dataset(
+        name="synthetic_text",
+        train=Split(torch.from_numpy(np.ascontiguousarray(x[tr])), torch.from_numpy(y[tr])),
+        test=Split(torch.from_numpy(np.ascontiguousarray(x[te])), torch.from_numpy(y[te])),
+        info=DataInfo(input_shape=(seq_len,), num_classes=vocab_size, vocab_size=vocab_size),
+        groups=grp[tr],
+        group_names=tuple(f"group{g}" for g in range(num_groups)),
+        notes={"source": "generated", "heterogeneity": float(heterogeneity)},
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 # convenience
 # --------------------------------------------------------------------------------------------------

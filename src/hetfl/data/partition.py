@@ -47,7 +47,7 @@ __all__ = [
 PARTITIONERS: Registry[type[Partitioner]] = Registry("partitioner")
 
 #: Datasets that ship natural groups; only used to make the "no groups" error helpful.
-NATURAL_DATASETS: tuple[str, ...] = ("shakespeare", "synthetic")
+NATURAL_DATASETS: tuple[str, ...] = ("shakespeare", "synthetic", "synthetic_text")
 
 
 # ----------------------------------------------------------------------------------------------------------
