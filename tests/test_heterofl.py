@@ -119,3 +119,23 @@ def test_sequence_models_train_with_every_policy(tmp_path, digits_cfg, algo, mod
     assert all(torch.isfinite(v).all() for v in after.values())
     targets = exp.algorithm.eval_targets(state, exp.ctx)
     assert {"global", "w0.5", "w0.125"} <= set(targets)
+
+
+def test_robust_aggregation_respects_partial_overlap(digits_cfg):
+    from hetfl.algorithms.base import ClientResult
+    from hetfl.hetero import spec_for
+
+    cfg = digits_cfg('algorithm={name="heterofl", clients_per_round=3, aggregator="median", static_bn=false, '
+                     'classifier_rule=false}', 'fleet.source="tiers"', 'fleet.mix="a2-b1"',
+                     "data.num_clients=3", 'model={name="mlp", hidden="4"}')
+    exp = prepare(cfg)
+    algo, ctx = exp.algorithm, exp.ctx
+    state = algo.init_state(ctx)
+    tasks = algo.configure_round(state, 1, [0, 1, 2], ctx)  # clients 0, 1 full width; client 2 half
+    values = {0: 1.0, 1: 3.0, 2: 100.0}  # client 2 is an outlier on the channels it covers
+    results = [ClientResult(t.client_id, 10, {k: torch.full_like(v, values[t.client_id]) for k, v in t.weights.items()},
+                            extra={"rate": t.extra["rate"]}) for t in tasks]
+    out = algo.aggregate(state, 1, results, ctx)
+    assert spec_for(ctx.model, ctx.info)
+    # hidden units 0-1 are covered by all three: median 3; units 2-3 only by the two full clients: (1+3)/2
+    assert out["fc1.bias"].tolist() == [3.0, 3.0, 2.0, 2.0]

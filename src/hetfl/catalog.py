@@ -5,7 +5,10 @@ from __future__ import annotations
 from hetfl.algorithms import ALGORITHMS
 from hetfl.data.datasets import DATASETS
 from hetfl.data.partition import PARTITIONERS
+from hetfl.decentralized import TOPOLOGIES
+from hetfl.decentralized import protocol as _decentralized  # noqa: F401  (registers dkd, dpsgd, isolated)
 from hetfl.engines import ENGINES
+from hetfl.hetero.sampling import WIDTH_POLICIES
 from hetfl.models import MODELS
 from hetfl.registry import Registry
 
@@ -15,6 +18,8 @@ REGISTRIES: dict[str, Registry] = {
     "models": MODELS,
     "algorithms": ALGORITHMS,
     "engines": ENGINES,
+    "topologies": TOPOLOGIES,
+    "width policies": WIDTH_POLICIES,
 }
 
 __all__ = ["ALGORITHMS", "DATASETS", "ENGINES", "MODELS", "PARTITIONERS", "REGISTRIES"]

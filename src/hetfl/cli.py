@@ -4,6 +4,8 @@
     hetfl list
     hetfl plot DIR [DIR ...] [--out DIR]
     hetfl summary DIR [DIR ...]
+    hetfl sweep STUDY.toml [--workers N] [--out DIR]
+    hetfl report SWEEP_DIR [--out FILE]
 
 A user error (bad config, missing data, ...) prints one paragraph on stderr and exits with code 2;
 ``--debug`` shows the traceback instead.
@@ -34,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     r.add_argument("--seed", type=int, help="shorthand for --set seed=N")
     r.add_argument("--device", help="cpu or cuda[:N] (shorthand for --set device=...)")
-    r.add_argument("--engine", help="simulator (default, in-process) or flower (shorthand for --set engine=...)")
+    r.add_argument("--engine", help="simulator (default, in-process), flower, or torchrun (decentralized algorithms: "
+                                    "one process per node; also under torchrun) (shorthand for --set engine=...)")
     r.add_argument("--data-dir", help="where to read datasets from (shorthand for --set data.data_dir=...)")
     r.add_argument("--quiet", action="store_true", help="no progress bar; print only the summary path")
     r.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -47,6 +50,15 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("summary", help="print a table of run directories' results")
     s.add_argument("runs", nargs="+", metavar="DIR")
+
+    sw = sub.add_parser("sweep", help="run a study grid (policy x fleet x ... x seed) in parallel, resumable")
+    sw.add_argument("study", help="study TOML: a base config, grid axes of --set overrides, seeds")
+    sw.add_argument("--workers", type=int, help="worker processes (default: the study's, else one per core)")
+    sw.add_argument("--out", help="sweep directory (default: runs/sweeps/<study name>); rerun to resume")
+
+    rp = sub.add_parser("report", help="markdown report with heatmaps and curves for a sweep directory")
+    rp.add_argument("sweep", metavar="SWEEP_DIR")
+    rp.add_argument("--out", help="markdown file to write (default: SWEEP_DIR/report.md)")
     return p
 
 
@@ -83,6 +95,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     acc_text = f"{acc:.4f}" if isinstance(acc, float) else "n/a"
     print(f"{summary['run_dir']}  rounds={summary['rounds_completed']}  test_accuracy={acc_text}  "
           f"wall_time_s={summary['wall_time_s']:.1f}")
+    participation = summary.get("participation_by_tier") or {}
+    if any(v < 1 for v in participation.values()) or summary.get("rounds_skipped"):  # faults: make them visible
+        tiers = " ".join(f"{k}={v:.2f}" for k, v in participation.items())
+        print(f"  participation {tiers}  rounds_skipped={summary.get('rounds_skipped', 0)}  "
+              f"rejected_invalid={summary.get('rejected_invalid', 0)}")
     return 0
 
 
@@ -117,7 +134,25 @@ def _cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": _cmd_run, "list": _cmd_list, "plot": _cmd_plot, "summary": _cmd_summary}
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from hetfl.sweep import load_study, run_sweep
+
+    if args.workers is not None and args.workers < 1:
+        raise HetflError(f"--workers must be >= 1, got {args.workers}")
+    study = load_study(args.study)
+    result = run_sweep(study, args.out or Path("runs") / "sweeps" / study.name, workers=args.workers)
+    return 1 if result["failed"] else 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from hetfl.report import write_report
+
+    print(write_report(args.sweep, args.out))
+    return 0
+
+
+COMMANDS = {"run": _cmd_run, "list": _cmd_list, "plot": _cmd_plot, "summary": _cmd_summary,
+            "sweep": _cmd_sweep, "report": _cmd_report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

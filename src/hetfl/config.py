@@ -44,8 +44,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Union
 
+from hetfl.decentralized.topology import GraphConfig
 from hetfl.errors import ConfigError
 from hetfl.fleet import FleetConfig
+from hetfl.reliability import FaultsConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -136,6 +138,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     fleet: FleetConfig = field(default_factory=FleetConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
+    graph: GraphConfig = field(default_factory=GraphConfig)
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
@@ -308,7 +312,7 @@ def config_from_dict(raw: Mapping[str, Any]) -> RunConfig:
     from hetfl import catalog
 
     raw = dict(raw)
-    sections = {"data", "model", "algorithm", "train", "eval", "fleet"}
+    sections = {"data", "model", "algorithm", "train", "eval", "fleet", "faults", "graph"}
     top = {k: v for k, v in raw.items() if k not in sections}
     for key in sections:
         if key in raw and not isinstance(raw[key], Mapping):
@@ -359,8 +363,11 @@ def config_from_dict(raw: Mapping[str, Any]) -> RunConfig:
     train = _build_fixed(TrainConfig, "train", raw.get("train", {}))
     ev = _build_fixed(EvalConfig, "eval", raw.get("eval", {}))
     fleet = _build_fixed(FleetConfig, "fleet", raw.get("fleet", {}))
+    faults = _build_fixed(FaultsConfig, "faults", raw.get("faults", {}))
+    graph = _build_fixed(GraphConfig, "graph", raw.get("graph", {}))
     run = _build_fixed(RunConfig, "", top)
-    cfg = dataclasses.replace(run, data=data, model=model, algorithm=algorithm, train=train, eval=ev, fleet=fleet)
+    cfg = dataclasses.replace(run, data=data, model=model, algorithm=algorithm, train=train, eval=ev, fleet=fleet,
+                              faults=faults, graph=graph)
     _validate_ranges(cfg)
     return cfg
 
@@ -385,6 +392,8 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
         train=plain(cfg.train),
         eval=plain(cfg.eval),
         fleet=plain(cfg.fleet),
+        faults=plain(cfg.faults),
+        graph=plain(cfg.graph),
     )
     return out
 

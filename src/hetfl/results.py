@@ -70,6 +70,21 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable (the directory entry), where the platform allows it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -113,7 +128,14 @@ class RunDir:
     @classmethod
     def create(cls, path: str | Path, config_toml: str) -> RunDir:
         path = Path(path)
-        if path.exists() and any(path.iterdir()):
+        if path.exists() and not path.is_dir():
+            raise HetflError(f"output path {str(path)!r} is a file, not a directory; choose another --out")
+        try:  # a crash inside an earlier create() may have left only its probe or temp file: that is empty
+            kept = [p for p in path.iterdir() if p.name != ".write-test" and not
+                    (p.name.startswith(".") and p.name.endswith(".tmp"))] if path.exists() else []
+        except OSError as exc:
+            raise HetflError(f"cannot read output directory {str(path)!r}: {exc.strerror or exc}") from None
+        if kept:
             raise HetflError(
                 f"output directory {str(path)!r} already exists and is not empty; choose another --out, "
                 f"or continue it with `hetfl run --resume {path}`"
@@ -134,17 +156,23 @@ class RunDir:
         path = Path(path)
         if not (path / CONFIG).is_file():
             raise HetflError(f"{str(path)!r} is not a hetfl run directory (no {CONFIG}); nothing to resume")
+        for stale in path.glob(".*.tmp"):  # temp files of atomic writes interrupted by a crash
+            stale.unlink(missing_ok=True)
         return cls(path)
 
     # ------------------------------------------------------------------ metrics
     def append_metrics(self, row: dict[str, Any]) -> None:
         """Append one line with a single write, then fsync: a crash never leaves a torn line behind
         except possibly the last, which :func:`read_metrics` and :meth:`truncate_metrics` drop."""
-        line = json.dumps(_clean(row), default=_json_default, separators=(",", ":")) + "\n"
-        with open(self.path / METRICS, "a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        data = (json.dumps(_clean(row), default=_json_default, separators=(",", ":")) + "\n").encode("utf-8")
+        fd = os.open(self.path / METRICS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            view = memoryview(data)
+            while view:  # one write(2) for the whole line (a buffered file may split long lines)
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def truncate_metrics(self, last_round: int) -> None:
         rows = [r for r in read_metrics(self.path) if r.get("round", 0) <= last_round]
@@ -169,7 +197,9 @@ class RunDir:
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user problem
-            raise HetflError(f"checkpoint {str(path)!r} is unreadable ({exc}); the run cannot be resumed") from None
+            # hetfl writes checkpoints atomically, so this file was damaged or replaced from outside
+            raise HetflError(f"checkpoint {str(path)!r} is unreadable (not a complete torch checkpoint: "
+                             f"{type(exc).__name__}); the run cannot be resumed from it") from None
         if ckpt.get("format") != CHECKPOINT_FORMAT:
             raise HetflError(f"checkpoint {str(path)!r} has format {ckpt.get('format')!r}, "
                              f"this hetfl reads format {CHECKPOINT_FORMAT}")

@@ -26,12 +26,15 @@ from hetfl.config import RunConfig, config_from_dict, parse_toml
 from hetfl.data.base import Dataset
 from hetfl.data.federation import Federation, build_federation
 from hetfl.data.partition import check_groups, make_partitioner
+from hetfl.data.server import draw_server_data
 from hetfl.engines import ENGINES
 from hetfl.engines.simulator import ModelCache
 from hetfl.errors import ConfigError, HetflError
 from hetfl.evaluation import Evaluator
 from hetfl.fleet import build_fleet
 from hetfl.progress import RunProgress
+from hetfl.reliability import check_min_clients
+from hetfl.reliability.guard import fault_summary
 from hetfl.results import CONFIG, PARTITION, RunDir
 
 
@@ -67,6 +70,10 @@ def prepare(cfg: RunConfig) -> Experiment:
     """Load data, partition it, check the model builds and runs; no files are written."""
     device = resolve_device(cfg.device)
     dataset = load_data(cfg)
+    algo_cls = catalog.ALGORITHMS.get(cfg.algorithm.name, "algorithm.name")
+    algorithm = algo_cls(**dict(cfg.algorithm.params))
+    # server-side data (e.g. FedDF's transfer set) leaves the training split before anything is partitioned
+    dataset, server_data = draw_server_data(dataset, algorithm.server_data_spec(), cfg.seed, cfg.data.data_dir)
     part = make_partitioner({"name": cfg.data.partition.name, **cfg.data.partition.kwargs})
     groups = dataset.groups
     check_groups(part, groups, cfg.data.name)
@@ -81,11 +88,16 @@ def prepare(cfg: RunConfig) -> Experiment:
                                   seed=cfg.seed, device=device)
     model_ref = ModelRef(cfg.model.name, cfg.model.width, cfg.model.params)
     _check_model(model_ref, dataset)
-    algo_cls = catalog.ALGORITHMS.get(cfg.algorithm.name, "algorithm.name")
-    algorithm = algo_cls(**dict(cfg.algorithm.params))
-    fleet = build_fleet(cfg.fleet, federation.num_clients, cfg.seed)
+    fleet = build_fleet(cfg.fleet, federation.num_clients, cfg.seed, sizes=federation.sizes)
     ctx = Context(info=dataset.info, model=model_ref, train=cfg.train, client_sizes=federation.sizes,
-                  seed=cfg.seed, rounds=cfg.rounds, fleet=fleet)
+                  seed=cfg.seed, rounds=cfg.rounds, fleet=fleet, faults=cfg.faults,
+                  server_data=None if server_data is None else server_data.to(device))
+    for ref in algorithm.model_refs(ctx):
+        if ref != model_ref:
+            _check_model(ref, dataset)
+    check_min_clients(cfg.faults, algorithm.clients_for(federation.num_clients))
+    if getattr(algorithm, "decentralized", False):  # no server: nodes on the [graph] (hetfl.decentralized)
+        algorithm.check_setup(ctx, cfg.graph)
     return Experiment(cfg, dataset, federation, algorithm, ctx, device)
 
 
@@ -133,6 +145,8 @@ def summarize_metrics(rows: list[dict[str, Any]], wall_time_s: float, cfg: RunCo
         "best_test_accuracy": best.get("test_accuracy"),
         "best_round": best.get("round"),
         "test_accuracy_last5_mean": float(np.mean(last5)) if last5 else None,
+        # FedGen's reference metric: the mean of the 5 best evaluated rounds (selected on the test set)
+        "test_accuracy_best5_mean": float(np.mean(sorted(r["test_accuracy"] for r in evals)[-5:])) if evals else None,
         "wall_time_s": round(wall_time_s, 3),
         "bytes_up": int(sum(r.get("bytes_up", 0) for r in rows)),
         "bytes_down": int(sum(r.get("bytes_down", 0) for r in rows)),
@@ -140,6 +154,7 @@ def summarize_metrics(rows: list[dict[str, Any]], wall_time_s: float, cfg: RunCo
     for key in ("client_acc_mean", "client_acc_p10", "client_acc_worst10"):
         if key in last:
             summary[key] = last[key]
+    summary.update(fault_summary(rows))  # participation per tier, skipped rounds, drops (guarded engines)
     return summary
 
 
@@ -152,6 +167,11 @@ def run(
     config_path: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) an experiment; returns the summary written to summary.json."""
+    from hetfl.decentralized.torchrun import serve_if_worker
+
+    served = serve_if_worker(cfg)  # a torchrun rank above 0 hosts nodes for rank 0, which writes every file
+    if served is not None:
+        return served
     ckpt = None
     if resume is not None:
         run_dir = RunDir.open(resume)
@@ -159,6 +179,8 @@ def run(
         cfg = _merge_resume(saved, cfg)
         ckpt = run_dir.load_checkpoint()
         exp = prepare(cfg)
+        if not (run_dir.path / PARTITION).is_file():  # killed between creating the directory and writing it
+            run_dir.write_json(PARTITION, exp.federation.summary.to_dict())
         if cfg.rounds != saved.rounds:
             from hetfl.results import atomic_write_text
 
@@ -171,7 +193,8 @@ def run(
         run_dir.write_json(PARTITION, exp.federation.summary.to_dict())
 
     engine = ENGINES.get(cfg.engine, "engine")(exp.algorithm, exp.federation, exp.ctx, exp.device, cfg)
-    evaluator = Evaluator(exp.federation, exp.ctx, cfg.eval, ModelCache(exp.ctx, exp.device), exp.device, cfg.seed)
+    evaluator_cls = getattr(exp.algorithm, "evaluator_class", Evaluator)  # decentralized: one model per node
+    evaluator = evaluator_cls(exp.federation, exp.ctx, cfg.eval, ModelCache(exp.ctx, exp.device), exp.device, cfg.seed)
     if ckpt is not None:
         state = ServerState.from_dict(ckpt["state"])
         start, elapsed = int(ckpt["round"]), float(ckpt["elapsed_s"])
@@ -182,13 +205,18 @@ def run(
 
     t_start = time.perf_counter() - elapsed
     status = "running"
+    # until this run ends, summary.json must not claim an earlier "complete" (a kill -9 leaves "running")
+    run_dir.write_summary({**summarize_metrics(run_dir.metrics(), elapsed, cfg, status), "run_dir": str(run_dir.path)})
     label = cfg.name or f"{cfg.algorithm.name}/{cfg.model.name}/{cfg.data.name}"
     try:
         with RunProgress(cfg.rounds, start, label=label, quiet=quiet) as bar:
             for rnd in range(start + 1, cfg.rounds + 1):
                 t0 = time.perf_counter()
                 state, report = engine.run_round(state, rnd)
+                for message in getattr(report, "messages", ()):  # failed/rejected clients, skipped rounds
+                    bar.log(f"round {rnd}: {message}")
                 row: dict[str, Any] = {"round": rnd, **report.as_metrics()}
+                row.update(exp.algorithm.round_metrics(state))
                 if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
                     t1 = time.perf_counter()
                     row.update(evaluator(exp.algorithm, state))
@@ -196,7 +224,7 @@ def run(
                 now = time.perf_counter()
                 row["round_time_s"] = round(now - t0, 4)
                 row["time_s"] = round(now - t_start, 4)
-                if not math.isfinite(row.get("train_loss", 0.0) or 0.0):
+                if not row.get("skipped") and not math.isfinite(row.get("train_loss", 0.0) or 0.0):
                     bar.log(f"round {rnd}: training loss is not finite (diverged?); lower train.lr")
                 run_dir.append_metrics(row)
                 if rnd == cfg.rounds or (cfg.checkpoint_every and rnd % cfg.checkpoint_every == 0):
@@ -213,7 +241,9 @@ def run(
         raise
     finally:
         engine.close()
-        summary = summarize_metrics(run_dir.metrics(), time.perf_counter() - t_start, cfg, status)
+        rows = run_dir.metrics()
+        summary = summarize_metrics(rows, time.perf_counter() - t_start, cfg, status)
+        summary.update(exp.algorithm.summarize(rows))
         summary["run_dir"] = str(run_dir.path)
         run_dir.write_summary(summary)
     return summary

@@ -27,8 +27,10 @@ from torch import nn
 
 from hetfl.config import Params, TrainConfig
 from hetfl.data.base import DataInfo, Split
+from hetfl.data.server import ServerData, ServerDataSpec
 from hetfl.errors import ConfigError
 from hetfl.fleet import Fleet
+from hetfl.reliability import FaultsConfig
 
 Weights = dict[str, torch.Tensor]
 
@@ -62,6 +64,8 @@ class Context:
     seed: int
     rounds: int
     fleet: Fleet | None = None
+    faults: FaultsConfig | None = None  # [faults]: dropouts, deadline, update validation (None = defaults)
+    server_data: ServerData | None = None  # drawn by the runner when algorithm.server_data_spec() asks
 
     @property
     def num_clients(self) -> int:
@@ -182,6 +186,28 @@ class Algorithm:
     def eval_targets(self, state: ServerState, ctx: Context) -> dict[str, EvalTarget]:
         """The models to evaluate on the test set, by label (``"global"`` is the headline)."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ optional hooks (defaults: none)
+    def server_data_spec(self) -> ServerDataSpec | None:
+        """Server-side data this algorithm needs (FedDF's transfer set), or None.
+
+        The runner draws it before partitioning (held-out samples leave the clients' pool) and passes it
+        as ``ctx.server_data``; see :mod:`hetfl.data.server`.
+        """
+        return None
+
+    def model_refs(self, ctx: Context) -> list[ModelRef]:
+        """Every architecture this algorithm builds; the runner checks each runs on the data before
+        writing any file (an algorithm may raise ConfigError here for an inconsistent set)."""
+        return [ctx.model]
+
+    def round_metrics(self, state: ServerState) -> dict[str, Any]:
+        """Server-side metrics of the round that produced ``state``, merged into its metrics.jsonl row."""
+        return dict(state.buffers.get("metrics", {}))
+
+    def summarize(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """Algorithm-specific entries for summary.json, from the metrics.jsonl rows."""
+        return {}
 
     # ------------------------------------------------------------------ client side
     def local_update(self, task: ClientTask, model: nn.Module, data: Split,

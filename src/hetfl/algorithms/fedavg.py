@@ -23,6 +23,7 @@ from hetfl.algorithms.base import (
 from hetfl.algorithms.registry import ALGORITHMS
 from hetfl.data.base import Split
 from hetfl.errors import ConfigError
+from hetfl.robust import check_method, robust_average
 from hetfl.train import local_sgd
 
 
@@ -67,11 +68,18 @@ def average_weights(results: Iterable[ClientResult], weighted: bool = True) -> t
 @ALGORITHMS.register("fedavg")
 @dataclass(frozen=True)
 class FedAvg(Algorithm):
-    """FedAvg: clients run local SGD on the global model; the server averages (sample-weighted)."""
+    """FedAvg: clients run local SGD on the global model; the server averages (sample-weighted).
+
+    ``aggregator = "median"`` or ``"trimmed_mean"`` (cutting ``trim`` of each end) replaces the mean
+    with a coordinate-wise robust reducer (:mod:`hetfl.robust`, unweighted; it holds every update of
+    the round, n × the model's memory, where the default streaming mean holds one running sum).
+    """
 
     weighted: bool = True
     server_lr: float = 1.0
     server_momentum: float = 0.0
+    aggregator: str = "mean"
+    trim: float = 0.1
     min_width: float = 0.0  # sample only clients whose fleet capability is at least this width
 
     def __post_init__(self) -> None:
@@ -82,6 +90,7 @@ class FedAvg(Algorithm):
             raise ConfigError(f"algorithm.server_lr must be > 0, got {self.server_lr}")
         if not 0 <= self.server_momentum < 1:
             raise ConfigError(f"algorithm.server_momentum must be in [0, 1), got {self.server_momentum}")
+        check_method(self.aggregator, self.trim)
 
     # ---------------------------------------------------------------- server
     def init_state(self, ctx: Context) -> ServerState:
@@ -109,6 +118,8 @@ class FedAvg(Algorithm):
 
     def aggregate(self, state: ServerState, rnd: int, results: Iterable[ClientResult],
                   ctx: Context) -> Weights:
+        if self.aggregator != "mean":
+            return robust_average((r.weights for r in results if r.num_samples > 0), self.aggregator, self.trim)
         avg, _, _ = average_weights(results, self.weighted)
         return avg
 

@@ -15,7 +15,7 @@ averaged only over clients that hold its label), unweighted element averaging.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,10 +37,13 @@ from hetfl.algorithms.base import (
 )
 from hetfl.algorithms.registry import ALGORITHMS
 from hetfl.data.base import DataInfo, Split
+from hetfl.data.server import ServerDataSpec
 from hetfl.errors import ConfigError
 from hetfl.hetero import group_sizes, spec_for, submodel_ref
-from hetfl.hetero.extract import OverlapAverage, extract, param_indices
+from hetfl.hetero.extract import OverlapAverage, extract, param_indices, scatter_full
 from hetfl.hetero.policy import POLICIES, Prefix, Selection, make_policy
+from hetfl.hetero.sampling import WidthPlan, WidthPolicy, level_label, make_width_policy, plan_round
+from hetfl.robust import check_method, robust_reduce
 from hetfl.train import local_sgd
 
 BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
@@ -104,15 +107,25 @@ class HeteroFL(Algorithm):
     classifier_rule: bool = True
     ordered: bool = False  # FjORD: also train nested narrower widths, one drawn per minibatch
     self_distill: bool = False  # FjORD + KD: the client's widest width teaches the sampled narrower one
+    aggregator: str = "mean"  # or "median" / "trimmed_mean": coordinate-wise over the clients covering an element
+    trim: float = 0.1
     eval_widths: bool = True
+    # which width a client trains this round (hetfl.hetero.sampling): max, uniform, mixture, coverage, adaptive
+    width_policy: str = "max"
+    width_q: float = 0.5  # mixture: probability of training a smaller width than the maximum
+    width_target: str = "equal"  # coverage: target share of training samples per width
+    width_val_size: int = 500  # adaptive: held-out server validation samples
+    width_ema: float = 0.5  # adaptive: weight of the newest validation loss in its moving average
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.width_sampler()  # unknown policy or bad parameters: ConfigError naming the field
         if self.policy not in POLICIES:
             raise ConfigError(f"algorithm.policy must be one of {', '.join(POLICIES.names())}, got {self.policy!r}")
         make_policy(self.policy, self.stride)
         if self.ordered and self.policy != "prefix":
             raise ConfigError("algorithm.ordered (FjORD) needs nested submodels: algorithm.policy must be 'prefix'")
+        check_method(self.aggregator, self.trim)
         if self.self_distill and not self.ordered:
             raise ConfigError("algorithm.self_distill needs algorithm.ordered = true (FjORD's per-minibatch widths)")
 
@@ -121,6 +134,29 @@ class HeteroFL(Algorithm):
         if ctx.fleet is None:
             return np.ones(ctx.num_clients)
         return ctx.fleet.widths(rnd, ctx.seed)
+
+    def width_sampler(self) -> WidthPolicy:
+        return make_width_policy(self.width_policy, q=self.width_q, target=self.width_target,
+                                 val_size=self.width_val_size, ema=self.width_ema)
+
+    def width_plan(self, state: ServerState, ctx: Context, rnd: int) -> WidthPlan | None:
+        """The round's width draws (None: every client trains its fleet width, the ``max`` policy)."""
+        if self.width_policy == "max" or ctx.fleet is None:
+            return None
+        t = ctx.train
+        samples = np.full(ctx.num_clients, float(t.steps * t.batch_size)) if t.steps > 0 else \
+            np.asarray(ctx.client_sizes, dtype=np.float64) * t.epochs
+        return plan_round(self.width_sampler(), levels=ctx.fleet.levels, max_width=self._rates(ctx, rnd),
+                          fixed_max_width=ctx.fleet.max_width, samples=samples, buffers=state.buffers,
+                          seed=ctx.seed, rnd=rnd)
+
+    def client_rates(self, state: ServerState, ctx: Context, rnd: int, clients: Sequence[int]) -> list[float]:
+        """The width each client trains in round ``rnd``: a pure function of (seed, round, client, state)."""
+        plan = self.width_plan(state, ctx, rnd)
+        if plan is None:
+            rates = self._rates(ctx, rnd)
+            return [float(rates[int(c)]) for c in clients]
+        return [plan.rate(int(c)) for c in clients]
 
     def selection(self, ctx: Context, rnd: int, client: int, rate: float) -> Selection:
         spec = spec_for(ctx.model, ctx.info)
@@ -135,16 +171,46 @@ class HeteroFL(Algorithm):
             for rate in ctx.fleet.levels:
                 group_sizes(ctx.model, ctx.info, rate)
         torch.manual_seed(round_seed(ctx.seed, 0))  # the same initial model as FedAvg
-        return ServerState(round=0, models={"global": weights_of(ctx.model.build(ctx.info))})
+        glob = weights_of(ctx.model.build(ctx.info))
+        buffers: dict[str, object] = {}
+        losses = self._validation_losses(glob, ctx)
+        if losses is not None:  # the adaptive width policy starts from the initial model's losses
+            buffers["width_loss"] = torch.as_tensor(losses, dtype=torch.float64)
+        return ServerState(round=0, models={"global": glob}, buffers=buffers)
+
+    def server_data_spec(self) -> ServerDataSpec | None:
+        """The adaptive width policy's labeled validation split (held out before partitioning)."""
+        if not self.width_sampler().needs_validation:
+            return None
+        return ServerDataSpec(source="noise", size=1, val_size=self.width_val_size, where="algorithm.width_val")
+
+    def _validation_losses(self, glob: Weights, ctx: Context) -> np.ndarray | None:
+        """Cross-entropy of the prefix submodel at every fleet level on the server's validation split
+        (BatchNorm in training mode under static BN: the global running statistics are not averaged)."""
+        if not self.width_sampler().needs_validation or ctx.server_data is None or ctx.server_data.val is None:
+            return None
+        val = ctx.server_data.val
+        levels = ctx.fleet.levels if ctx.fleet is not None else (1.0,)
+        spec = spec_for(ctx.model, ctx.info)
+        batch_stats = self.static_bn and bool(_bn_stat_keys(glob))
+        out = []
+        with torch.no_grad():
+            for rate in levels:
+                sel = Prefix().select(spec.groups, group_sizes(ctx.model, ctx.info, rate), rnd=0, client=0, seed=0)
+                model = submodel_ref(ctx.model, rate).build(ctx.info).to(val.x.device)
+                model.load_state_dict(extract(glob, spec, sel))
+                model.train(batch_stats)
+                losses = [F.cross_entropy(model(val.x[i:i + 1000]), val.y[i:i + 1000], reduction="sum")
+                          for i in range(0, len(val), 1000)]
+                out.append(float(torch.stack(losses).sum()) / len(val))
+        return np.asarray(out)
 
     def configure_round(self, state: ServerState, rnd: int, clients: Sequence[int], ctx: Context) -> list[ClientTask]:
         train = self.round_train_config(ctx, rnd)
         glob = state.models["global"]
         spec = spec_for(ctx.model, ctx.info)
-        rates = self._rates(ctx, rnd)
         tasks = []
-        for c in clients:
-            rate = float(rates[int(c)])
+        for c, rate in zip(clients, self.client_rates(state, ctx, rnd, clients)):
             sel = self.selection(ctx, rnd, int(c), rate)
             extra: dict[str, object] = {"rate": rate, "info": info_to_plain(ctx.info)}
             if self.ordered:
@@ -158,18 +224,59 @@ class HeteroFL(Algorithm):
         glob = state.models["global"]
         spec = spec_for(ctx.model, ctx.info)
         skip = _bn_stat_keys(glob) if self.static_bn else frozenset()
+        plan = self.width_plan(state, ctx, rnd)
+        rates = self._rates(ctx, rnd) if ctx.fleet is not None else None
+
+        def selected() -> Iterator[tuple[ClientResult, Selection]]:
+            for res in results:
+                # the server recomputes the width it assigned (pure in seed, round, client and state)
+                if plan is not None:
+                    rate = plan.rate(res.client_id)
+                else:
+                    rate = float(rates[res.client_id]) if rates is not None else float(res.extra.get("rate", 1.0))
+                yield res, self.selection(ctx, rnd, res.client_id, rate)
+
+        if self.aggregator != "mean":
+            return self._robust(glob, spec, skip, selected())
         acc = OverlapAverage(glob, spec, skip)
-        for res in results:
-            rate = float(res.extra.get("rate", 1.0))
-            sel = self.selection(ctx, rnd, res.client_id, rate)
+        for res, sel in selected():
             mask = res.extra.get("labels") if self.classifier_rule else None
             acc.add(res.weights, sel, float(res.num_samples) if self.weighted else 1.0, mask)
         return acc.result() if acc.clients else {}
 
+    def _robust(self, glob: Weights, spec, skip: frozenset[str], pairs: Iterable[tuple[ClientResult, Selection]]
+                ) -> Weights:
+        """Median / trimmed mean per element over the clients whose submodel covers it (n x model memory)."""
+        placed = [scatter_full(glob, spec, res.weights, sel) for res, sel in pairs]
+        if not placed:
+            return {}
+        out = {}
+        for key, ref in glob.items():
+            if key in skip:
+                out[key] = ref
+                continue
+            values = torch.stack([p[key][0] for p in placed])
+            masks = torch.stack([p[key][1] for p in placed])
+            reduced, covered = robust_reduce(values, masks, self.aggregator, self.trim)
+            out[key] = torch.where(covered, reduced.to(ref.dtype), ref)
+        return out
+
     def server_step(self, state: ServerState, update: Weights, ctx: Context) -> ServerState:
-        if not update:
-            return ServerState(state.round + 1, state.models, state.buffers)
-        return ServerState(state.round + 1, {**state.models, "global": update}, state.buffers)
+        models = {**state.models, "global": update} if update else state.models
+        plan = self.width_plan(state, ctx, state.round + 1)
+        if plan is None:
+            return ServerState(state.round + 1, models, state.buffers)
+        buffers = dict(state.buffers)
+        metrics = plan.metrics()
+        losses = self._validation_losses(models["global"], ctx) if update else None
+        if losses is not None:
+            old = buffers.get("width_loss")
+            ema = self.width_sampler().update(None if old is None else old.numpy(), losses)
+            buffers["width_loss"] = torch.as_tensor(ema, dtype=torch.float64)
+            metrics.update({f"width_val_loss.{level_label(w)}": round(float(v), 6)
+                            for w, v in zip(ctx.fleet.levels, losses)})
+        buffers["metrics"] = metrics
+        return ServerState(state.round + 1, models, buffers)
 
     def eval_targets(self, state: ServerState, ctx: Context) -> dict[str, EvalTarget]:
         glob = state.models["global"]

@@ -3,7 +3,9 @@
 It keeps one reusable module per distinct :class:`~hetfl.algorithms.base.ModelRef` (no deepcopy
 per client), loads each task's weights with ``load_state_dict``, gathers the client's samples by
 index from the in-memory dataset, and hands results to the algorithm's aggregation as a stream,
-so only one client's update is alive beyond the running sum.
+so only one client's update is alive beyond the running sum.  Every round goes through a
+:class:`~hetfl.reliability.guard.RoundGuard` (``[faults]``): planned dropouts and stragglers are not
+trained, a client's exception is recorded, and only validated results reach the aggregation.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,6 +21,7 @@ from torch import nn
 
 from hetfl.algorithms.base import Algorithm, ClientResult, ClientTask, Context, ModelRef, ServerState, nbytes
 from hetfl.data.federation import Federation
+from hetfl.reliability.guard import RoundGuard, skip_round
 
 
 @dataclass
@@ -30,8 +34,10 @@ class RoundReport:
     bytes_down: int = 0
     bytes_up: int = 0
     train_time_s: float = 0.0
+    faults: dict[str, Any] | None = None  # per-round fault metrics (hetfl.reliability.guard), if guarded
+    messages: list[str] = field(default_factory=list)  # lines for the progress console
 
-    def as_metrics(self) -> dict[str, float | int]:
+    def as_metrics(self) -> dict[str, Any]:
         return {
             "clients": len(self.clients),
             "samples": self.samples,
@@ -39,6 +45,7 @@ class RoundReport:
             "bytes_down": self.bytes_down,
             "bytes_up": self.bytes_up,
             "train_time_s": round(self.train_time_s, 4),
+            **(self.faults or {}),
         }
 
 
@@ -75,6 +82,7 @@ class Simulator:
         self.ctx = ctx
         self.device = torch.device(device)
         self.models = ModelCache(ctx, self.device)
+        self.guard = RoundGuard(ctx, federation.dataset.train.x[:1])  # dropouts, deadlines, validation
 
     def close(self) -> None:
         """Nothing to release: everything lives in this process."""
@@ -90,14 +98,19 @@ class Simulator:
         clients = algo.sample_clients(state, rnd, ctx, rng)
         tasks = algo.configure_round(state, rnd, clients, ctx)
         report = RoundReport()
+        book = self.guard.begin(rnd, tasks)  # dropouts and stragglers are decided before anyone trains
+        report.bytes_down = sum(nbytes(task.weights) for task in tasks)
 
         def stream() -> Iterator[ClientResult]:
-            for task in tasks:
+            for task in book.to_run:
                 t0 = time.perf_counter()
-                report.bytes_down += nbytes(task.weights)
-                res = self.run_client(task)
+                res = book.run(task, self.run_client)  # None: it raised (recorded as a failure)
                 report.train_time_s += time.perf_counter() - t0
-                report.bytes_up += nbytes(res.weights)
+                if res is None:
+                    continue
+                report.bytes_up += nbytes(task.weights)  # a valid result has the task's shapes and dtypes
+                if not book.accept(task, res):  # invalid: rejected with its reason
+                    continue
                 report.clients.append(res.client_id)
                 report.samples += res.num_samples
                 loss = res.metrics.get("train_loss", float("nan"))
@@ -105,5 +118,9 @@ class Simulator:
                     report.train_loss_sum += loss * res.num_samples
                 yield res
 
-        update = algo.aggregate(state, rnd, stream(), ctx)
+        update = None if book.early_skip else algo.aggregate(state, rnd, stream(), ctx)
+        report.faults = book.finish()
+        report.messages = book.messages
+        if book.skipped:  # fewer than faults.min_clients accepted: the global model stays as it was
+            return skip_round(state), report
         return algo.server_step(state, update, ctx), report

@@ -17,11 +17,20 @@ Three sources (``[fleet] source``):
 
 Every client also gets a relative speed, RAM and an uplink bandwidth, which time models (stragglers,
 deadlines) use.
+
+``size_correlation`` decides which client (which amount of data) gets which device: ``"none"`` keeps the
+assignment above (independent of data size); ``"positive"`` gives the strongest device (largest width, then
+fastest) to the client with the most training samples, the next strongest to the next largest, and so on
+(rank correlation +1 between data size and capability); ``"negative"`` gives the strongest device to the
+client with the least data (rank correlation -1).  Ties are broken by a seeded permutation.  The devices
+themselves (and hence the level shares) do not change, only who holds them.  Use it with a size-skewed
+partition (``data.partition.name = "quantity"``).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -34,6 +43,7 @@ from hetfl.errors import ConfigError
 LEVELS = {"a": 1.0, "b": 0.5, "c": 0.25, "d": 0.125, "e": 0.0625}
 SOURCES = ("uniform", "tiers", "phones")
 ASSIGNMENTS = ("fixed", "dynamic")
+CORRELATIONS = ("none", "positive", "negative")
 PHONES_CSV = Path(__file__).with_name("phones.csv")
 
 
@@ -44,6 +54,7 @@ class FleetConfig:
     assignment: str = "fixed"
     budget_quantile: float = 0.95
     bandwidth_mbps: float = 20.0
+    size_correlation: str = "none"  # data size vs capability: none, positive, negative
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -55,6 +66,9 @@ class FleetConfig:
             raise ConfigError(f"fleet.budget_quantile must be in (0, 1], got {self.budget_quantile}")
         if self.bandwidth_mbps <= 0:
             raise ConfigError(f"fleet.bandwidth_mbps must be > 0, got {self.bandwidth_mbps}")
+        if self.size_correlation not in CORRELATIONS:
+            raise ConfigError(f"fleet.size_correlation must be one of {', '.join(CORRELATIONS)}, "
+                              f"got {self.size_correlation!r}")
 
 
 def parse_mix(mix: str) -> tuple[tuple[float, ...], np.ndarray]:
@@ -138,7 +152,36 @@ class Fleet:
                 "speed_median": float(np.median(self.speed)), "ram_gb_median": float(np.median(self.memory_gb))}
 
 
-def build_fleet(cfg: FleetConfig, num_clients: int, seed: int) -> Fleet:
+def correlate_with_sizes(fleet: Fleet, sizes: np.ndarray, mode: str, seed: int) -> Fleet:
+    """Reassign the fleet's devices so capability rank follows (``positive``) or opposes (``negative``) the
+    rank of the clients' data sizes; ``none`` returns the fleet unchanged."""
+    if mode == "none":
+        return fleet
+    sizes = np.asarray(sizes)
+    n = fleet.num_clients
+    if sizes.shape != (n,):
+        raise ConfigError(f"fleet.size_correlation: got {sizes.shape} client sizes for {n} clients")
+    rng = np.random.default_rng([seed, 0x636F7272])
+    slots = np.lexsort((rng.permutation(n), -fleet.speed, -fleet.max_width))  # strongest device first
+    by_size = np.lexsort((rng.permutation(n), -sizes))  # most data first
+    if mode == "negative":
+        by_size = by_size[::-1]
+    perm = np.empty(n, dtype=np.int64)
+    perm[by_size] = slots  # client by_size[i] gets device slots[i]
+    device = tuple(np.asarray(fleet.device)[perm]) if fleet.device else ()
+    return dataclasses.replace(fleet, max_width=fleet.max_width[perm], speed=fleet.speed[perm],
+                               memory_gb=fleet.memory_gb[perm], bandwidth_mbps=fleet.bandwidth_mbps[perm],
+                               device=device)
+
+
+def build_fleet(cfg: FleetConfig, num_clients: int, seed: int, sizes: np.ndarray | None = None) -> Fleet:
+    """The fleet of ``num_clients`` clients; ``sizes`` (training samples per client) is needed only for
+    ``cfg.size_correlation`` other than ``"none"``."""
+    if cfg.size_correlation != "none":
+        if sizes is None:
+            raise ConfigError("fleet.size_correlation needs the clients' data sizes (build_fleet(..., sizes=...))")
+        return correlate_with_sizes(build_fleet(dataclasses.replace(cfg, size_correlation="none"), num_clients,
+                                                seed), sizes, cfg.size_correlation, seed)
     rng = np.random.default_rng([seed, 0x666C6565])
     bandwidth = rng.lognormal(np.log(cfg.bandwidth_mbps), 0.5, size=num_clients)
     if cfg.source == "uniform":

@@ -72,6 +72,22 @@ def _flat_index(shape: tuple[int, ...], dims: dict[int, torch.Tensor], device: t
     return flat.reshape(-1)
 
 
+def scatter_full(reference: Weights, spec: WidthSpec, sub: Weights, selection: Selection
+                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A submodel's weights placed in the global shapes, with a coverage mask per tensor (for the
+    robust reducers of :mod:`hetfl.robust`, which need every client's value of an element at once)."""
+    out = {}
+    for key, value in sub.items():
+        ref = reference[key]
+        full = torch.zeros(ref.shape, dtype=value.dtype, device=ref.device)
+        mask = torch.zeros(ref.shape, dtype=torch.bool, device=ref.device)
+        flat = _flat_index(tuple(ref.shape), param_indices(spec, key, selection), ref.device)
+        full.view(-1)[flat] = value.detach().to(ref.device).reshape(-1)
+        mask.view(-1)[flat] = True
+        out[key] = (full, mask)
+    return out
+
+
 class OverlapAverage:
     """Running per-element weighted sums and counts over partially overlapping submodel updates."""
 
@@ -98,7 +114,7 @@ class OverlapAverage:
             v = value.detach().to(device=ref.device, dtype=torch.float64)
             rows = self.spec.output_rows.get(key) if class_mask is not None else None
             dense = _is_identity(self.spec, key, selection)
-            if dense and rows is None:
+            if dense and rows is None and key not in self.counts:  # else: counted element-wise already
                 if key not in self.sums:
                     self.sums[key] = v * weight
                     self.scalar_counts[key] = weight

@@ -1,0 +1,231 @@
+"""Decentralized heterogeneous learning on MNIST (issue #6): distillation into weaker neighbours vs baselines.
+
+20 nodes, Dirichlet alpha = 0.3, three capability tiers (widths 1, 1/4, 1/16 of the 200-200 MLP), a random
+4-regular graph (configs/mnist_dkd.toml).  Arms, all on the same data, partition, fleet, initial weights and
+local training:
+
+* ``dkd``: local training, distillation of each weaker neighbour's model on the stronger node's data,
+  gossip among equal models;
+* ``dkd_overlap``: the same, gossiping with every neighbour over the overlapping slices (HeteroFL's rule);
+* ``isolated``: local training only;
+* ``dpsgd_smallest``: D-PSGD with every node on the 1/16 model;
+* ``dpsgd_slices``: D-PSGD on the width-slices, overlaps averaged among neighbours (HeteroFL's rule);
+* ``heterofl``: centralized HeteroFL, every client every round (the upper reference); ``heterofl_noscaler``:
+  the same without HeteroFL's Scaler (on this norm-free MLP the Scaler leaves the narrow submodels unusable
+  at evaluation, see docs/decentralized.md);
+* ``fedavg_smallest``: centralized FedAvg of the 1/16 model, every client every round.
+
+Every cell is an ordinary ``hetfl run`` (finished cells are skipped, interrupted ones resumed)::
+
+    python benchmarks/decentralized_mnist.py --rounds 50 --seeds 0 1 2 --jobs 2 --out runs/dec_mnist
+    python benchmarks/decentralized_mnist.py --out runs/dec_mnist --table-only --plot docs/img/decentralized_mnist.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+CONFIG = Path(__file__).parents[1] / "configs" / "mnist_dkd.toml"
+WEAK, MID, STRONG = "w0.0625", "w0.25", "w1"
+ARMS: dict[str, list[str]] = {
+    "dkd": [],
+    "dkd_overlap": ['algorithm.gossip="overlap"'],
+    "isolated": ['algorithm={name="isolated"}'],
+    "dpsgd_smallest": ['algorithm={name="dpsgd", models="smallest"}'],
+    "dpsgd_slices": ['algorithm={name="dpsgd"}'],
+    "heterofl": ['algorithm={name="heterofl", clients_per_round=20}'],
+    "heterofl_noscaler": ['algorithm={name="heterofl", clients_per_round=20, scaler=false}'],
+    "fedavg_smallest": ['algorithm={name="fedavg", clients_per_round=20}', "model.width=0.0625",
+                        'fleet.source="uniform"'],
+}
+CENTRAL = ("heterofl", "heterofl_noscaler", "fedavg_smallest")
+
+
+def run_cell(job: tuple[str, int, int, str, int]) -> str:
+    arm, seed, rounds, out, eval_every = job
+    import torch
+
+    torch.set_num_threads(1)
+    from hetfl.config import load_config
+    from hetfl.results import read_summary
+    from hetfl.runner import run
+
+    path = Path(out) / f"{arm}-s{seed}"
+    summary = read_summary(path)
+    if summary and summary.get("status") == "complete" and summary.get("rounds_completed", 0) >= rounds:
+        return f"{path} (done)"
+    if (path / "config.toml").exists():
+        run(load_config(path / "config.toml", [f"rounds={rounds}"]), resume=path, quiet=True)
+    else:
+        sets = [f"seed={seed}", f"rounds={rounds}", f"eval.every={eval_every}", f'name="{arm}-s{seed}"', *ARMS[arm]]
+        run(load_config(CONFIG, sets), path, quiet=True)
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def _weak_model_costs(rounds: int) -> dict[str, float]:
+    """Per weak client of a centralized arm: bytes (download + upload of the 1/16 model) and training FLOPs."""
+    import torch
+
+    from hetfl.accounting import model_cost
+    from hetfl.algorithms.base import ModelRef, nbytes, weights_of
+    from hetfl.config import load_config
+    from hetfl.data.base import DataInfo
+
+    cfg = load_config(CONFIG)
+    info = DataInfo((1, 28, 28), 10)
+    out = {}
+    for label, width in ((WEAK, 0.0625), (MID, 0.25), (STRONG, 1.0)):
+        model = ModelRef("mlp", width).build(info)
+        fwd = model_cost(model, torch.zeros(1, 1, 28, 28)).forward_flops
+        out[f"bytes.{label}"] = 2 * nbytes(weights_of(model)) * rounds
+        out[f"flops.{label}"] = 3 * fwd * cfg.train.steps * cfg.train.batch_size * rounds
+    return out
+
+
+def collect(root: Path, seeds: list[int]) -> dict[str, dict]:
+    from hetfl.results import read_metrics, read_summary
+
+    data: dict[str, dict] = {}
+    for arm in ARMS:
+        runs = []
+        for seed in seeds:
+            path = root / f"{arm}-s{seed}"
+            summary = read_summary(path)
+            if summary and summary.get("status") == "complete":
+                runs.append((summary, read_metrics(path)))
+        if runs:
+            data[arm] = {"summaries": [s for s, _ in runs], "rows": [r for _, r in runs]}
+    return data
+
+
+def _key(arm: str, label: str, local: bool) -> str:
+    """The metrics.jsonl key of a tier's accuracy in an arm (global test set, or the tier's local splits)."""
+    if arm == "fedavg_smallest":  # one global model: the 1/16 model everyone trains
+        return "client_acc_mean" if local else "test_accuracy"
+    if arm.startswith("heterofl") and label == STRONG:  # the full global model
+        return "tier_acc.global" if local else "test_accuracy"
+    return f"{'tier_acc' if local else 'test_accuracy'}.{label}"
+
+
+def _acc(arm: str, rows: list[dict], label: str, local: bool = False, at: int | None = None) -> float | None:
+    """The value at round ``at`` (None: the last evaluated round)."""
+    key = _key(arm, label, local)
+    vals = [r[key] for r in rows if r.get(key) is not None and (at is None or r["round"] == at)]
+    return vals[-1] if vals else None
+
+
+def _fmt(vals: list[float | None], scale: float = 100.0, digits: int = 2) -> str:
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return "n/a"
+    a = np.asarray(vals) * scale
+    return f"{a.mean():.{digits}f} ± {a.std():.{digits}f}" if len(a) > 1 else f"{a.mean():.{digits}f}"
+
+
+def table(data: dict[str, dict], rounds: int, checkpoints: tuple[int, ...] = (10, 20, 30)) -> str:
+    central = _weak_model_costs(rounds)
+    at = [c for c in checkpoints if c < rounds]
+    lines = ["| arm | " + " | ".join(f"weak 1/16 @{c}" for c in at) + f" | weak 1/16 @{rounds} | weak: local acc | "
+             "mid 1/4 | strong 1 | MB per weak node | MB per strong node | GFLOP per weak node | "
+             "GFLOP per strong node | seeds |", "|---" * (len(at) + 10) + "|"]
+    for arm, d in data.items():
+        ss, rs = d["summaries"], d["rows"]
+        row = [arm] + [_fmt([_acc(arm, r, WEAK, at=c) for r in rs]) for c in at]
+        row += [_fmt([_acc(arm, r, WEAK) for r in rs]), _fmt([_acc(arm, r, WEAK, local=True) for r in rs])]
+        if arm == "fedavg_smallest":
+            row += ["(1/16 model)", "(1/16 model)"]
+        else:
+            row += [_fmt([_acc(arm, r, MID) for r in rs]), _fmt([_acc(arm, r, STRONG) for r in rs])]
+        for kind, scale in (("bytes", 2**-20), ("flops", 1e-9)):
+            for label in (WEAK, STRONG):
+                if arm in CENTRAL:
+                    lab = WEAK if arm == "fedavg_smallest" else label
+                    row.append(f"{central[f'{kind}.{lab}'] * scale:.1f}")
+                else:
+                    keys = ((f"bytes_sent.{label}.total_per_node", f"bytes_recv.{label}.total_per_node")
+                            if kind == "bytes" else (f"flops.{label}.total_per_node",))
+                    vals = [sum(s.get(k, 0.0) for k in keys) for s in ss]
+                    row.append(f"{np.mean(vals) * scale:.1f}")
+        row.append(str(len(ss)))
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def plot(data: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for arm, d in data.items():
+        key = _key(arm, WEAK, local=False)
+        curves = []
+        for rows in d["rows"]:
+            pts = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
+            curves.append(pts)
+        n = min(len(c) for c in curves)
+        xs = [p[0] for p in curves[0][:n]]
+        ys = np.array([[p[1] for p in c[:n]] for c in curves]) * 100
+        style = "--" if arm in CENTRAL else "-"
+        ax.plot(xs, ys.mean(0), style, label=arm, lw=2 if arm == "dkd" else 1.3)
+        ax.fill_between(xs, ys.min(0), ys.max(0), alpha=0.15)
+    ax.set_xlabel("round")
+    ax.set_ylabel("weak tier (1/16) test accuracy, %")
+    ax.set_title("weak tier, mean of seeds (band: min-max)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    arms = [a for a in data if a != "fedavg_smallest"]
+    width = 0.8 / 3
+    for k, label in enumerate((STRONG, MID, WEAK)):
+        vals = [np.mean([v for v in (_acc(a, r, label) for r in data[a]["rows"]) if v is not None]) * 100
+                for a in arms]
+        bx.bar(np.arange(len(arms)) + (k - 1) * width, vals, width, label=f"tier {label}")
+    bx.set_xticks(np.arange(len(arms)))
+    bx.set_xticklabels(arms, rotation=15, fontsize="small")
+    bx.set_ylabel("final test accuracy, %")
+    bx.set_ylim(bottom=50)
+    bx.set_title("every tier, final round")
+    bx.grid(axis="y", alpha=0.3)
+    bx.legend(fontsize="small")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=50)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--eval-every", type=int, default=5)
+    p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--out", default="runs/decentralized_mnist")
+    p.add_argument("--table-only", action="store_true")
+    p.add_argument("--plot", help="write the figure here (PNG)")
+    args = p.parse_args()
+    root = Path(args.out)
+    if not args.table_only:
+        jobs = [(arm, seed, args.rounds, str(root), args.eval_every) for seed in args.seeds for arm in args.arms]
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+            for done in pool.map(run_cell, jobs):
+                print(done, flush=True)
+    data = collect(root, args.seeds)
+    print(table(data, args.rounds))
+    if args.plot:
+        plot(data, Path(args.plot))
+        print(args.plot)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""What a model costs to train: parameters, forward FLOPs and activation memory per sample.
+
+:func:`model_cost` runs one example batch through a model with forward hooks and counts, per sample:
+
+* ``forward_flops``: 2 × the multiply-accumulates (MACs) of the layers that dominate compute:
+  ``nn.Linear`` (``out.numel() × in_features``), convolutions (``out.numel() × in_channels/groups ×
+  kernel`` ; transposed: ``in.numel() × out_channels/groups × kernel``), recurrent layers (``nn.LSTM``
+  4 gates, ``nn.GRU`` 3, ``nn.RNN`` 1: ``gates × hidden × (input + hidden)`` per step, layer and
+  direction, plus the projection of ``proj_size``), ``nn.MultiheadAttention`` (the q/k/v/out projections
+  and both attention products), and attention written with ``F.scaled_dot_product_attention``,
+  ``torch.matmul`` / ``@`` or ``torch.bmm`` outside those layers (``L × S × (E_qk + E_v)`` per head and
+  sample; the full product is counted even for causal attention, as PyTorch's math path computes it).
+  ``nn.Embedding`` is a lookup: 0.  Biases, normalisation, activations and pooling are not counted
+  (they are a few percent of the MACs of the layers above).
+* ``activation_bytes``: the summed sizes of every leaf module's outputs, as float32 (4 bytes an
+  element), i.e. what backpropagation keeps alive for one sample, give or take in-place activations.
+* ``params``: the number of parameter elements.
+
+:func:`train_cost` turns that into the cost of a local update: ``3 × forward`` FLOPs per trained
+sample (forward + backward ≈ 3 forward passes, the rule FedScale and most FL simulators use) and a
+peak memory of weights + gradients (+ momentum buffer) in float32 plus one batch of activations.
+
+Callers should cache :func:`model_cost` per :class:`~hetfl.algorithms.base.ModelRef` (it runs a
+forward pass); it is deterministic and does not depend on the weights' values.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["ModelCost", "TrainCost", "model_cost", "train_cost"]
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """Static cost of one model: parameter count, forward FLOPs and activation bytes per sample."""
+
+    params: int
+    forward_flops: int
+    activation_bytes: int
+
+
+@dataclass(frozen=True)
+class TrainCost:
+    """Cost of one local update: total FLOPs and the peak training memory in bytes."""
+
+    flops: int
+    peak_memory_bytes: int
+
+
+def train_cost(cost: ModelCost, samples: int, batch_size: int, *, momentum: bool) -> TrainCost:
+    """FLOPs and peak memory of training on ``samples`` samples in batches of ``batch_size``.
+
+    ``flops = 3 × forward_flops × samples``; ``peak_memory_bytes = params × 4 × (2 + momentum)
+    + activation_bytes × batch_size`` (float32 weights, gradients and, with momentum, the SGD buffer,
+    plus the activations of one batch).
+    """
+    if samples < 0 or batch_size < 1:
+        raise ValueError(f"samples must be >= 0 and batch_size >= 1, got {samples} and {batch_size}")
+    return TrainCost(
+        flops=3 * cost.forward_flops * int(samples),
+        peak_memory_bytes=cost.params * 4 * (2 + int(bool(momentum))) + cost.activation_bytes * int(batch_size),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# counting
+# --------------------------------------------------------------------------------------------------
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, nn.utils.rnn.PackedSequence):
+        yield obj.data
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from _tensors(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _tensors(item)
+
+
+def _first_tensor(obj: Any) -> torch.Tensor | None:
+    return next(_tensors(obj), None)
+
+
+def _conv_macs(m: nn.modules.conv._ConvNd, inputs: tuple[Any, ...], output: Any) -> int:
+    kernel = math.prod(m.kernel_size)
+    if m.transposed:
+        x = _first_tensor(inputs)
+        return 0 if x is None else x.numel() * (m.out_channels // m.groups) * kernel
+    out = _first_tensor(output)
+    return 0 if out is None else out.numel() * (m.in_channels // m.groups) * kernel
+
+
+def _rnn_macs(m: nn.RNNBase, inputs: tuple[Any, ...]) -> int:
+    x = inputs[0] if inputs else None
+    if isinstance(x, nn.utils.rnn.PackedSequence):
+        steps = int(x.data.shape[0])  # total (sample, time) pairs
+    elif isinstance(x, torch.Tensor):
+        steps = int(x.shape[0]) if x.dim() == 2 else int(x.shape[0] * x.shape[1])  # unbatched or batched
+    else:
+        return 0
+    gates = {"LSTM": 4, "GRU": 3}.get(m.mode, 1)
+    hidden = m.hidden_size
+    proj = getattr(m, "proj_size", 0) or 0
+    h_out = proj or hidden
+    directions = 2 if m.bidirectional else 1
+    macs = 0
+    for layer in range(m.num_layers):
+        fan_in = m.input_size if layer == 0 else h_out * directions
+        per_step = gates * hidden * (fan_in + h_out) + (hidden * proj if proj else 0)
+        macs += per_step * directions
+    return macs * steps
+
+
+def _mha_macs(m: nn.MultiheadAttention, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    args = list(inputs) + [kwargs.get(k) for k in ("query", "key", "value")][len(inputs):]
+    q, k = args[0], args[1] if len(args) > 1 else args[0]
+    if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor):
+        return 0
+    if q.dim() == 2:  # unbatched (L, E)
+        batch, lq, ls = 1, q.shape[0], k.shape[0]
+    elif m.batch_first:
+        batch, lq, ls = q.shape[0], q.shape[1], k.shape[1]
+    else:
+        batch, lq, ls = q.shape[1], q.shape[0], k.shape[0]
+    e = m.embed_dim
+    proj = lq * e * e + ls * e * m.kdim + ls * e * m.vdim + lq * e * e  # q, k, v, out projections
+    attn = 2 * lq * ls * e  # scores and the weighted sum of values, over all heads
+    return int(batch * (proj + attn))
+
+
+class _FunctionCounter(TorchFunctionMode):
+    """Counts attention products written as functions (SDPA, matmul, bmm) outside counted modules."""
+
+    MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.macs = 0
+        self.suppress = 0  # > 0 inside a module whose hook already counts everything it does
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.suppress:
+            return out
+        if func is F.scaled_dot_product_attention:
+            q, k, v = (list(args) + [kwargs.get(n) for n in ("query", "key", "value")][len(args):])[:3]
+            if all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+                batch = math.prod(q.shape[:-2])
+                self.macs += batch * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+        elif func in self.MATMULS and len(args) >= 2 and isinstance(args[0], torch.Tensor) \
+                and isinstance(out, torch.Tensor):
+            self.macs += out.numel() * args[0].shape[-1]
+        return out
+
+
+def model_cost(model: nn.Module, example: torch.Tensor) -> ModelCost:
+    """Count ``model``'s parameters, forward FLOPs and activation bytes per sample on ``example``.
+
+    ``example`` is a batch of inputs as the model receives them (``(B, ...)``, normally ``B = 1``: one
+    sample of the training data), on the model's device.  The model runs once in eval mode without
+    gradients; its training flag is restored afterwards and its weights are untouched.
+    """
+    if not isinstance(example, torch.Tensor) or example.dim() < 1 or example.shape[0] < 1:
+        raise ValueError("example must be a tensor holding a batch of at least one sample")
+    batch = int(example.shape[0])
+    macs = 0
+    act_elems = 0
+    counter = _FunctionCounter()
+    handles = []
+
+    def leaf(m: nn.Module) -> bool:
+        return next(m.children(), None) is None
+
+    def pre_hook(m: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        counter.suppress += 1
+
+    def hook(m: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        nonlocal macs, act_elems
+        if isinstance(m, nn.Linear):
+            out = _first_tensor(output)
+            macs += 0 if out is None else out.numel() * m.in_features
+        elif isinstance(m, nn.modules.conv._ConvNd):
+            macs += _conv_macs(m, inputs, output)
+        elif isinstance(m, nn.RNNBase):
+            macs += _rnn_macs(m, inputs)
+        elif isinstance(m, nn.MultiheadAttention):
+            macs += _mha_macs(m, inputs, kwargs)
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd, nn.RNNBase, nn.MultiheadAttention)):
+            counter.suppress -= 1
+        if leaf(m) or isinstance(m, nn.MultiheadAttention):
+            act_elems += sum(t.numel() for t in _tensors(output))
+
+    counted = (nn.Linear, nn.modules.conv._ConvNd, nn.RNNBase, nn.MultiheadAttention)
+    for m in model.modules():
+        if isinstance(m, counted):
+            handles.append(m.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        if isinstance(m, counted) or leaf(m):
+            handles.append(m.register_forward_hook(hook, with_kwargs=True))
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad(), counter:
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes.items():
+            m.training = training
+    macs += counter.macs
+    params = sum(p.numel() for p in model.parameters())
+    return ModelCost(params=int(params), forward_flops=int(2 * macs // batch),
+                     activation_bytes=int(4 * act_elems // batch))

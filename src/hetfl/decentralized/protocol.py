@@ -1,0 +1,640 @@
+"""Decentralized heterogeneous learning: distillation into weaker neighbours, D-PSGD, isolated training.
+
+No server holds a model.  Node ``i`` (one client of the federation) keeps its own model, chosen by its
+capability: a width-slice of the ``[model]`` at its fleet level (``algorithm.families`` empty), or the
+architecture family of its tier (``families = "cnn, mlp, mlp(hidden=32)"``, as FedDF's).  One round,
+synchronous, on the round's graph (:mod:`hetfl.decentralized.topology`):
+
+1. **local training**: every node trains its model on its own data (``local_sgd``, seed from
+   ``(seed, round, node)``);
+2. **distillation into weaker neighbours** (``kd_weight > 0``): for every edge whose two models differ,
+   the weaker node sends its model to the stronger one, which trains it on *its own* data with
+   ``(1 - alpha) * CE + alpha * T^2 * KL(teacher_T || student_T)`` towards its own model's outputs
+   (``temperature`` T), and sends it back.  The weaker node merges what came back: the average of its own
+   model (weight 1) and every returned version (weight ``kd_weight`` each).  A node below the largest
+   model with no stronger neighbour this round gets nothing back: it trains locally and gossips
+   (``no_stronger = "error"`` makes that a ConfigError instead); each round's count is in metrics.jsonl;
+3. **gossip** (D-PSGD): every node averages with its gossip neighbours, with the graph's mixing weights
+   (``w_ij`` for the neighbours it gossips with, the rest of its row on itself).  ``gossip = "tier"``:
+   neighbours with the same model; ``"overlap"``: every neighbour whose model is a width-slice of the same
+   architecture, averaging each element over the neighbours that hold it (HeteroFL's rule among
+   neighbours); ``"none"``: no gossip.
+
+With one architecture (or ``kd_weight = 0``) step 2 does nothing and the round is exactly D-PSGD
+(local step, then gossip).  Presets: ``dkd`` (distillation + gossip among equal models), ``dpsgd``
+(no distillation, overlap gossip; ``models = "smallest"`` puts every node on the smallest model),
+``isolated`` (local training only).
+
+:class:`NodeHost` runs a round for the nodes one process hosts; a transport carries the models between
+hosts (in-process: nothing to carry; torchrun: gloo point-to-point), so both engines execute the same
+arithmetic in the same order and give the same models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hetfl.algorithms.base import (
+    Algorithm,
+    ClientResult,
+    ClientTask,
+    Context,
+    EvalTarget,
+    ModelRef,
+    ServerState,
+    Weights,
+    nbytes,
+    round_seed,
+    weights_of,
+)
+from hetfl.algorithms.families import RunningMean, resolve_families
+from hetfl.algorithms.registry import ALGORITHMS
+from hetfl.config import TrainConfig
+from hetfl.data.base import DataInfo
+from hetfl.decentralized.topology import GraphConfig, Topology, sample_topology
+from hetfl.distill import kl_to_teacher
+from hetfl.errors import ConfigError, HetflError
+from hetfl.hetero import group_sizes, spec_for, submodel_ref
+from hetfl.hetero.extract import OverlapAverage, extract
+from hetfl.hetero.policy import Prefix, Selection
+from hetfl.reliability import FaultsConfig
+from hetfl.train import local_sgd
+
+GOSSIP_MODES = ("tier", "overlap", "none")
+MODEL_CHOICES = ("own", "smallest")
+NO_STRONGER = ("gossip", "error")
+
+
+def node_key(i: int) -> str:
+    return f"node{i}"
+
+
+def edge_seed(seed: int, rnd: int, strong: int, weak: int) -> int:
+    """The seed of the distillation of ``weak``'s model at ``strong`` in round ``rnd``."""
+    ss = np.random.SeedSequence([seed, rnd, strong, weak, 0x6B64])
+    return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+# --------------------------------------------------------------------------------------------------
+# who is who
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Static facts of a run: every node's model, capability tier and model rank."""
+
+    refs: tuple[ModelRef, ...]
+    tiers: np.ndarray  # capability tier per node: index into ``levels`` (0 = most capable)
+    levels: tuple[float, ...]  # the fleet's width levels, largest first
+    rank: np.ndarray  # 0 = the largest model; node a is stronger than b when rank[a] < rank[b]
+
+    @property
+    def n(self) -> int:
+        return len(self.refs)
+
+    def label(self, tier: int) -> str:
+        return f"w{self.levels[tier]:g}"
+
+    def tier_members(self) -> dict[str, np.ndarray]:
+        """Nodes of every capability tier that has any, by label (``w1``, ``w0.25``, ...)."""
+        return {self.label(t): np.flatnonzero(self.tiers == t) for t in range(len(self.levels))
+                if np.any(self.tiers == t)}
+
+    def compatible(self, a: int, b: int) -> bool:
+        """Width-slices of one architecture (same model and parameters, any width)."""
+        ra, rb = self.refs[a], self.refs[b]
+        return ra.name == rb.name and ra.params == rb.params
+
+    def payload_ref(self, src: int, dst: int) -> ModelRef:
+        """What ``src`` sends ``dst`` when they gossip: its model, cut to ``dst``'s slice if wider."""
+        rs, rd = self.refs[src], self.refs[dst]
+        return rd if rs != rd and self.compatible(src, dst) and rs.width > rd.width else rs
+
+
+@lru_cache(maxsize=256)
+def prefix_selection(big: ModelRef, small: ModelRef, info: DataInfo) -> Selection:
+    """The channels of ``small`` (a narrower width of ``big``'s architecture) inside ``big``: a prefix."""
+    spec = spec_for(big, info)
+    return Prefix().select(spec.groups, group_sizes(big, info, small.width / big.width), rnd=0, client=0, seed=0)
+
+
+def cut(weights: Weights, big: ModelRef, small: ModelRef, info: DataInfo) -> Weights:
+    """``small``'s slice of weights of the wider ``big`` (the same tensors when the refs are equal)."""
+    if big == small:
+        return weights
+    return extract(weights, spec_for(big, info), prefix_selection(big, small, info))
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """Everything every host must agree on for one round (a pure function of seed, round and layout)."""
+
+    rnd: int
+    topology: Topology
+    kd: tuple[tuple[int, int], ...]  # (strong, weak) pairs, sorted
+    gossip: tuple[tuple[int, ...], ...]  # per node: the neighbours it gossips with, sorted
+    coeffs: tuple[dict[int, float], ...]  # per node: contributor (itself included) -> mixing weight
+    lonely: tuple[int, ...]  # nodes below the largest model with no stronger neighbour (no distillation)
+
+    def teachers_of(self, weak: int) -> list[int]:
+        return [s for s, w in self.kd if w == weak]
+
+
+# --------------------------------------------------------------------------------------------------
+# the algorithms
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GraphAlgorithm(Algorithm):
+    """Base of the decentralized algorithms: one model per node, exchanges along a graph (see the module doc).
+
+    ``clients_per_round`` / ``fraction`` are ignored: every node takes part in every round.
+    """
+
+    families: str = ""
+    models: str = "own"
+    gossip: str = "tier"
+    kd_weight: float = 1.0
+    alpha: float = 0.5
+    temperature: float = 1.0
+    kd_epochs: int = 0
+    kd_steps: int = 0
+    kd_lr: float = 0.0
+    no_stronger: str = "gossip"
+
+    #: the runner builds this algorithm's engine and evaluator for decentralized rounds
+    decentralized = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        checks = [
+            (self.models in MODEL_CHOICES, "models", f"must be one of {', '.join(MODEL_CHOICES)}"),
+            (self.gossip in GOSSIP_MODES, "gossip", f"must be one of {', '.join(GOSSIP_MODES)}"),
+            (self.kd_weight >= 0, "kd_weight", "must be >= 0 (0 = no distillation)"),
+            (0.0 <= self.alpha <= 1.0, "alpha", "must be in [0, 1] (the KD share of the distillation loss)"),
+            (self.temperature > 0, "temperature", "must be > 0"),
+            (self.kd_epochs >= 0, "kd_epochs", "must be >= 0 (0 = as train.epochs)"),
+            (self.kd_steps >= 0, "kd_steps", "must be >= 0 (0 = use kd_epochs / train)"),
+            (self.kd_lr >= 0, "kd_lr", "must be >= 0 (0 = as train.lr)"),
+            (self.no_stronger in NO_STRONGER, "no_stronger", f"must be one of {', '.join(NO_STRONGER)}"),
+        ]
+        for ok, name, msg in checks:
+            if not ok:
+                raise ConfigError(f"algorithm.{name} {msg}, got {getattr(self, name)!r}")
+        if self.families:
+            from hetfl.algorithms.families import parse_families
+
+            parse_families(self.families)
+
+    @property
+    def evaluator_class(self) -> type:
+        """The runner evaluates every node's model (see :class:`hetfl.decentralized.engine.NodeEvaluator`)."""
+        from hetfl.decentralized.engine import NodeEvaluator
+
+        return NodeEvaluator
+
+    # ---------------------------------------------------------------- layout and checks
+    def layout(self, ctx: Context) -> Layout:
+        fleet = ctx.fleet
+        n = ctx.num_clients
+        if fleet is not None and fleet.assignment != "fixed":
+            raise ConfigError("decentralized algorithms keep one model per node for the whole run: "
+                              f"fleet.assignment must be 'fixed', got {fleet.assignment!r}")
+        tiers = fleet.tiers() if fleet is not None else np.zeros(n, dtype=np.int64)
+        levels = tuple(fleet.levels) if fleet is not None else (1.0,)
+        if self.families:
+            fams = resolve_families(self.families, ctx.model)
+            idx = np.minimum(tiers, len(fams) - 1)
+            if self.models == "smallest":
+                idx = np.full(n, len(fams) - 1)
+            return Layout(tuple(fams[int(k)].ref for k in idx), tiers, levels, idx.astype(np.int64))
+        rates = np.asarray(fleet.max_width if fleet is not None else np.ones(n), dtype=np.float64)
+        if self.models == "smallest":
+            rates = np.full(n, rates.min())
+        distinct = sorted({float(r) for r in rates}, reverse=True)
+        rank = np.array([distinct.index(float(r)) for r in rates], dtype=np.int64)
+        return Layout(tuple(submodel_ref(ctx.model, float(r)) for r in rates), tiers, levels, rank)
+
+    def check_setup(self, ctx: Context, graph: GraphConfig) -> None:
+        """Fail before any file is written: layout, faults, slicing, the graph of round 1."""
+        lay = self.layout(ctx)
+        if ctx.faults is not None and ctx.faults != FaultsConfig():
+            raise ConfigError("[faults] (dropouts, deadlines, update validation) is not simulated by decentralized "
+                              "algorithms; remove the [faults] section")
+        if graph.processes > lay.n:
+            raise ConfigError(f"graph.processes={graph.processes} exceeds the {lay.n} nodes (data.num_clients)")
+        refs = list(dict.fromkeys(lay.refs))
+        if not self.families:
+            refs.append(ctx.model)  # width-slices start as prefixes of the full model
+        if not self.families or self.gossip == "overlap":
+            for big in refs:  # a model that cannot be sliced fails here, naming the layer
+                for small in refs:
+                    if big != small and big.name == small.name and big.params == small.params \
+                            and big.width > small.width:
+                        prefix_selection(big, small, ctx.info)
+        self.plan(1, lay, sample_topology(graph, lay.n, lay.tiers, ctx.seed, 1))
+
+    def model_refs(self, ctx: Context) -> list[ModelRef]:
+        seen: list[ModelRef] = []
+        for ref in self.layout(ctx).refs:
+            if ref not in seen:
+                seen.append(ref)
+        return seen
+
+    def clients_for(self, num_clients: int) -> int:
+        return num_clients
+
+    # ---------------------------------------------------------------- the round plan
+    def plan(self, rnd: int, lay: Layout, topo: Topology) -> RoundPlan:
+        kd: list[tuple[int, int]] = []
+        nbrs: list[list[int]] = [[] for _ in range(lay.n)]
+        for a, b in topo.edges:
+            if self.kd_weight > 0 and lay.rank[a] != lay.rank[b]:
+                kd.append((a, b) if lay.rank[a] < lay.rank[b] else (b, a))
+            if (self.gossip == "tier" and lay.refs[a] == lay.refs[b]) or \
+                    (self.gossip == "overlap" and lay.compatible(a, b)):
+                nbrs[a].append(b)
+                nbrs[b].append(a)
+        kd.sort()
+        coeffs = []
+        for i in range(lay.n):
+            js = sorted(nbrs[i])
+            c = {j: float(topo.weights[i, j]) for j in js}
+            c[i] = 1.0 - sum(c[j] for j in js)
+            coeffs.append(dict(sorted(c.items())))
+        lonely: tuple[int, ...] = ()
+        if self.kd_weight > 0:
+            top = int(lay.rank.min())
+            taught = {w for _, w in kd}
+            lonely = tuple(i for i in range(lay.n) if lay.rank[i] > top and i not in taught)
+            if lonely and self.no_stronger == "error":
+                raise ConfigError(f"round {rnd}: node(s) {', '.join(map(str, lonely))} have no more capable neighbour "
+                                  f"on the {topo.n}-node graph (algorithm.no_stronger = 'error'); use a denser "
+                                  f"graph, graph.name = 'capability', or no_stronger = 'gossip'")
+        return RoundPlan(rnd, topo, tuple(kd), tuple(tuple(sorted(x)) for x in nbrs), tuple(coeffs), lonely)
+
+    # ---------------------------------------------------------------- node-side steps
+    def kd_train_config(self, train: TrainConfig) -> TrainConfig:
+        changes: dict[str, Any] = {}
+        if self.kd_steps > 0:
+            changes.update(steps=self.kd_steps)
+        elif self.kd_epochs > 0:
+            changes.update(epochs=self.kd_epochs, steps=0)
+        if self.kd_lr > 0:
+            changes.update(lr=self.kd_lr)
+        return dataclasses.replace(train, **changes) if changes else train
+
+    def distill_into(self, student: nn.Module, teacher: nn.Module, data: Any, train: TrainConfig, seed: int,
+                     device: torch.device) -> Any:
+        """Train ``student`` on ``data`` towards ``teacher``'s outputs: (1-a) CE + a T^2 KL (teacher frozen)."""
+        teacher.eval()
+        a, t = self.alpha, self.temperature
+
+        def hard(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return (1.0 - a) * F.cross_entropy(logits, y)
+
+        def soft(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                target = teacher(xb)
+            return (a * t * t) * kl_to_teacher(logits, target, t)
+
+        return local_sgd(student, data, self.kd_train_config(train), seed=seed, device=device, loss_fn=hard,
+                         loss_terms=(soft,) if a > 0 else ())
+
+    def merge(self, own: Weights, returned: Sequence[Weights]) -> Weights:
+        """Own model (weight 1) averaged with every returned distilled version (weight ``kd_weight``)."""
+        if not returned or self.kd_weight == 0:
+            return own
+        acc = RunningMean()
+        acc.add(own, 1.0)
+        for w in returned:
+            acc.add(w, self.kd_weight)
+        return acc.value()
+
+    def mix(self, lay: Layout, i: int, own: Weights, received: dict[int, Weights], coeffs: dict[int, float],
+            info: DataInfo) -> Weights:
+        """Gossip average of node ``i``: contributors in ascending order, each element over those holding it."""
+        if not received:
+            return own
+        ref = lay.refs[i]
+        narrower = [j for j in received if lay.payload_ref(j, i) != ref]
+        if not narrower:  # every contributor holds all of i's elements: a plain weighted average
+            acc = RunningMean()
+            for j, c in coeffs.items():
+                acc.add(own if j == i else received[j], c)
+            return acc.value()
+        over = OverlapAverage(own, spec_for(ref, info))
+        for j, c in coeffs.items():
+            if j == i or j not in narrower:
+                over.add(own if j == i else received[j], {}, c)
+            else:
+                over.add(received[j], prefix_selection(ref, lay.refs[j], info), c)
+        return over.result()
+
+    # ---------------------------------------------------------------- runner hooks
+    def init_state(self, ctx: Context) -> ServerState:
+        """Every node of one architecture starts from the same weights (a shared seed, no communication);
+        width-slices start as prefixes of one full model, as HeteroFL's submodels."""
+        lay = self.layout(ctx)
+        models: dict[str, Weights] = {}
+        if self.families:
+            built: dict[ModelRef, Weights] = {}
+            for k, ref in enumerate(dict.fromkeys(lay.refs)):
+                torch.manual_seed(round_seed(ctx.seed, 0, k))
+                built[ref] = weights_of(ref.build(ctx.info))
+            for i, ref in enumerate(lay.refs):
+                models[node_key(i)] = {k: v.clone() for k, v in built[ref].items()}
+        else:
+            torch.manual_seed(round_seed(ctx.seed, 0))  # the same initial model as FedAvg / HeteroFL
+            full = weights_of(ctx.model.build(ctx.info))
+            for i, ref in enumerate(lay.refs):
+                models[node_key(i)] = {k: v.clone() for k, v in cut(full, ctx.model, ref, ctx.info).items()}
+        return ServerState(round=0, models=models)
+
+    def eval_targets(self, state: ServerState, ctx: Context) -> dict[str, EvalTarget]:
+        lay = self.layout(ctx)
+        return {node_key(i): EvalTarget(lay.refs[i], state.models[node_key(i)], clients=np.array([i]))
+                for i in range(lay.n)}
+
+    def round_metrics(self, state: ServerState) -> dict[str, Any]:
+        return {}  # the engine's report carries the round's metrics
+
+    def _no_server(self, *args: Any) -> Any:
+        raise HetflError(f"{type(self).__name__} is decentralized (no server round): run it through hetfl.runner, "
+                         f"engine 'simulator' (in-process) or 'torchrun'")
+
+    configure_round = aggregate = server_step = _no_server
+
+    def local_update(self, task: ClientTask, model: nn.Module, data: Any, device: torch.device) -> ClientResult:
+        return self._no_server()
+
+    def summarize(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        evals = [r for r in rows if r.get("test_accuracy") is not None]
+        if evals:
+            last = evals[-1]
+            for k, v in last.items():
+                if k.startswith(("test_accuracy.", "tier_acc.")):
+                    out[k] = v
+                    vals = [r[k] for r in evals[-5:] if r.get(k) is not None]
+                    out[f"{k}.last5_mean"] = float(np.mean(vals)) if vals else None
+        totals: dict[str, float] = {}
+        for r in rows:
+            for k, v in r.items():
+                if k.startswith(("bytes_sent.", "bytes_recv.", "flops.")) and isinstance(v, (int, float)):
+                    totals[k] = totals.get(k, 0.0) + v
+        out.update({f"{k}.total_per_node": v for k, v in sorted(totals.items())})
+        node_rows = [r["node.bytes_sent"] for r in rows if isinstance(r.get("node.bytes_sent"), list)]
+        if node_rows:
+            per_node = np.sum(np.array(node_rows, dtype=np.float64), axis=0)
+            out["bytes_sent_per_node_mean"] = float(per_node.mean())
+            out["bytes_sent_per_node_max"] = float(per_node.max())
+        return out
+
+
+@ALGORITHMS.register("dkd")
+@dataclass(frozen=True)
+class DKD(GraphAlgorithm):
+    """Decentralized distillation into weaker neighbours on their models, plus gossip among equal models."""
+
+
+@ALGORITHMS.register("dpsgd")
+@dataclass(frozen=True)
+class DPSGD(GraphAlgorithm):
+    """D-PSGD: local SGD then gossip with mixing weights; width-slices average overlaps (HeteroFL-style)."""
+
+    kd_weight: float = 0.0
+    gossip: str = "overlap"
+
+
+@ALGORITHMS.register("isolated")
+@dataclass(frozen=True)
+class Isolated(GraphAlgorithm):
+    """Isolated local training: every node trains its own model on its own data, no communication."""
+
+    kd_weight: float = 0.0
+    gossip: str = "none"
+
+
+# --------------------------------------------------------------------------------------------------
+# one round on one host
+# --------------------------------------------------------------------------------------------------
+
+
+class Transport(Protocol):
+    def exchange(self, phase: str, messages: Sequence[tuple[int, int]], payload: Callable[[int, int], Weights],
+                 template: Callable[[int, int], ModelRef]) -> dict[tuple[int, int], Weights]:
+        """Deliver ``payload(src, dst)`` for every ``(src, dst)`` of ``messages`` (the same list, in the same order,
+        on every host); return what this host's nodes received, by ``(src, dst)``.  ``template(src, dst)`` is the
+        model whose state-dict shapes the payload has."""
+        ...
+
+
+class LocalTransport:
+    """Every node lives in this process: a message is the sender's tensors, unchanged."""
+
+    def exchange(self, phase: str, messages: Sequence[tuple[int, int]], payload: Callable[[int, int], Weights],
+                 template: Callable[[int, int], ModelRef]) -> dict[tuple[int, int], Weights]:
+        return {(s, d): payload(s, d) for s, d in messages}
+
+
+@dataclass
+class NodeStats:
+    train_loss: float = float("nan")
+    samples: int = 0
+    steps: int = 0
+    flops: int = 0
+    kd_loss_sum: float = 0.0
+    kd_runs: int = 0
+    bytes_sent: int = 0
+    bytes_recv: int = 0
+    train_time_s: float = 0.0
+
+
+class NodeHost:
+    """Runs rounds for the nodes ``nodes`` of a run; the others are reached through ``transport``."""
+
+    def __init__(self, algorithm: GraphAlgorithm, federation: Any, ctx: Context, device: torch.device,
+                 graph: GraphConfig, nodes: Sequence[int], transport: Transport) -> None:
+        from hetfl.engines.simulator import ModelCache
+
+        self.algorithm = algorithm
+        self.federation = federation
+        self.ctx = ctx
+        self.device = torch.device(device)
+        self.graph = graph
+        self.layout = algorithm.layout(ctx)
+        self.nodes = sorted(int(i) for i in nodes)
+        self.local = set(self.nodes)
+        self.transport = transport
+        self.models = ModelCache(ctx, self.device)
+        self.teachers = ModelCache(ctx, self.device)
+        self._topology: Topology | None = None
+        self._costs: dict[ModelRef, int] = {}
+
+    # ---------------------------------------------------------------- shared helpers
+    def topology(self, rnd: int) -> Topology:
+        lay = self.layout
+        if self.graph.resample:
+            return sample_topology(self.graph, lay.n, lay.tiers, self.ctx.seed, rnd)
+        if self._topology is None:
+            self._topology = sample_topology(self.graph, lay.n, lay.tiers, self.ctx.seed, rnd)
+        return self._topology
+
+    def plan(self, rnd: int) -> RoundPlan:
+        return self.algorithm.plan(rnd, self.layout, self.topology(rnd))
+
+    def forward_flops(self, ref: ModelRef) -> int:
+        """Forward FLOPs per sample of ``ref`` (counted once per model)."""
+        if ref not in self._costs:
+            from hetfl.accounting import model_cost
+
+            module = self.models.get(ref)
+            self._costs[ref] = model_cost(module, self.federation.train.x[:1].to(self.device)).forward_flops
+        return self._costs[ref]
+
+    def _exchange(self, phase: str, messages: list[tuple[int, int]], payload: Callable[[int, int], Weights],
+                  template: Callable[[int, int], ModelRef],
+                  stats: dict[int, NodeStats]) -> dict[tuple[int, int], Weights]:
+        def counted(s: int, d: int) -> Weights:
+            w = payload(s, d)
+            stats[s].bytes_sent += nbytes(w)
+            return w
+
+        got = self.transport.exchange(phase, messages, counted, template)
+        for (_, d), w in got.items():
+            if d in self.local:
+                stats[d].bytes_recv += nbytes(w)
+        return got
+
+    # ---------------------------------------------------------------- the round
+    def round(self, rnd: int, models: dict[int, Weights]) -> tuple[dict[int, Weights], dict[int, NodeStats], RoundPlan]:
+        """One synchronous round for this host's nodes; returns their new models and statistics, and the plan."""
+        algo, lay, ctx = self.algorithm, self.layout, self.ctx
+        plan = self.plan(rnd)
+        train = algo.round_train_config(ctx, rnd)
+        stats = {i: NodeStats() for i in self.nodes}
+        half: dict[int, Weights] = {}
+        for i in self.nodes:  # 1. local training
+            t0 = time.perf_counter()
+            module = self.models.loaded(lay.refs[i], models[i])
+            st = local_sgd(module, self.federation.client_train(i), train, seed=round_seed(ctx.seed, rnd, i),
+                           device=self.device)
+            half[i] = weights_of(module)
+            s = stats[i]
+            s.train_loss, s.samples, s.steps = st.loss, st.samples, st.steps
+            s.flops += 3 * self.forward_flops(lay.refs[i]) * st.samples
+            s.train_time_s += time.perf_counter() - t0
+
+        # 2. distillation into weaker neighbours: weak -> strong, train at strong, strong -> weak
+        returned: dict[tuple[int, int], Weights] = {}
+        back: dict[tuple[int, int], Weights] = {}
+        if plan.kd:
+            sent = self._exchange("kd_send", [(w, s) for s, w in plan.kd], lambda src, dst: half[src],
+                                  lambda src, dst: lay.refs[src], stats)
+            for s, w in plan.kd:
+                if s not in self.local:
+                    continue
+                t0 = time.perf_counter()
+                teacher = self.teachers.loaded(lay.refs[s], half[s])
+                student = self.models.loaded(lay.refs[w], sent[(w, s)])
+                st = algo.distill_into(student, teacher, self.federation.client_train(s), train,
+                                       edge_seed(ctx.seed, rnd, s, w), self.device)
+                returned[(s, w)] = weights_of(student)
+                stats[s].kd_loss_sum += st.loss
+                stats[s].kd_runs += 1
+                stats[s].flops += (3 * self.forward_flops(lay.refs[w]) + self.forward_flops(lay.refs[s])) * st.samples
+                stats[s].train_time_s += time.perf_counter() - t0
+            back = self._exchange("kd_return", list(plan.kd), lambda src, dst: returned[(src, dst)],
+                                  lambda src, dst: lay.refs[dst], stats)
+        merged = {}
+        for w in self.nodes:
+            merged[w] = algo.merge(half[w], [back[(s, w)] for s in plan.teachers_of(w)])
+
+        # 3. gossip among the neighbours each node averages with
+        messages = [(j, i) for i in range(lay.n) for j in plan.gossip[i]]
+        got = self._exchange("gossip", messages,
+                             lambda src, dst: cut(merged[src], lay.refs[src], lay.payload_ref(src, dst), ctx.info),
+                             lambda src, dst: lay.payload_ref(src, dst), stats) if messages else {}
+        new = {}
+        for i in self.nodes:
+            received = {j: got[(j, i)] for j in plan.gossip[i]}
+            new[i] = algo.mix(lay, i, merged[i], received, plan.coeffs[i], ctx.info)
+        return new, stats, plan
+
+
+# --------------------------------------------------------------------------------------------------
+# round metrics shared by the engines
+# --------------------------------------------------------------------------------------------------
+
+
+def consensus(lay: Layout, models: dict[int, Weights]) -> dict[str, float]:
+    """Consensus distance within every tier that shares one model: (1/n) sum_i ||x_i - mean||^2 (Kong et al.)."""
+    out: dict[str, float] = {}
+    groups = dict(lay.tier_members())
+    if len(set(lay.refs)) == 1 and len(groups) > 1:
+        groups["all"] = np.arange(lay.n)
+    for label, members in groups.items():
+        if len(members) < 2 or len({lay.refs[i] for i in members}) != 1:
+            continue
+        keys = [k for k, v in models[int(members[0])].items() if v.is_floating_point()]
+        flat = torch.stack([torch.cat([models[int(i)][k].detach().reshape(-1).double().cpu() for k in keys])
+                            for i in members])
+        out[f"consensus.{label}"] = float(((flat - flat.mean(0)) ** 2).sum(1).mean())
+    return out
+
+
+def round_report(lay: Layout, plan: RoundPlan, stats: dict[int, NodeStats], models: dict[int, Weights],
+                 train_time_s: float) -> dict[str, Any]:
+    """The metrics.jsonl entries of a round, from every node's statistics (the same in every engine)."""
+    nodes = range(lay.n)
+    samples = sum(stats[i].samples for i in nodes)
+    loss = sum(stats[i].train_loss * stats[i].samples for i in nodes if np.isfinite(stats[i].train_loss))
+    kd_runs = sum(stats[i].kd_runs for i in nodes)
+    sent = [stats[i].bytes_sent for i in nodes]
+    recv = [stats[i].bytes_recv for i in nodes]
+    flops = [stats[i].flops for i in nodes]
+    row: dict[str, Any] = {
+        "clients": lay.n,
+        "samples": samples,
+        "train_loss": loss / samples if samples else float("nan"),
+        "bytes_up": int(sum(sent)),
+        "bytes_down": int(sum(recv)),
+        "train_time_s": round(train_time_s, 4),
+        "graph_edges": len(plan.topology.edges),
+        "graph_spectral_gap": round(plan.topology.spectral_gap, 6),
+        "kd_pairs": len(plan.kd),
+        "kd_loss": sum(stats[i].kd_loss_sum for i in nodes) / kd_runs if kd_runs else None,
+        "no_stronger": len(plan.lonely),
+    }
+    for label, members in lay.tier_members().items():
+        row[f"bytes_sent.{label}"] = float(np.mean([sent[i] for i in members]))
+        row[f"bytes_recv.{label}"] = float(np.mean([recv[i] for i in members]))
+        row[f"flops.{label}"] = float(np.mean([flops[i] for i in members]))
+    row.update(consensus(lay, models))
+    row["node.bytes_sent"] = sent
+    row["node.bytes_recv"] = recv
+    row["node.flops"] = flops
+    return row
+
+
+def lonely_message(plan: RoundPlan) -> str:
+    nodes = ", ".join(map(str, plan.lonely))
+    return (f"{len(plan.lonely)} node(s) below the largest model have no more capable neighbour ({nodes}): "
+            f"no distillation for them this round, they train locally and gossip only")
+
+
+__all__ = ["DKD", "DPSGD", "GraphAlgorithm", "Isolated", "Layout", "LocalTransport", "NodeHost", "NodeStats",
+           "RoundPlan", "consensus", "cut", "edge_seed", "node_key", "prefix_selection", "round_report"]

@@ -1,0 +1,147 @@
+"""The node side: a Flower ClientApp that runs a hetfl algorithm's local update on the node's own data.
+
+A node knows three things about itself, from its Flower *node config* (``flower-supernode
+--node-config "partition-id=0 max-width=0.5"``; Flower's simulation engine sets ``partition-id`` and
+``num-partitions`` for every virtual node):
+
+* ``partition-id``: which hetfl client it is (its data partition under the run's partitioner);
+* its capability: ``max-width`` (the largest model width it can train), and optionally ``speed``,
+  ``memory-gb``, ``bandwidth-mbps``, ``device-name``.  Keys it does not set are taken from the run's
+  ``[fleet]`` profile for its partition (in simulation that profile *is* the virtual device);
+* ``device`` (``cpu`` / ``cuda``) and ``data-dir`` (where its dataset lives), optional.
+
+The server's query round (message type ``query``) asks every node for this, and for its number of
+training samples; train messages (type ``train``) carry a :class:`~hetfl.algorithms.base.ClientTask`
+(see :mod:`hetfl.flower.codec`).  The node loads and partitions its dataset once per process and run
+config (cached), rebuilds the task's model from the model registry, loads the weights, and calls the
+algorithm's own ``local_update``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from hetfl.flower import codec
+
+CAPABILITY_KEYS = ("max-width", "speed", "memory-gb", "bandwidth-mbps", "device-name")
+
+_lock = threading.Lock()
+_cache: dict[tuple[str, str, str], Any] = {}  # (config digest, device, data-dir) -> Experiment
+_modules: dict[tuple[Any, str], torch.nn.Module] = {}
+_algorithms: dict[tuple[str, str], Any] = {}
+
+
+def _node_value(context: Context, key: str, default: Any = None) -> Any:
+    return context.node_config.get(key, default)
+
+
+def partition_id(context: Context) -> int:
+    pid = _node_value(context, "partition-id")
+    if pid is None:
+        raise ValueError("this node has no 'partition-id' in its node config; start it with "
+                         "flower-supernode --node-config 'partition-id=N num-partitions=M'")
+    return int(pid)
+
+
+def _experiment(run: ConfigRecord, context: Context) -> Any:
+    """The run's prepared data (dataset, partition, federation), loaded once per process."""
+    from hetfl.config import config_from_dict, parse_toml
+    from hetfl.runner import prepare
+
+    device = str(_node_value(context, "device", run.get("device", "cpu")))
+    data_dir = str(_node_value(context, "data-dir", ""))
+    key = (str(run["digest"]), device, data_dir)
+    with _lock:
+        exp = _cache.get(key)
+        if exp is None:
+            raw = parse_toml(str(run["config"]), "run config")
+            raw["device"] = device
+            if data_dir:
+                raw.setdefault("data", {})["data_dir"] = data_dir
+            exp = prepare(config_from_dict(raw))
+            _cache.clear()  # one run at a time per process: drop the previous run's data
+            _modules.clear()
+            _cache[key] = exp
+    return exp
+
+
+def capability(context: Context, exp: Any) -> dict[str, Any]:
+    """What this node reports about itself: node config first, then its [fleet] profile."""
+    pid = partition_id(context)
+    out: dict[str, Any] = {"partition-id": pid}
+    fleet = getattr(exp.ctx, "fleet", None)
+    profile: dict[str, Any] = {}
+    if fleet is not None and pid < fleet.num_clients:
+        profile = {"max-width": float(fleet.max_width[pid]), "speed": float(fleet.speed[pid]),
+                   "memory-gb": float(fleet.memory_gb[pid]), "bandwidth-mbps": float(fleet.bandwidth_mbps[pid])}
+        if fleet.device:
+            profile["device-name"] = str(fleet.device[pid])
+    for key in CAPABILITY_KEYS:
+        if key in context.node_config:
+            out[key] = context.node_config[key]
+            out[f"{key}.source"] = "node-config"
+        elif key in profile:
+            out[key] = profile[key]
+            out[f"{key}.source"] = "fleet-profile"
+    out["num-examples"] = int(len(exp.federation.train_idx[pid])) if pid < exp.federation.num_clients else 0
+    out["device"] = str(exp.device)
+    out["torch-threads"] = int(torch.get_num_threads())
+    return out
+
+
+def _module(exp: Any, ref: Any) -> torch.nn.Module:
+    key = (ref, str(exp.device))
+    module = _modules.get(key)
+    if module is None:
+        module = ref.build(exp.ctx.info).to(exp.device)
+        _modules[key] = module
+    return module
+
+
+def _algorithm(name: str, params: str) -> Any:
+    algo = _algorithms.get((name, params))
+    if algo is None:
+        algo = codec.build_algorithm(name, params)
+        _algorithms[(name, params)] = algo
+    return algo
+
+
+def handle_query(msg: Message, context: Context) -> Message:
+    exp = _experiment(msg.content.config_records[codec.RUN], context)
+    return Message(RecordDict({codec.CAPABILITY: ConfigRecord(capability(context, exp))}), reply_to=msg)
+
+
+def handle_train(msg: Message, context: Context) -> Message:
+    t0 = time.perf_counter()
+    exp = _experiment(msg.content.config_records[codec.RUN], context)
+    task, algo_name, algo_params = codec.decode_task(msg.content)
+    pid = partition_id(context)
+    if task.client_id != pid:
+        raise ValueError(f"a task for client {task.client_id} reached the node holding partition {pid}")
+    algorithm = _algorithm(algo_name, algo_params)
+    with _lock:  # one module per model shape per process: threads of one process train one at a time
+        model = _module(exp, task.model)
+        model.load_state_dict({k: v.to(exp.device) for k, v in task.weights.items()})
+        data = exp.federation.client_train(pid)
+        result = algorithm.local_update(task, model, data, exp.device)
+    result = dataclasses.replace(result, weights={k: v.cpu() for k, v in result.weights.items()})
+    return Message(codec.encode_result(result, time.perf_counter() - t0), reply_to=msg)
+
+
+def make_client_app() -> ClientApp:
+    """A fresh ClientApp with hetfl's ``query`` and ``train`` handlers."""
+    app = ClientApp()
+    app.query()(handle_query)
+    app.train()(handle_train)
+    return app
+
+
+#: The ClientApp that ``flwr run`` loads (``hetfl.flower.client:app``).
+app = make_client_app()

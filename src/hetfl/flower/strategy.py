@@ -1,0 +1,287 @@
+"""The server side: a strategy that carries any hetfl algorithm's rounds over a Flower Grid.
+
+:class:`HetflStrategy` is a hetfl engine (``run_round(state, rnd)`` / ``close()``) whose transport is
+a Flower :class:`~flwr.serverapp.Grid`, so the same object serves Flower's simulation engine (Ray)
+and a real deployment (SuperLink + SuperNodes).  One hetfl round is:
+
+1. ``sample_clients`` and ``configure_round`` (the algorithm, on the server, exactly as in the
+   simulator: same RNG streams, same seeds);
+2. one ``train`` Message per task to the node that holds that client's partition, each carrying its
+   own ModelRef (submodel shape), weights, local config and seed (:mod:`hetfl.flower.codec`);
+3. replies are pulled as they arrive and streamed to the algorithm's own ``aggregate`` in task order
+   (deterministic; a failed or missing client is skipped), then ``server_step``.
+
+Before the first round a ``query`` round asks every node for its partition id and capability; the
+strategy keeps the reports (:attr:`HetflStrategy.capabilities`) and hands them to the algorithm as the
+run's :class:`~hetfl.fleet.Fleet` (``ctx.fleet``: ``max_width``, ``speed``, ...), so a weak device's
+own report decides what it is asked to train.
+
+A ClientApp that raises, or a node that disappears (Flower answers ``NODE_UNAVAILABLE``, or no reply
+comes within ``round_timeout_s``) is logged and counted in the round's ``failed_clients``; the round
+aggregates the others as long as at least ``min_success_fraction`` of the sampled clients replied,
+otherwise it raises :class:`~hetfl.errors.HetflError` (the run stops and can be resumed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+from hetfl.algorithms.base import Algorithm, ClientResult, Context, ServerState, nbytes
+from hetfl.engines.simulator import RoundReport
+from hetfl.errors import HetflError
+from hetfl.flower import codec
+
+log = logging.getLogger("hetfl.flower")
+
+
+@dataclass(frozen=True)
+class FlowerOptions:
+    """How hetfl talks to Flower (library: ``FlowerOptions(...)``; CLI: ``HETFL_FLOWER_*`` variables).
+
+    ``min_success_fraction``: share of a round's sampled clients that must reply for the round to count.
+    ``round_timeout_s``: a client that has not replied by then is reported lost (0 = wait forever).
+    ``query_timeout_s``: how long to wait for nodes to connect and answer the capability query.
+    ``num_cpus`` / ``num_gpus``: Flower simulation client resources (``num_cpus=None``: Flower's default).
+    """
+
+    min_success_fraction: float = 0.5
+    round_timeout_s: float = 0.0
+    query_timeout_s: float = 600.0
+    poll_interval_s: float = 0.01
+    num_cpus: float | None = None
+    num_gpus: float = 0.0
+    ray_init_args: dict[str, Any] = field(default_factory=dict)
+    verbose: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.min_success_fraction <= 1.0:
+            raise HetflError(f"flower min_success_fraction must be in [0, 1], got {self.min_success_fraction}")
+        if self.round_timeout_s < 0 or self.query_timeout_s <= 0:
+            raise HetflError("flower round_timeout_s must be >= 0 and query_timeout_s > 0")
+
+
+@dataclass
+class FlowerRoundReport(RoundReport):
+    """A RoundReport plus the clients that failed and the time nodes spent in their ClientApp."""
+
+    failed: dict[int, str] = field(default_factory=dict)
+    client_time_s: float = 0.0
+
+    def as_metrics(self) -> dict[str, float | int]:
+        out = super().as_metrics()
+        out["failed_clients"] = len(self.failed)
+        out["client_time_s"] = round(self.client_time_s, 4)
+        return out
+
+
+class HetflStrategy:
+    """Runs an algorithm's rounds over a Flower Grid (a hetfl engine)."""
+
+    name = "flower"
+
+    def __init__(self, algorithm: Algorithm, ctx: Context, grid: Grid, config_toml: str, *,
+                 device: str = "cpu", options: FlowerOptions | None = None, expected_nodes: int | None = None,
+                 on_close: Any = None, alive: Any = None) -> None:
+        self.algorithm = algorithm
+        self.base_ctx = ctx
+        self.ctx = ctx
+        self.grid = grid
+        self.options = options or FlowerOptions()
+        self.run_record = codec.run_record(config_toml, device)
+        self.expected_nodes = ctx.num_clients if expected_nodes is None else expected_nodes
+        self.node_of: dict[int, int] = {}  # client id -> Flower node id
+        self.capabilities: dict[int, dict[str, Any]] = {}
+        self._on_close = on_close
+        self._alive = alive  # raises if the transport died (a crashed simulation), checked while waiting
+        self._closed = False
+
+    # ------------------------------------------------------------------ plumbing
+    def _exchange(self, messages: list[Message], timeout_s: float, what: str = "round_timeout_s"
+                  ) -> Iterator[Message | str]:
+        """Push messages; yield each one's reply in the order given (a str reason if none came)."""
+        ids = list(self.grid.push_messages(messages))
+        if len(ids) != len(messages):
+            raise HetflError(f"Flower accepted {len(ids)} of {len(messages)} messages")
+        index = {mid: i for i, mid in enumerate(ids)}
+        pending = set(ids)
+        got: dict[int, Message] = {}
+        deadline = time.monotonic() + timeout_s if timeout_s > 0 else math.inf
+        nxt = 0
+        sleep = self.options.poll_interval_s
+        while nxt < len(ids):
+            if nxt in got:
+                yield got.pop(nxt)
+                nxt += 1
+                continue
+            if not pending:  # pragma: no cover - every id resolves either way
+                break
+            replies = list(self.grid.pull_messages(pending))
+            for rep in replies:
+                mid = rep.metadata.reply_to_message_id
+                if mid in pending:
+                    pending.discard(mid)
+                    got[index[mid]] = rep
+            if replies:
+                sleep = self.options.poll_interval_s
+                continue
+            if time.monotonic() >= deadline:
+                for mid in pending:
+                    got[index[mid]] = f"no reply within {what}={timeout_s:g} s (node lost?)"  # type: ignore
+                pending.clear()
+                continue
+            if self._alive is not None:
+                self._alive()
+            time.sleep(sleep)
+            sleep = min(sleep * 1.5, 0.2)
+
+    @staticmethod
+    def _error(rep: Message | str) -> str | None:
+        if isinstance(rep, str):
+            return rep
+        if rep.has_error():
+            return f"error code {rep.error.code}: {rep.error.reason}"
+        return None
+
+    # ------------------------------------------------------------------ query round
+    def _wait_for_nodes(self) -> list[int]:
+        deadline = time.monotonic() + self.options.query_timeout_s
+        while True:
+            nodes = sorted(int(n) for n in self.grid.get_node_ids())
+            if len(nodes) >= self.expected_nodes or time.monotonic() >= deadline:
+                return nodes
+            if self._alive is not None:
+                self._alive()
+            time.sleep(0.2)
+
+    def query(self) -> dict[int, dict[str, Any]]:
+        """Ask every connected node who it is and what it can train; set ``ctx.fleet`` from the answers."""
+        nodes = self._wait_for_nodes()
+        if not nodes:
+            raise HetflError(f"no Flower node connected within {self.options.query_timeout_s:g} s")
+        msgs = [Message(RecordDict({codec.RUN: self.run_record}), node, "query", group_id="query") for node in nodes]
+        self.node_of.clear()
+        self.capabilities.clear()
+        for node, rep in zip(nodes, self._exchange(msgs, self.options.query_timeout_s, "query_timeout_s")):
+            err = self._error(rep)
+            if err is not None:
+                log.warning("node %s did not answer the capability query (%s); it gets no tasks", node, err)
+                continue
+            cap = dict(rep.content.config_records[codec.CAPABILITY].items())
+            cid = int(cap["partition-id"])
+            if not 0 <= cid < self.base_ctx.num_clients:
+                log.warning("node %s holds partition %d but the run has %d clients; it gets no tasks",
+                            node, cid, self.base_ctx.num_clients)
+                continue
+            if cid in self.node_of:
+                log.warning("nodes %s and %s both hold partition %d; using the first", self.node_of[cid], node, cid)
+                continue
+            self.node_of[cid] = node
+            self.capabilities[cid] = cap
+        missing = self.base_ctx.num_clients - len(self.node_of)
+        if missing:
+            log.warning("%d of %d clients have no Flower node; when sampled they count as failed",
+                        missing, self.base_ctx.num_clients)
+        self.ctx = self._context_from_reports()
+        return self.capabilities
+
+    def _context_from_reports(self) -> Context:
+        """The run's Context with client sizes and the fleet replaced by what the nodes reported."""
+        ctx = self.base_ctx
+        sizes = np.array(ctx.client_sizes, copy=True)
+        for cid, cap in self.capabilities.items():
+            if "num-examples" in cap:
+                sizes[cid] = int(cap["num-examples"])
+        ctx = dataclasses.replace(ctx, client_sizes=sizes)
+        fleet = getattr(ctx, "fleet", None)
+        if fleet is None or not self.capabilities:
+            return ctx
+        arrays = {"max_width": ("max-width", fleet.max_width), "speed": ("speed", fleet.speed),
+                  "memory_gb": ("memory-gb", fleet.memory_gb),
+                  "bandwidth_mbps": ("bandwidth-mbps", fleet.bandwidth_mbps)}
+        changes: dict[str, Any] = {}
+        for attr, (key, old) in arrays.items():
+            new = np.array(old, dtype=np.float64, copy=True)
+            for cid, cap in self.capabilities.items():
+                if key in cap:
+                    new[cid] = float(cap[key])
+            changes[attr] = new
+        levels = tuple(float(w) for w in fleet.levels)
+        extra = sorted({float(w) for w in changes["max_width"]} - set(levels), reverse=True)
+        if extra:  # a node reported a width the configured mix lacks: it becomes a level of its own
+            levels = tuple(sorted(set(levels) | set(extra), reverse=True))
+            share = np.array([np.mean(np.isclose(changes["max_width"], w)) for w in levels])
+            changes["levels"] = levels
+            changes["proportions"] = share / share.sum()
+        if fleet.device:
+            names = list(fleet.device)
+            for cid, cap in self.capabilities.items():
+                if "device-name" in cap:
+                    names[cid] = str(cap["device-name"])
+            changes["device"] = tuple(names)
+        return dataclasses.replace(ctx, fleet=dataclasses.replace(fleet, **changes))
+
+    # ------------------------------------------------------------------ a round
+    def run_round(self, state: ServerState, rnd: int) -> tuple[ServerState, FlowerRoundReport]:
+        algo, ctx = self.algorithm, self.ctx
+        rng = np.random.default_rng([ctx.seed, rnd, 0x73616D70])  # the simulator's stream
+        clients = algo.sample_clients(state, rnd, ctx, rng)
+        tasks = algo.configure_round(state, rnd, clients, ctx)
+        report = FlowerRoundReport()
+        sent, messages = [], []
+        for task in tasks:
+            node = self.node_of.get(task.client_id)
+            if node is None:
+                report.failed[task.client_id] = "no Flower node holds this client's partition"
+                continue
+            messages.append(Message(codec.encode_task(task, algo, self.run_record), node, "train", group_id=str(rnd)))
+            report.bytes_down += nbytes(task.weights)
+            sent.append(task.client_id)
+        t0 = time.perf_counter()
+
+        def stream() -> Iterator[ClientResult]:
+            if not messages:
+                return
+            for cid, rep in zip(sent, self._exchange(messages, self.options.round_timeout_s)):
+                err = self._error(rep)
+                if err is None:
+                    try:
+                        res, client_time = codec.decode_result(rep.content)
+                    except Exception as exc:  # a malformed reply is a failed client, not a crashed server
+                        err = f"unreadable reply: {exc!r}"
+                if err is not None:
+                    report.failed[cid] = err
+                    log.warning("round %d: client %d failed: %s", rnd, cid, err)
+                    continue
+                report.bytes_up += nbytes(res.weights)
+                report.clients.append(res.client_id)
+                report.samples += res.num_samples
+                report.client_time_s += client_time
+                loss = res.metrics.get("train_loss", float("nan"))
+                if np.isfinite(loss):
+                    report.train_loss_sum += loss * res.num_samples
+                yield res
+
+        update = algo.aggregate(state, rnd, stream(), ctx)
+        report.train_time_s = time.perf_counter() - t0
+        need = math.ceil(self.options.min_success_fraction * len(tasks) - 1e-9)
+        if len(report.clients) < need:
+            detail = "; ".join(f"client {c}: {why}" for c, why in sorted(report.failed.items())[:5])
+            raise HetflError(f"round {rnd}: only {len(report.clients)} of {len(tasks)} clients replied, fewer than "
+                             f"min_success_fraction={self.options.min_success_fraction:g} requires ({detail})")
+        return algo.server_step(state, update, ctx), report
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            if self._on_close is not None:
+                self._on_close()
