@@ -93,6 +93,27 @@ def table(out: Path, arms: list[str], seeds: list[int], rounds: int) -> str:
     return "\n".join(lines)
 
 
+def gain_table(out: Path, arms: list[str], seeds: list[int], rounds: int) -> str:
+    """What distillation itself does, per family: validation accuracy of the averaged model before distillation
+    and of the kept student, mean over rounds (and seeds), and the ensemble's validation accuracy."""
+    lines = [f"| arm | ensemble val % | {' | '.join(f'{f} val % before → after' for f in FAMILIES)} |",
+             "|---|---|" + "---|" * len(FAMILIES)]
+    for arm in arms:
+        runs = [_rows(out / f"{arm}-s{s}" / "metrics.jsonl") for s in seeds
+                if (out / f"{arm}-s{s}" / "metrics.jsonl").exists()]
+        rows = [row for r in runs if r and r[-1]["round"] == rounds for row in r]
+        if not rows or "ensemble_val_acc" not in rows[0]:
+            continue
+        cells = []
+        for f in FAMILIES:
+            before = np.mean([row[f"distill_val_acc0.{f}"] for row in rows])
+            after = np.mean([row[f"distill_val_acc.{f}"] for row in rows])
+            cells.append(f"{100 * before:.1f} → {100 * after:.1f}")
+        ens = np.mean([row["ensemble_val_acc"] for row in rows])
+        lines.append(f"| {ARMS[arm][1]} | {100 * ens:.1f} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=20)
@@ -111,6 +132,8 @@ def main() -> None:
     print(f"MNIST, Dirichlet alpha=0.5, 30 clients on tiers a-b-c, 10 per round, {args.rounds} rounds; "
           f"test accuracy % per family (final round / mean of the last 5)")
     print(table(args.out, args.arms, args.seeds, args.rounds))
+    print("\nDistillation per round (validation split, mean over rounds)")
+    print(gain_table(args.out, args.arms, args.seeds, args.rounds))
 
 
 if __name__ == "__main__":

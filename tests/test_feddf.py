@@ -97,6 +97,8 @@ def test_heldout_server_data_leaves_the_client_pool():
     assert noise.x.shape == (30, 1, 4, 4) and len(noise_ds.train) == 190  # only the validation split is held out
     assert float(noise.x.min()) >= 0.0 and float(noise.x.max()) <= 199.0
     assert draw_server_data(ds, None, seed=0) == (ds, None)
+    only_val, sd0 = draw_server_data(ds, ServerDataSpec("noise", 0, 10), seed=3)  # a validation split alone
+    assert sd0.x.shape == (0, 1, 4, 4) and len(sd0.val) == 10 and len(only_val.train) == 190
 
 
 def test_another_dataset_is_resized_to_the_run_input_shape():
@@ -133,6 +135,7 @@ def test_server_data_bad_values_name_the_field(digits_cfg):
     ("algorithm.server_val_size=-1", "algorithm.server_val_size must be >= 0"),
     ("algorithm.families='cnn,cnn'", "algorithm.families: family 'cnn' is listed twice"),
     ("algorithm.distill_lr=0", "algorithm.distill_lr must be > 0"),
+    ("algorithm.server_data_size=0", "algorithm.server_data_size must be >= 1"),
 ])
 def test_bad_config_errors(override, msg):
     with pytest.raises(ConfigError, match=msg):

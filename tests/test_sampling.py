@@ -90,6 +90,8 @@ def test_coverage_matches_feasible_targets_and_caps_infeasible_ones():
     assert plan.probs[3, 3] == 1.0 and plan.probs[2, 2] == 1.0  # weak tiers keep their maximum
     deploy = _plan(make_width_policy("coverage", target="deploy"), FLEET, samples=np.repeat([4.0, 3, 2, 1], 1000))
     assert np.allclose(deploy.expected_shares(), 0.25)
+    # a target that wants only the full width: nobody can step *up*, so every tier keeps its maximum
+    assert np.array_equal(allocate(np.array([5.0, 61, 28, 6]), np.array([1.0, 0, 0, 0])), np.eye(4))
 
 
 def test_adaptive_target_and_state():

@@ -259,9 +259,11 @@ def _setup(study: Study) -> str:
     data, model, algo = b.get("data", {}), b.get("model", {}), b.get("algorithm", {})
     part = data.get("partition", {})
     sets = ", ".join(f"`{s}`" for s in study.sets)
+    clients = f"{data['num_clients']} clients" if data.get("num_clients") else "one client per natural group"
     return (f"{data.get('name', '?')} · model `{model.get('name', '?')}` "
             f"({', '.join(f'{k}={v}' for k, v in model.items() if k != 'name') or 'defaults'}) · "
-            f"{data.get('num_clients', '?')} clients, {algo.get('clients_per_round', '?')} per round · partition "
+            f"{clients}, "
+            f"{algo.get('clients_per_round', '?')} per round · partition "
             f"`{part.get('name', '?')}` · {b.get('rounds', '?')} rounds"
             + (f" · study overrides {sets}" if sets else ""))
 

@@ -109,6 +109,7 @@ class FedDF(Algorithm):
         checks = [
             (self.distill_steps >= 0, "distill_steps", "must be >= 0 (0 = no distillation: per-family FedAvg)"),
             (self.distill_batch >= 1, "distill_batch", "must be >= 1"),
+            (self.server_data_size >= 1, "server_data_size", "must be >= 1"),
             (self.distill_lr > 0, "distill_lr", "must be > 0"),
             (self.temperature > 0, "temperature", "must be > 0"),
             (self.ensemble in ENSEMBLE_MODES, "ensemble", f"must be one of {', '.join(ENSEMBLE_MODES)}"),

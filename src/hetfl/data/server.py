@@ -37,15 +37,15 @@ class ServerDataSpec:
     """What server data an algorithm needs; ``where`` names the config fields in error messages."""
 
     source: str = "heldout"
-    size: int = 5000
-    val_size: int = 500
-    where: str = "algorithm.server_data"
+    size: int = 5000  # unlabeled inputs (0: none, only the validation split)
+    val_size: int = 500  # labeled validation samples, held out of the training split
+    where: str = "algorithm.server_data"  # the config field named in error messages
 
     def __post_init__(self) -> None:
         if not self.source:
             raise ConfigError(f"{self.where} must name a source: 'heldout', 'noise' or a dataset name")
-        if self.size < 1:
-            raise ConfigError(f"{self.where}_size must be >= 1, got {self.size}")
+        if self.size < 0:
+            raise ConfigError(f"{self.where}_size must be >= 0 (0: only the validation split), got {self.size}")
         if self.val_size < 0:
             raise ConfigError(f"{self.where.replace('server_data', 'server_val_size')} must be >= 0, "
                               f"got {self.val_size}")

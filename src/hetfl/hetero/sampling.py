@@ -179,9 +179,9 @@ def allocate(tier_samples: np.ndarray, target: np.ndarray) -> np.ndarray:
     alloc = np.zeros((L, L))
     for j in range(L):
         rest_target = target[j:].sum()
-        demand = supply.sum() * (target[j] / rest_target) if rest_target > 0 else 0.0
-        if j == L - 1:
-            demand = supply.sum()  # the narrowest level takes whatever is left (every tier can train it)
+        if rest_target <= 0:
+            break  # no narrower width wants more: the samples left train at their tier's maximum
+        demand = supply.sum() * (target[j] / rest_target)  # the last width with a target takes all that is left
         for t in range(j, -1, -1):  # own tier first, then the closest stronger tiers
             take = min(supply[t], demand)
             alloc[t, j] += take
@@ -189,6 +189,7 @@ def allocate(tier_samples: np.ndarray, target: np.ndarray) -> np.ndarray:
             demand -= take
             if demand <= 0:
                 break
+    alloc[np.arange(L), np.arange(L)] += supply
     probs = np.zeros((L, L))
     totals = alloc.sum(axis=1)
     for t in range(L):
