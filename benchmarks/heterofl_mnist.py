@@ -39,8 +39,8 @@ def cell_overrides(split: str, mix: str, args: argparse.Namespace) -> list[str]:
         return sets + ['algorithm={name="fedavg", clients_per_round=10, weighted=false, min_width=1.0}',
                        'fleet.mix="a-b-c-d-e"']
     if mix == "e":  # HeteroFL's "e": the global model is the 1/16 model, trained by everyone
-        return sets + ['fleet.mix="a"', 'model.width=0.0625']
-    return sets + [f'fleet.mix="{mix}"']
+        return sets + ['fleet.mix="a"', 'model.width=0.0625', *args.set]
+    return sets + [f'fleet.mix="{mix}"', *args.set]
 
 
 def run_cell(out: Path, split: str, mix: str, args: argparse.Namespace) -> None:
@@ -88,6 +88,8 @@ def main() -> None:
     p.add_argument("--splits", default="iid,shards")
     p.add_argument("--mixes", default=f"a,a-e,a-b-c-d-e,e,{BASELINE}")
     p.add_argument("--out", default="runs/bench/heterofl_mnist")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra config override for every HeteroFL cell (repeatable), e.g. algorithm.scaler=false")
     p.add_argument("--table-only", action="store_true")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
