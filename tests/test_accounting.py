@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -75,3 +77,63 @@ def test_train_cost_formula():
                                                                   peak_memory_bytes=1000 * 4 * 2 + 64 * 10)
     assert train_cost(cost, 120, 10, momentum=True).peak_memory_bytes == 1000 * 4 * 3 + 64 * 10
     assert train_cost(cost, 0, 1, momentum=False).flops == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# per-tier sums in every round's metrics (the engines' Accountant / TierLedger)
+# --------------------------------------------------------------------------------------------------
+
+
+def _mlp_slice_cost(hidden: int, rate: float, n: int, batch: int, momentum: bool) -> dict[str, int]:
+    """Hand-computed cost of the rate-``rate`` slice of a 64-h-h-10 MLP (digits) trained on n samples."""
+    h = math.ceil(rate * hidden)
+    params = 64 * h + h + h * h + h + h * 10 + 10
+    macs = 64 * h + h * h + h * 10
+    activations = 4 * (64 + 4 * h + 10)  # flatten, fc1, relu1, fc2, relu2, out (float32, per sample)
+    return {"params": params, "flops": 3 * 2 * macs * n,
+            "peak": params * 4 * (2 + momentum) + activations * batch, "bytes": params * 4}
+
+
+def test_round_metrics_sum_costs_per_tier_against_hand_computed_values(digits_cfg):
+    from hetfl.engines.simulator import Simulator
+    from hetfl.runner import prepare
+
+    cfg = digits_cfg('algorithm={name="heterofl", clients_per_round=6}', 'fleet.source="tiers"', 'fleet.mix="a-c-e"',
+                     "data.num_clients=6", 'model={name="mlp", hidden="16,16"}', "train.momentum=0.9",
+                     "train.epochs=2", "train.batch_size=8")
+    exp = prepare(cfg)
+    sim = Simulator(exp.algorithm, exp.federation, exp.ctx)
+    _, report = sim.run_round(exp.algorithm.init_state(exp.ctx), 1)
+    row = report.as_metrics()
+    rates = exp.ctx.fleet.max_width  # fixed assignment: 2 clients each at 1, 1/4, 1/16
+    sizes = exp.ctx.client_sizes
+    for label, rate in (("w1", 1.0), ("w0.25", 0.25), ("w0.0625", 0.0625)):
+        members = [c for c in range(6) if rates[c] == rate]
+        costs = [_mlp_slice_cost(16, rate, 2 * int(sizes[c]), 8, True) for c in members]
+        assert len(members) == 2
+        assert row[f"tier.{label}.clients"] == 2
+        assert row[f"tier.{label}.params_trained"] == sum(c["params"] for c in costs)
+        assert row[f"tier.{label}.flops"] == sum(c["flops"] for c in costs)
+        assert row[f"tier.{label}.bytes_up"] == row[f"tier.{label}.bytes_down"] == sum(c["bytes"] for c in costs)
+        assert row[f"tier.{label}.peak_mem_bytes"] == max(c["peak"] for c in costs)
+    # the slices: 16, 4 and 1 hidden units
+    assert row["tier.w0.0625.params_trained"] == 2 * (64 + 1 + 1 + 1 + 10 + 10)
+    for field in ("bytes_up", "bytes_down"):
+        assert sum(row[f"tier.{t}.{field}"] for t in ("w1", "w0.25", "w0.0625")) == row[field]
+
+
+def test_every_server_algorithm_writes_tier_costs_and_run_totals(tmp_path, digits_cfg):
+    from hetfl.results import read_metrics
+    from hetfl.runner import run
+
+    # FedAvg without a fleet: one tier; dropped clients received the model but trained nothing
+    cfg = digits_cfg("rounds=2", "faults.dropout=0.5")
+    summary = run(cfg, tmp_path / "fedavg", quiet=True)
+    rows = read_metrics(tmp_path / "fedavg")
+    for row in rows:
+        assert row["tier.w1.clients"] == row["clients"] <= row["clients_selected"]
+        assert row["tier.w1.bytes_up"] == row["bytes_up"] and row["tier.w1.bytes_down"] == row["bytes_down"]
+        assert row["tier.w1.params_trained"] == row["clients"] * (64 * 32 + 32 + 32 * 10 + 10)
+    totals = summary["tier_totals"]["w1"]
+    assert totals["flops"] == sum(r["tier.w1.flops"] for r in rows) > 0
+    assert totals["peak_mem_bytes"] == max(r["tier.w1.peak_mem_bytes"] for r in rows)

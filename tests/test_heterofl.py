@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hetfl.engines.simulator import Simulator
+from hetfl.algorithms.base import ModelRef
+from hetfl.data.base import DataInfo
+from hetfl.engines.simulator import ModelCache, Simulator
+from hetfl.errors import ConfigError
+from hetfl.evaluation import Evaluator
 from hetfl.results import read_metrics
 from hetfl.runner import prepare, run
 
@@ -139,3 +143,60 @@ def test_robust_aggregation_respects_partial_overlap(digits_cfg):
     assert spec_for(ctx.model, ctx.info)
     # hidden units 0-1 are covered by all three: median 3; units 2-3 only by the two full clients: (1+3)/2
     assert out["fc1.bias"].tolist() == [3.0, 3.0, 2.0, 2.0]
+
+
+IMAGE = DataInfo((1, 8, 8), 10)
+SEQ = DataInfo((12,), 20, vocab_size=20)
+
+
+@pytest.mark.parametrize(("name", "model", "algo", "expected"), [
+    ("mlp", {}, {}, False),
+    ("cnn", {}, {}, False),
+    ("heterofl_conv", {}, {}, True),  # static BN, recomputed at evaluation: HeteroFL's setting
+    ("resnet", {"depth": 10, "base_channels": 8}, {}, True),
+    ("heterofl_conv", {"norm": "gn"}, {}, False),
+    ("heterofl_conv", {"norm": "none"}, {}, False),
+    ("heterofl_conv", {}, {"static_bn": False}, False),  # averaged running statistics: not recalibrated
+    ("heterofl_conv", {"bn_track_stats": False}, {"static_bn": False}, True),  # batch statistics at evaluation
+    ("lstm", {}, {}, False),
+    ("transformer", {}, {}, False),
+    ("mlp", {}, {"scaler": True}, True),  # forced
+    ("heterofl_conv", {}, {"scaler": False}, False),
+])
+def test_scaler_auto_resolves_per_model(name, model, algo, expected):
+    from hetfl.algorithms.heterofl import HeteroFL
+
+    info = SEQ if name in ("lstm", "transformer") else IMAGE
+    assert HeteroFL(**algo).uses_scaler(ModelRef(name, params=tuple(model.items())).build(info)) is expected
+
+
+def test_scaler_defaults_per_algorithm():
+    from hetfl.algorithms.heterofl import FederatedDropout, FedRolex, FjORD, HeteroFL
+
+    assert HeteroFL().scaler == FedRolex().scaler == FederatedDropout().scaler == "auto"
+    assert FjORD().scaler is False
+    with pytest.raises(ConfigError, match="algorithm.scaler must be"):
+        HeteroFL(scaler="on")
+
+
+def test_narrow_mlp_submodel_is_usable_by_default_and_collapses_with_forced_scaler(digits_cfg):
+    """On a norm-free MLP the Scaler's train-only 1/rate is not absorbed at evaluation: forcing it puts the
+    1/8 submodel at chance, the default ("auto": off here) leaves it well above chance."""
+    common = (IID, "data.num_clients=6", "data.local_test_fraction=0", 'fleet.source="tiers"', 'fleet.mix="a-d"',
+              'model={name="mlp", hidden="128,128"}', "rounds=15", "train.epochs=2")
+
+    def narrow_accuracy(*algo: str) -> float:
+        cfg = digits_cfg(*common, *algo)
+        exp = prepare(cfg)
+        sim = Simulator(exp.algorithm, exp.federation, exp.ctx)
+        state = exp.algorithm.init_state(exp.ctx)
+        for rnd in range(1, cfg.rounds + 1):
+            state, _ = sim.run_round(state, rnd)
+        row = Evaluator(exp.federation, exp.ctx, cfg.eval, ModelCache(exp.ctx, exp.device), exp.device, cfg.seed)(
+            exp.algorithm, state)
+        return row["test_accuracy.w0.125"]
+
+    assert narrow_accuracy('algorithm={name="heterofl", clients_per_round=6}') > 0.5  # 0.67 when written
+    with pytest.warns(UserWarning, match="mis-scaled at evaluation"):
+        forced = narrow_accuracy('algorithm={name="heterofl", clients_per_round=6, scaler=true}')
+    assert forced < 0.2  # chance is 0.1

@@ -21,22 +21,35 @@ sample (forward + backward ≈ 3 forward passes, the rule FedScale and most FL s
 peak memory of weights + gradients (+ momentum buffer) in float32 plus one batch of activations.
 
 Callers should cache :func:`model_cost` per :class:`~hetfl.algorithms.base.ModelRef` (it runs a
-forward pass); it is deterministic and does not depend on the weights' values.
+forward pass; :class:`CostCache` does); it is deterministic and does not depend on the weights' values.
+
+Per round, every server engine (simulator, Flower) keeps a :class:`TierLedger` from its
+:class:`Accountant`: what each selected client costs (:class:`ClientCost`: the trained model's
+parameters, the local update's FLOPs and peak memory, the bytes sent and returned), summed per capability
+tier into the round's metrics.jsonl row (:data:`TIER_FIELDS`, keys ``tier.<label>.<field>``).  Because the
+engines do it from the tasks and results, every server algorithm gets it without code of its own.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["ModelCost", "TrainCost", "model_cost", "train_cost"]
+if TYPE_CHECKING:
+    from hetfl.algorithms.base import ClientTask, Context, ModelRef
+    from hetfl.config import TrainConfig
+    from hetfl.data.base import DataInfo
+
+__all__ = ["TIER_FIELDS", "Accountant", "ClientCost", "CostCache", "ModelCost", "TierLedger", "TrainCost",
+           "client_cost", "example_input", "model_cost", "planned_samples", "tier_label", "tier_totals",
+           "train_cost"]
 
 
 @dataclass(frozen=True)
@@ -223,3 +236,146 @@ def model_cost(model: nn.Module, example: torch.Tensor) -> ModelCost:
     params = sum(p.numel() for p in model.parameters())
     return ModelCost(params=int(params), forward_flops=int(2 * macs // batch),
                      activation_bytes=int(4 * act_elems // batch))
+
+
+# --------------------------------------------------------------------------------------------------
+# per client and round, summed per tier
+# --------------------------------------------------------------------------------------------------
+
+
+def planned_samples(n: int, train: TrainConfig) -> int:
+    """Samples one local update processes on ``n`` local samples (exactly what ``local_sgd`` does)."""
+    if n <= 0:
+        return 0
+    if train.steps > 0:
+        per_pass = math.ceil(n / train.batch_size)
+        full, rest = divmod(train.steps, per_pass)
+        return full * n + rest * train.batch_size
+    return train.epochs * n
+
+
+def example_input(info: DataInfo) -> torch.Tensor:
+    """One all-zero sample as models receive it: float32 features, or int64 token ids for text."""
+    if info.vocab_size is not None:
+        return torch.zeros((1, *info.input_shape), dtype=torch.long)
+    return torch.zeros((1, *info.input_shape), dtype=torch.float32)
+
+
+class CostCache:
+    """:func:`model_cost` per :class:`~hetfl.algorithms.base.ModelRef`, computed once on a fresh CPU copy."""
+
+    def __init__(self, info: DataInfo, example: torch.Tensor) -> None:
+        self.info = info
+        self.example = example[:1].detach().cpu()
+        self._costs: dict[ModelRef, ModelCost] = {}
+
+    def __call__(self, ref: ModelRef) -> ModelCost:
+        cost = self._costs.get(ref)
+        if cost is None:
+            with torch.random.fork_rng(devices=[]):  # building a model must not move the global RNG
+                cost = model_cost(ref.build(self.info), self.example)
+            self._costs[ref] = cost
+        return cost
+
+    def for_tasks(self, tasks: Sequence[ClientTask]) -> dict[ModelRef, ModelCost]:
+        return {t.model: self(t.model) for t in tasks}
+
+
+def _nbytes(weights: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in weights.values())
+
+
+def tier_label(width: float) -> str:
+    """The label of a capability tier in metrics keys: its fleet width, as in ``test_accuracy.w0.5``."""
+    return f"w{width:g}"
+
+
+#: The per-tier fields of a metrics.jsonl row, ``tier.<label>.<field>``: clients that trained (returned an
+#: update, valid or not), the parameters of the models they trained, the FLOPs of their local updates
+#: (:func:`train_cost`, 3 × forward × planned samples), bytes they returned, bytes sent to every selected
+#: client (dropouts and stragglers included, as the row's ``bytes_down``), and the largest peak training
+#: memory among the tier's trained clients (a maximum, not a sum).
+TIER_FIELDS = ("clients", "params_trained", "flops", "bytes_up", "bytes_down", "peak_mem_bytes")
+
+
+@dataclass(frozen=True)
+class ClientCost:
+    """What one selected client's local update costs in a round."""
+
+    client_id: int
+    tier: int
+    params: int  # parameter elements of the model it trains
+    samples: int  # samples its local update processes (:func:`planned_samples`)
+    flops: int
+    peak_memory_bytes: int
+    bytes_down: int  # the task's weights
+    bytes_up: int  # a result has the task's shapes and dtypes
+
+
+def client_cost(task: ClientTask, ctx: Context, model: ModelCost, tier: int = 0) -> ClientCost:
+    """The cost of ``task`` for its client, given the :class:`ModelCost` of ``task.model``."""
+    samples = planned_samples(int(ctx.client_sizes[task.client_id]), task.train)
+    train = train_cost(model, samples, task.train.batch_size, momentum=task.train.momentum > 0)
+    size = _nbytes(task.weights)
+    return ClientCost(int(task.client_id), int(tier), model.params, samples, train.flops, train.peak_memory_bytes,
+                      size, size)
+
+
+class TierLedger:
+    """One round's costs summed per capability tier (index into the fleet's levels, 0 = widest)."""
+
+    def __init__(self, labels: Sequence[str]) -> None:
+        self.labels = tuple(labels)
+        self.totals = [dict.fromkeys(TIER_FIELDS, 0) for _ in self.labels]
+
+    def sent(self, cost: ClientCost) -> None:
+        """The task went out to the client (counted whether or not it comes back)."""
+        self.totals[cost.tier]["bytes_down"] += cost.bytes_down
+
+    def trained(self, cost: ClientCost) -> None:
+        """The client trained and returned its update."""
+        t = self.totals[cost.tier]
+        t["clients"] += 1
+        t["params_trained"] += cost.params
+        t["flops"] += cost.flops
+        t["bytes_up"] += cost.bytes_up
+        t["peak_mem_bytes"] = max(t["peak_mem_bytes"], cost.peak_memory_bytes)
+
+    def metrics(self) -> dict[str, int]:
+        return {f"tier.{label}.{k}": int(v) for label, t in zip(self.labels, self.totals) for k, v in t.items()}
+
+
+class Accountant:
+    """Per-client costs of a run's rounds; an engine opens one :class:`TierLedger` per round."""
+
+    def __init__(self, ctx: Context, example: torch.Tensor | None = None, costs: CostCache | None = None) -> None:
+        self.ctx = ctx
+        self.costs = costs if costs is not None else CostCache(
+            ctx.info, example if example is not None else example_input(ctx.info))
+        fleet = ctx.fleet
+        self.tiers = fleet.tiers() if fleet is not None else None
+        self.labels = tuple(tier_label(w) for w in (fleet.levels if fleet is not None else (1.0,)))
+
+    def ledger(self) -> TierLedger:
+        return TierLedger(self.labels)
+
+    def tier(self, client_id: int) -> int:
+        return 0 if self.tiers is None else int(self.tiers[client_id])
+
+    def cost(self, task: ClientTask) -> ClientCost:
+        return client_cost(task, self.ctx, self.costs(task.model), self.tier(task.client_id))
+
+
+def tier_totals(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Run totals of the per-tier fields of metrics.jsonl rows (``peak_mem_bytes``: the run's maximum)."""
+    out: dict[str, dict[str, int]] = {}
+    for row in rows:
+        for key, value in row.items():
+            if not key.startswith("tier.") or value is None:
+                continue
+            label, field = key[len("tier."):].rsplit(".", 1)
+            if field not in TIER_FIELDS:
+                continue
+            t = out.setdefault(label, dict.fromkeys(TIER_FIELDS, 0))
+            t[field] = max(t[field], int(value)) if field == "peak_mem_bytes" else t[field] + int(value)
+    return out

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from hetfl import catalog
+from hetfl.accounting import tier_totals
 from hetfl.algorithms.base import Algorithm, Context, ModelRef, ServerState
 from hetfl.config import RunConfig, config_from_dict, parse_toml
 from hetfl.data.base import Dataset
@@ -155,6 +156,9 @@ def summarize_metrics(rows: list[dict[str, Any]], wall_time_s: float, cfg: RunCo
         if key in last:
             summary[key] = last[key]
     summary.update(fault_summary(rows))  # participation per tier, skipped rounds, drops (guarded engines)
+    tiers = tier_totals(rows)  # the run's per-tier costs (server engines write tier.<label>.<field> each round)
+    if tiers:
+        summary["tier_totals"] = tiers
     return summary
 
 

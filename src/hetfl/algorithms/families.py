@@ -10,18 +10,36 @@ Families are assigned to the fleet's capability tiers widest-first: a client who
 ``ctx.fleet.levels``, 0 = widest; redrawn every round under dynamic assignment) is ``t`` trains family
 ``min(t, len(families) - 1)``.  With a uniform fleet every client gets the first family; the other families
 then receive no client updates (a server may still distill into them).
+
+:class:`FamilyAlgorithm` is the base of the algorithms built on families (FedDF, FedGen): the ``families``
+and ``weighted`` fields, one initial model per family, a task per client on its family's model, the per-family
+running averages (:class:`FamilyMeans`), every family as an evaluation target and their last accuracies in
+summary.json.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
 
-from hetfl.algorithms.base import Context, ModelRef, Weights
+from hetfl.algorithms.base import (
+    Algorithm,
+    ClientResult,
+    ClientTask,
+    Context,
+    EvalTarget,
+    ModelRef,
+    ServerState,
+    Weights,
+    round_seed,
+    weights_of,
+)
 from hetfl.data.base import DataInfo
 from hetfl.errors import ConfigError
 
@@ -190,3 +208,97 @@ class RunningMean:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.sums.values())
+
+
+class FamilyMeans:
+    """One :class:`RunningMean` per family over a round's results: each result joins its client's family."""
+
+    def __init__(self, fams: Sequence[Family], idx: np.ndarray, weighted: bool) -> None:
+        self.fams = tuple(fams)
+        self.idx = idx
+        self.weighted = weighted
+        self.means = {f.key: RunningMean() for f in self.fams}
+
+    def add(self, res: ClientResult) -> Family:
+        """Add ``res`` to its family's average (by samples when ``weighted``); returns the family."""
+        f = self.fams[self.idx[res.client_id]]
+        self.means[f.key].add(res.weights, float(res.num_samples) if self.weighted else 1.0, res.num_samples)
+        return f
+
+    def values(self) -> dict[str, Weights]:
+        """The averaged weights of every family that received at least one update."""
+        return {k: m.value() for k, m in self.means.items() if m.count}
+
+    def clients(self) -> dict[str, int]:
+        return {k: m.count for k, m in self.means.items()}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.nbytes for m in self.means.values())
+
+
+def last_family_accuracies(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """The ``test_accuracy.<family>`` entries of the last evaluated metrics row (for summary.json)."""
+    evals = [r for r in rows if r.get("test_accuracy") is not None]
+    return {k: v for k, v in evals[-1].items() if k.startswith("test_accuracy.")} if evals else {}
+
+
+@dataclass(frozen=True)
+class FamilyAlgorithm(Algorithm):
+    """Base of algorithms whose clients train one of several architecture families, chosen by capability.
+
+    ``families``: see the module docstring; ``weighted``: average a family's updates by samples (else
+    uniformly).  The first family is evaluated as ``"global"``, every other one under its key.
+    """
+
+    families: str = ""
+    weighted: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        parse_families(self.families)
+
+    def check_fields(self, checks: Iterable[tuple[bool, str, str]]) -> None:
+        """Raise a ConfigError for the first ``(ok, field, message)`` with ``ok`` false, naming the value."""
+        for ok, name, msg in checks:
+            if not ok:
+                raise ConfigError(f"algorithm.{name} {msg}, got {getattr(self, name)!r}")
+
+    def family_list(self, ctx: Context) -> tuple[Family, ...]:
+        return resolve_families(self.families, ctx.model)
+
+    def model_refs(self, ctx: Context) -> list[ModelRef]:
+        return [f.ref for f in self.family_list(ctx)]
+
+    def initial_models(self, ctx: Context) -> dict[str, Weights]:
+        """Every family's initial weights, built in order from the run's round-0 seed."""
+        torch.manual_seed(round_seed(ctx.seed, 0))
+        return {f.key: weights_of(f.ref.build(ctx.info)) for f in self.family_list(ctx)}
+
+    def family_tasks(self, state: ServerState, rnd: int, clients: Sequence[int], ctx: Context,
+                     extra: Callable[[int], dict[str, Any]] | None = None) -> list[ClientTask]:
+        """One task per client: its family's current model, the round's local config and ``extra(client)``."""
+        train = self.round_train_config(ctx, rnd)
+        fams = self.family_list(ctx)
+        idx = family_index(ctx, rnd, len(fams))
+        tasks = []
+        for c in clients:
+            c = int(c)
+            f = fams[idx[c]]
+            tasks.append(ClientTask(c, f.ref, state.models[f.key], train, round_seed(ctx.seed, rnd, c),
+                                    extra(c) if extra is not None else {}))
+        return tasks
+
+    def family_means(self, ctx: Context, rnd: int) -> FamilyMeans:
+        fams = self.family_list(ctx)
+        return FamilyMeans(fams, family_index(ctx, rnd, len(fams)), self.weighted)
+
+    def eval_targets(self, state: ServerState, ctx: Context) -> dict[str, EvalTarget]:
+        fams = self.family_list(ctx)
+        out = {"global": EvalTarget(fams[0].ref, state.models[fams[0].key])}
+        for f in fams[1:]:
+            out[f.key] = EvalTarget(f.ref, state.models[f.key])
+        return out
+
+    def summarize(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return last_family_accuracies(rows)

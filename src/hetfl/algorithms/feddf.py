@@ -37,30 +37,21 @@ import torch
 from torch import nn
 
 from hetfl.algorithms.base import (
-    Algorithm,
     ClientResult,
     ClientTask,
     Context,
-    EvalTarget,
     ModelRef,
     ServerState,
     Weights,
     round_seed,
     weights_of,
 )
-from hetfl.algorithms.families import (
-    Family,
-    RunningMean,
-    build_detached,
-    family_index,
-    parse_families,
-    resolve_families,
-)
+from hetfl.algorithms.families import FamilyAlgorithm, build_detached
 from hetfl.algorithms.registry import ALGORITHMS
 from hetfl.data.base import Split
 from hetfl.data.server import ServerDataSpec
 from hetfl.distill import ENSEMBLE_MODES, LogitEnsemble, distill, ensemble_logits, nbytes_of
-from hetfl.errors import ConfigError, HetflError
+from hetfl.errors import HetflError
 from hetfl.train import local_sgd
 
 TEACHER_MODES = ("streaming", "resident")
@@ -83,11 +74,9 @@ class FedDFUpdate:
 
 @ALGORITHMS.register("feddf")
 @dataclass(frozen=True)
-class FedDF(Algorithm):
+class FedDF(FamilyAlgorithm):
     """FedDF: per-family FedAvg, then every family distilled towards the all-client ensemble on server data."""
 
-    families: str = ""
-    weighted: bool = False
     server_data: str = "heldout"
     server_data_size: int = 5000
     server_val_size: int = 500
@@ -105,8 +94,7 @@ class FedDF(Algorithm):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        parse_families(self.families)
-        checks = [
+        self.check_fields([
             (self.distill_steps >= 0, "distill_steps", "must be >= 0 (0 = no distillation: per-family FedAvg)"),
             (self.distill_batch >= 1, "distill_batch", "must be >= 1"),
             (self.server_data_size >= 1, "server_data_size", "must be >= 1"),
@@ -117,10 +105,7 @@ class FedDF(Algorithm):
             (self.val_every >= 1, "val_every", "must be >= 1"),
             (self.patience >= 1, "patience", "must be >= 1"),
             (self.distill_grad_clip >= 0, "distill_grad_clip", "must be >= 0 (0 = off)"),
-        ]
-        for ok, name, msg in checks:
-            if not ok:
-                raise ConfigError(f"algorithm.{name} {msg}, got {getattr(self, name)!r}")
+        ])
         ServerDataSpec(self.server_data, self.server_data_size, self.server_val_size)
 
     # ---------------------------------------------------------------- hooks
@@ -128,27 +113,13 @@ class FedDF(Algorithm):
         # reserved even with distill_steps = 0, so that per-family FedAvg sees exactly FedDF's client pool
         return ServerDataSpec(self.server_data, self.server_data_size, self.server_val_size)
 
-    def family_list(self, ctx: Context) -> tuple[Family, ...]:
-        return resolve_families(self.families, ctx.model)
-
-    def model_refs(self, ctx: Context) -> list[ModelRef]:
-        return [f.ref for f in self.family_list(ctx)]
-
     # ---------------------------------------------------------------- server
     def init_state(self, ctx: Context) -> ServerState:
-        torch.manual_seed(round_seed(ctx.seed, 0))
-        return ServerState(round=0, models={f.key: weights_of(f.ref.build(ctx.info)) for f in self.family_list(ctx)})
+        return ServerState(round=0, models=self.initial_models(ctx))
 
     def configure_round(self, state: ServerState, rnd: int, clients: Sequence[int],
                         ctx: Context) -> list[ClientTask]:
-        train = self.round_train_config(ctx, rnd)
-        fams = self.family_list(ctx)
-        idx = family_index(ctx, rnd, len(fams))
-        tasks = []
-        for c in clients:
-            f = fams[idx[int(c)]]
-            tasks.append(ClientTask(int(c), f.ref, state.models[f.key], train, round_seed(ctx.seed, rnd, int(c))))
-        return tasks
+        return self.family_tasks(state, rnd, clients, ctx)
 
     def _distilling(self, ctx: Context) -> bool:
         if self.distill_steps == 0:
@@ -159,9 +130,7 @@ class FedDF(Algorithm):
         return True
 
     def aggregate(self, state: ServerState, rnd: int, results: Iterable[ClientResult], ctx: Context) -> FedDFUpdate:
-        fams = self.family_list(ctx)
-        idx = family_index(ctx, rnd, len(fams))
-        means = {f.key: RunningMean() for f in fams}
+        means = self.family_means(ctx, rnd)
         distilling = self._distilling(ctx)
         sd = ctx.server_data
         streaming = self.teachers == "streaming"
@@ -174,8 +143,7 @@ class FedDF(Algorithm):
         modules: dict[ModelRef, nn.Module] = {}
         upd = FedDFUpdate(means={}, clients={})
         for res in results:
-            f = fams[idx[res.client_id]]
-            means[f.key].add(res.weights, float(res.num_samples) if self.weighted else 1.0, res.num_samples)
+            f = means.add(res)
             if not distilling:
                 continue
             t0 = time.perf_counter()
@@ -194,9 +162,9 @@ class FedDF(Algorithm):
                 upd.resident.append(module)
             upd.teachers += 1
             upd.teacher_s += time.perf_counter() - t0
-        upd.means = {k: m.value() for k, m in means.items() if m.count}
-        upd.clients = {k: m.count for k, m in means.items()}
-        upd.mean_bytes = sum(m.nbytes for m in means.values())
+        upd.means = means.values()
+        upd.clients = means.clients()
+        upd.mean_bytes = means.nbytes
         if upd.teachers and streaming:
             upd.cache = ens.logits()
             upd.val_logits = ens_val.logits() if ens_val is not None else None
@@ -254,20 +222,8 @@ class FedDF(Algorithm):
             metrics["server_peak_bytes"] = update.teacher_bytes + update.mean_bytes + student_bytes
         return ServerState(rnd, models, {**state.buffers, "metrics": metrics})
 
-    def eval_targets(self, state: ServerState, ctx: Context) -> dict[str, EvalTarget]:
-        fams = self.family_list(ctx)
-        out = {"global": EvalTarget(fams[0].ref, state.models[fams[0].key])}
-        for f in fams[1:]:
-            out[f.key] = EvalTarget(f.ref, state.models[f.key])
-        return out
-
     def summarize(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        evals = [r for r in rows if r.get("test_accuracy") is not None]
-        if evals:
-            for k, v in evals[-1].items():
-                if k.startswith("test_accuracy."):
-                    out[k] = v
+        out = super().summarize(rows)
         for key in ("server_distill_s", "server_teacher_s"):
             vals = [r[key] for r in rows if key in r]
             if vals:

@@ -43,11 +43,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from hetfl.algorithms.base import (
-    Algorithm,
     ClientResult,
     ClientTask,
     Context,
-    EvalTarget,
     ModelRef,
     ServerState,
     Weights,
@@ -55,14 +53,7 @@ from hetfl.algorithms.base import (
     round_seed,
     weights_of,
 )
-from hetfl.algorithms.families import (
-    Family,
-    RunningMean,
-    build_detached,
-    family_index,
-    parse_families,
-    resolve_families,
-)
+from hetfl.algorithms.families import FamilyAlgorithm, build_detached
 from hetfl.algorithms.registry import ALGORITHMS
 from hetfl.data.base import DataInfo, Split
 from hetfl.errors import ConfigError
@@ -173,10 +164,9 @@ class FedGenUpdate:
 # ---------------------------------------------------------------------------------------------- algorithm
 @ALGORITHMS.register("fedgen")
 @dataclass(frozen=True)
-class FedGen(Algorithm):
+class FedGen(FamilyAlgorithm):
     """FedGen: a server generator of head-space features, trained on the clients' heads, regularises clients."""
 
-    families: str = ""
     weighted: bool = True
     gen_noise_dim: int = 32
     gen_hidden: int = 256
@@ -202,8 +192,7 @@ class FedGen(Algorithm):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        parse_families(self.families)
-        checks = [
+        self.check_fields([
             (self.gen_noise_dim >= 1, "gen_noise_dim", "must be >= 1"),
             (self.gen_hidden >= 1, "gen_hidden", "must be >= 1"),
             (self.gen_noise in NOISES, "gen_noise", f"must be one of {', '.join(NOISES)}"),
@@ -224,10 +213,7 @@ class FedGen(Algorithm):
             (self.label_epsilon > 0, "label_epsilon", "must be > 0"),
             (0 < self.label_delta < 1, "label_delta", "must be in (0, 1)"),
             (self.label_release in RELEASES, "label_release", f"must be one of {', '.join(RELEASES)}"),
-        ]
-        for ok, name, msg in checks:
-            if not ok:
-                raise ConfigError(f"algorithm.{name} {msg}, got {getattr(self, name)!r}")
+        ])
         if self.label_noise == "gaussian" and self.label_epsilon > 1:
             raise ConfigError(f"algorithm.label_epsilon must be <= 1 with label_noise='gaussian' (the classic "
                               f"Gaussian-mechanism bound), got {self.label_epsilon!r}; use 'laplace' for larger ε")
@@ -237,9 +223,6 @@ class FedGen(Algorithm):
                               "label_release='every_round'")
 
     # ---------------------------------------------------------------- hooks
-    def family_list(self, ctx: Context) -> tuple[Family, ...]:
-        return resolve_families(self.families, ctx.model)
-
     def model_refs(self, ctx: Context) -> list[ModelRef]:
         fams = self.family_list(ctx)
         shapes = {}
@@ -275,38 +258,30 @@ class FedGen(Algorithm):
         return Generator(ctx.info.num_classes, self.gen_noise_dim, self.gen_hidden, self.feature_dim(ctx))
 
     def init_state(self, ctx: Context) -> ServerState:
-        torch.manual_seed(round_seed(ctx.seed, 0))
-        models = {f.key: weights_of(f.ref.build(ctx.info)) for f in self.family_list(ctx)}
+        models = self.initial_models(ctx)
         models["generator"] = weights_of(self._generator(ctx))
         releases = torch.zeros(ctx.num_clients, dtype=torch.int64)
         return ServerState(round=0, models=models, buffers={"label_releases": releases})
 
     def configure_round(self, state: ServerState, rnd: int, clients: Sequence[int],
                         ctx: Context) -> list[ClientTask]:
-        train = self.round_train_config(ctx, rnd)
-        fams = self.family_list(ctx)
-        idx = family_index(ctx, rnd, len(fams))
         alpha, beta = self.regularizer_weights(rnd)
-        tasks = []
-        for c in clients:
-            c = int(c)
-            f = fams[idx[c]]
-            extra: dict[str, Any] = {}
+
+        def extra(c: int) -> dict[str, Any]:
+            out: dict[str, Any] = {}
             if alpha > 0 or beta > 0:
-                extra.update(generator=state.models["generator"], alpha=alpha, beta=beta)
+                out.update(generator=state.models["generator"], alpha=alpha, beta=beta)
             if self.label_noise != "none":
-                extra["noise_seed"] = round_seed(ctx.seed, 0 if self.label_release == "once" else rnd, c)
-            tasks.append(ClientTask(c, f.ref, state.models[f.key], train, round_seed(ctx.seed, rnd, c), extra))
-        return tasks
+                out["noise_seed"] = round_seed(ctx.seed, 0 if self.label_release == "once" else rnd, c)
+            return out
+
+        return self.family_tasks(state, rnd, clients, ctx, extra)
 
     def aggregate(self, state: ServerState, rnd: int, results: Iterable[ClientResult], ctx: Context) -> FedGenUpdate:
-        fams = self.family_list(ctx)
-        idx = family_index(ctx, rnd, len(fams))
-        means = {f.key: RunningMean() for f in fams}
+        means = self.family_means(ctx, rnd)
         upd = FedGenUpdate(means={}, clients={})
         for res in results:
-            f = fams[idx[res.client_id]]
-            means[f.key].add(res.weights, float(res.num_samples) if self.weighted else 1.0, res.num_samples)
+            f = means.add(res)
             head = head_shape(f.ref, ctx.info)[0]
             upd.heads_w.append(res.weights[f"{head}.weight"].detach().float())
             upd.heads_b.append(res.weights[f"{head}.bias"].detach().float())
@@ -315,8 +290,8 @@ class FedGen(Algorithm):
             if "label_leak_tv" in res.metrics:
                 upd.leak_tv.append(float(res.metrics["label_leak_tv"]))
                 upd.leak_mae.append(float(res.metrics["label_leak_count_mae"]))
-        upd.means = {k: m.value() for k, m in means.items() if m.count}
-        upd.clients = {k: m.count for k, m in means.items()}
+        upd.means = means.values()
+        upd.clients = means.clients()
         return upd
 
     def train_generator(self, gen_weights: Weights, opt_state: dict[str, Any] | None, upd: FedGenUpdate, rnd: int,
@@ -396,18 +371,8 @@ class FedGen(Algorithm):
         buffers["metrics"] = metrics
         return ServerState(rnd, models, buffers)
 
-    def eval_targets(self, state: ServerState, ctx: Context) -> dict[str, EvalTarget]:
-        fams = self.family_list(ctx)
-        out = {"global": EvalTarget(fams[0].ref, state.models[fams[0].key])}
-        for f in fams[1:]:
-            out[f.key] = EvalTarget(f.ref, state.models[f.key])
-        return out
-
     def summarize(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        evals = [r for r in rows if r.get("test_accuracy") is not None]
-        if evals:
-            out.update({k: v for k, v in evals[-1].items() if k.startswith("test_accuracy.")})
+        out = super().summarize(rows)
         tv = [r["label_leak_tv_mean"] for r in rows if "label_leak_tv_mean" in r]
         if tv:
             out["label_leak_tv_mean"] = float(np.mean(tv))

@@ -8,15 +8,19 @@ nested widths per minibatch (FjORD's ordered dropout).
 
 HeteroFL's options, with its defaults: static BN (running statistics are not aggregated; they are
 recomputed for evaluation in one pass over client data at each evaluated width), the Scaler (hidden
-Linear/Conv outputs divided by the rate during training), masked cross-entropy (logits of labels
-absent on the client set to 0, as HeteroFL's code does) and the classifier rule (an output row is
-averaged only over clients that hold its label), unweighted element averaging.
+Linear/Conv outputs divided by the rate during training; ``"auto"``: only where BatchNorm statistics
+recomputed at evaluation absorb the train/eval scale difference, see :func:`scaler_absorbed`), masked
+cross-entropy (logits of labels absent on the client set to 0, as HeteroFL's code does) and the
+classifier rule (an output row is averaged only over clients that hold its label), unweighted element
+averaging.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -93,6 +97,21 @@ class Scaler:
             h.remove()
 
 
+def scaler_absorbed(model: nn.Module, static_bn: bool) -> bool:
+    """Whether the model's norms absorb the Scaler's train-only factor at evaluation.
+
+    The Scaler divides activations by the rate in training only.  HeteroFL's models follow every scaled
+    layer with static BatchNorm, whose statistics are recomputed at evaluation from unscaled activations,
+    so evaluation sees correctly normalised features.  That holds when the model has BatchNorm layers and
+    each of them either keeps no running statistics (batch statistics at evaluation too) or has them
+    recomputed at evaluation (``static_bn``).  Without such norms (an MLP, FedAvg's CNN) the biases are
+    not scaled with the weights, so a narrow submodel evaluated without the factor is mis-scaled (on MNIST
+    with the 200-200 MLP the 1/16 submodel evaluated at chance with the Scaler, ~90 % without).
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return bool(norms) and all(static_bn or not m.track_running_stats for m in norms)
+
+
 @ALGORITHMS.register("heterofl")
 @dataclass(frozen=True)
 class HeteroFL(Algorithm):
@@ -102,7 +121,7 @@ class HeteroFL(Algorithm):
     stride: int = 1
     weighted: bool = False
     static_bn: bool = True
-    scaler: bool = True
+    scaler: bool | Literal["auto"] = "auto"  # "auto": on iff scaler_absorbed(model, static_bn); true / false force it
     masked_ce: bool = True
     classifier_rule: bool = True
     ordered: bool = False  # FjORD: also train nested narrower widths, one drawn per minibatch
@@ -126,6 +145,8 @@ class HeteroFL(Algorithm):
         if self.ordered and self.policy != "prefix":
             raise ConfigError("algorithm.ordered (FjORD) needs nested submodels: algorithm.policy must be 'prefix'")
         check_method(self.aggregator, self.trim)
+        if not (isinstance(self.scaler, bool) or self.scaler == "auto"):
+            raise ConfigError(f'algorithm.scaler must be true, false or "auto", got {self.scaler!r}')
         if self.self_distill and not self.ordered:
             raise ConfigError("algorithm.self_distill needs algorithm.ordered = true (FjORD's per-minibatch widths)")
 
@@ -134,6 +155,25 @@ class HeteroFL(Algorithm):
         if ctx.fleet is None:
             return np.ones(ctx.num_clients)
         return ctx.fleet.widths(rnd, ctx.seed)
+
+    def uses_scaler(self, model: nn.Module) -> bool:
+        """The resolved ``scaler`` setting for ``model`` (``"auto"``: :func:`scaler_absorbed`)."""
+        if isinstance(self.scaler, bool):
+            return self.scaler
+        return scaler_absorbed(model, self.static_bn)
+
+    def _warn_forced_scaler(self, ctx: Context) -> None:
+        if self.scaler is not True or ctx.fleet is None or min(ctx.fleet.levels) == 1.0:
+            return
+        with torch.random.fork_rng(devices=[]):  # building a model must not move the global RNG
+            model = ctx.model.build(ctx.info)
+        if not scaler_absorbed(model, self.static_bn):
+            warnings.warn(
+                f"algorithm.scaler = true on model {ctx.model.name!r}, which has no BatchNorm whose statistics "
+                f"are recomputed at evaluation (static_bn = {str(self.static_bn).lower()}): the Scaler's "
+                f"train-only factor 1/rate is not absorbed, so narrow submodels are mis-scaled at evaluation "
+                f"(often near chance). Use scaler = \"auto\" (the default) or false",
+                UserWarning, stacklevel=2)
 
     def width_sampler(self) -> WidthPolicy:
         return make_width_policy(self.width_policy, q=self.width_q, target=self.width_target,
@@ -167,6 +207,7 @@ class HeteroFL(Algorithm):
     # ------------------------------------------------------------------ server
     def init_state(self, ctx: Context) -> ServerState:
         spec_for(ctx.model, ctx.info)  # fail early (clear error) if the model cannot be sliced
+        self._warn_forced_scaler(ctx)
         if ctx.fleet is not None:
             for rate in ctx.fleet.levels:
                 group_sizes(ctx.model, ctx.info, rate)
@@ -314,7 +355,7 @@ class HeteroFL(Algorithm):
         forward = self._ordered_forward(task, model) if self.ordered else None
         if forward is not None and self.self_distill:
             loss_fn = forward.distillation_loss(loss_fn or F.cross_entropy)
-        hidden = self._hidden_modules(task) if self.scaler else ()
+        hidden = self._hidden_modules(task) if self.uses_scaler(model) else ()
         with Scaler(model, hidden, rate):
             kwargs = {"forward": forward} if forward is not None else {}
             stats = local_sgd(model, data, task.train, seed=task.seed, device=device, loss_fn=loss_fn, **kwargs)

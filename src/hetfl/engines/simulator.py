@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hetfl.accounting import Accountant, TierLedger
 from hetfl.algorithms.base import Algorithm, ClientResult, ClientTask, Context, ModelRef, ServerState, nbytes
 from hetfl.data.federation import Federation
 from hetfl.reliability.guard import RoundGuard, skip_round
@@ -35,6 +36,7 @@ class RoundReport:
     bytes_up: int = 0
     train_time_s: float = 0.0
     faults: dict[str, Any] | None = None  # per-round fault metrics (hetfl.reliability.guard), if guarded
+    tiers: TierLedger | None = None  # costs summed per capability tier (hetfl.accounting), tier.<label>.<field>
     messages: list[str] = field(default_factory=list)  # lines for the progress console
 
     def as_metrics(self) -> dict[str, Any]:
@@ -46,6 +48,7 @@ class RoundReport:
             "bytes_up": self.bytes_up,
             "train_time_s": round(self.train_time_s, 4),
             **(self.faults or {}),
+            **(self.tiers.metrics() if self.tiers is not None else {}),
         }
 
 
@@ -83,6 +86,7 @@ class Simulator:
         self.device = torch.device(device)
         self.models = ModelCache(ctx, self.device)
         self.guard = RoundGuard(ctx, federation.dataset.train.x[:1])  # dropouts, deadlines, validation
+        self.accountant = Accountant(ctx, costs=self.guard.costs)  # per-tier costs in every round's metrics
 
     def close(self) -> None:
         """Nothing to release: everything lives in this process."""
@@ -97,9 +101,12 @@ class Simulator:
         rng = np.random.default_rng([ctx.seed, rnd, 0x73616D70])
         clients = algo.sample_clients(state, rnd, ctx, rng)
         tasks = algo.configure_round(state, rnd, clients, ctx)
-        report = RoundReport()
+        report = RoundReport(tiers=self.accountant.ledger())
         book = self.guard.begin(rnd, tasks)  # dropouts and stragglers are decided before anyone trains
         report.bytes_down = sum(nbytes(task.weights) for task in tasks)
+        costs = {id(task): self.accountant.cost(task) for task in tasks}
+        for task in tasks:
+            report.tiers.sent(costs[id(task)])
 
         def stream() -> Iterator[ClientResult]:
             for task in book.to_run:
@@ -109,6 +116,7 @@ class Simulator:
                 if res is None:
                     continue
                 report.bytes_up += nbytes(task.weights)  # a valid result has the task's shapes and dtypes
+                report.tiers.trained(costs[id(task)])
                 if not book.accept(task, res):  # invalid: rejected with its reason
                     continue
                 report.clients.append(res.client_id)

@@ -36,6 +36,7 @@ import numpy as np
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
+from hetfl.accounting import Accountant
 from hetfl.algorithms.base import Algorithm, ClientResult, Context, ServerState, nbytes
 from hetfl.engines.simulator import RoundReport
 from hetfl.errors import HetflError
@@ -104,6 +105,7 @@ class HetflStrategy:
         self._on_close = on_close
         self._alive = alive  # raises if the transport died (a crashed simulation), checked while waiting
         self._closed = False
+        self._accountant: Accountant | None = None  # per-tier costs; rebuilt when the query replaces ctx
 
     # ------------------------------------------------------------------ plumbing
     def _exchange(self, messages: list[Message], timeout_s: float, what: str = "round_timeout_s"
@@ -236,7 +238,10 @@ class HetflStrategy:
         rng = np.random.default_rng([ctx.seed, rnd, 0x73616D70])  # the simulator's stream
         clients = algo.sample_clients(state, rnd, ctx, rng)
         tasks = algo.configure_round(state, rnd, clients, ctx)
-        report = FlowerRoundReport()
+        if self._accountant is None or self._accountant.ctx is not ctx:
+            self._accountant = Accountant(ctx, costs=self._accountant.costs if self._accountant else None)
+        report = FlowerRoundReport(tiers=self._accountant.ledger())
+        costs = {}
         sent, messages = [], []
         for task in tasks:
             node = self.node_of.get(task.client_id)
@@ -245,6 +250,8 @@ class HetflStrategy:
                 continue
             messages.append(Message(codec.encode_task(task, algo, self.run_record), node, "train", group_id=str(rnd)))
             report.bytes_down += nbytes(task.weights)
+            costs[task.client_id] = self._accountant.cost(task)
+            report.tiers.sent(costs[task.client_id])
             sent.append(task.client_id)
         t0 = time.perf_counter()
 
@@ -263,6 +270,7 @@ class HetflStrategy:
                     log.warning("round %d: client %d failed: %s", rnd, cid, err)
                     continue
                 report.bytes_up += nbytes(res.weights)
+                report.tiers.trained(costs[cid])
                 report.clients.append(res.client_id)
                 report.samples += res.num_samples
                 report.client_time_s += client_time

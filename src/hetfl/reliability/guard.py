@@ -24,9 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from hetfl.accounting import CostCache
 from hetfl.algorithms.base import ClientResult, ClientTask, Context, ServerState
 from hetfl.reliability import FaultsConfig
-from hetfl.reliability.plan import DROP_DEADLINE, DROP_DROPOUT, ClientPlan, CostCache, client_tiers, plan_round
+from hetfl.reliability.plan import DROP_DEADLINE, DROP_DROPOUT, ClientPlan, client_tiers, plan_round
 from hetfl.reliability.validate import validate_result
 
 #: Per-round fields a guarded engine adds to metrics.jsonl.

@@ -7,7 +7,7 @@ A client's simulated round time is its compute time plus its transfer time::
 
 where ``train_flops = 3 × forward_flops × planned_samples`` (:func:`hetfl.accounting.train_cost`,
 FedScale's rule: compute = 3 × batch × steps × per-sample inference cost), ``planned_samples`` follows
-from the client's data size and the task's ``[train]`` config (:func:`planned_samples`),
+from the client's data size and the task's ``[train]`` config (:func:`hetfl.accounting.planned_samples`),
 ``bytes_down`` is the task's weights and ``bytes_up`` the same (a result has the task's shapes).  One
 link speed serves both directions (the fleet's ``bandwidth_mbps``, a lognormal draw around
 ``fleet.bandwidth_mbps`` per client).  Without a fleet every client has speed 1 and 20 Mbit/s.
@@ -21,33 +21,18 @@ update is discarded.  Engines skip training both (their updates would be thrown 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from hetfl.accounting import ModelCost, model_cost, train_cost
-from hetfl.algorithms.base import ClientTask, Context, ModelRef, nbytes
-from hetfl.config import TrainConfig
-from hetfl.data.base import DataInfo
+from hetfl.accounting import ModelCost, client_cost, planned_samples  # noqa: F401  (planned_samples: re-exported)
+from hetfl.algorithms.base import ClientTask, Context, ModelRef
 from hetfl.reliability import FaultsConfig
 
 DEFAULT_BANDWIDTH_MBPS = 20.0
 DROP_DROPOUT = "dropout"
 DROP_DEADLINE = "deadline"
-
-
-def planned_samples(n: int, train: TrainConfig) -> int:
-    """Samples one local update processes on ``n`` local samples (exactly what ``local_sgd`` does)."""
-    if n <= 0:
-        return 0
-    if train.steps > 0:
-        per_pass = math.ceil(n / train.batch_size)
-        full, rest = divmod(train.steps, per_pass)
-        return full * n + rest * train.batch_size
-    return train.epochs * n
 
 
 def dropout_draw(seed: int, rnd: int, client_id: int) -> float:
@@ -100,36 +85,14 @@ def plan_round(tasks: Sequence[ClientTask], rnd: int, ctx: Context, faults: Faul
         c = int(task.client_id)
         speed = float(fleet.speed[c]) if fleet is not None else 1.0
         mbps = float(fleet.bandwidth_mbps[c]) if fleet is not None else DEFAULT_BANDWIDTH_MBPS
-        samples = planned_samples(int(ctx.client_sizes[c]), task.train)
-        flops = train_cost(costs[task.model], samples, task.train.batch_size,
-                           momentum=task.train.momentum > 0).flops
-        size = nbytes(task.weights)
-        compute_s = flops / (speed * faults.device_gflops * 1e9)
-        comm_s = 2 * size * 8 / (mbps * 1e6)
+        cost = client_cost(task, ctx, costs[task.model], int(tiers[c]))
+        compute_s = cost.flops / (speed * faults.device_gflops * 1e9)
+        comm_s = (cost.bytes_down + cost.bytes_up) * 8 / (mbps * 1e6)
         drop = None
         if faults.dropout > 0 and dropout_draw(ctx.seed, rnd, c) < faults.dropout:
             drop = DROP_DROPOUT
         elif faults.deadline_s > 0 and compute_s + comm_s > faults.deadline_s:
             drop = DROP_DEADLINE
-        plans.append(ClientPlan(c, int(tiers[c]), samples, flops, size, size, compute_s, comm_s, drop))
+        plans.append(ClientPlan(c, cost.tier, cost.samples, cost.flops, cost.bytes_down, cost.bytes_up, compute_s,
+                                comm_s, drop))
     return RoundPlan(rnd, tuple(plans))
-
-
-class CostCache:
-    """:func:`hetfl.accounting.model_cost` per :class:`ModelRef`, computed once on a fresh CPU copy."""
-
-    def __init__(self, info: DataInfo, example: torch.Tensor) -> None:
-        self.info = info
-        self.example = example[:1].detach().cpu()
-        self._costs: dict[ModelRef, ModelCost] = {}
-
-    def __call__(self, ref: ModelRef) -> ModelCost:
-        cost = self._costs.get(ref)
-        if cost is None:
-            with torch.random.fork_rng(devices=[]):  # building a model must not move the global RNG
-                cost = model_cost(ref.build(self.info), self.example)
-            self._costs[ref] = cost
-        return cost
-
-    def for_tasks(self, tasks: Sequence[ClientTask]) -> dict[ModelRef, ModelCost]:
-        return {t.model: self(t.model) for t in tasks}
