@@ -52,6 +52,22 @@ def batch_indices(n: int, batch_size: int, cfg_epochs: int, steps: int,
             done += 1
 
 
+def seed_torch(seed: int, device: torch.device | str = "cpu") -> None:
+    """Seed the global CPU generator (and the generator of ``device`` if it is an accelerator).
+
+    Equivalent to ``torch.manual_seed(seed)`` for everything this process draws on the CPU and on
+    ``device``, but cheap: ``torch.manual_seed`` also queues a lazy seed for every uninitialised
+    accelerator backend (CUDA, XPU, MTIA), each time formatting the Python stack, which costs about
+    0.5 ms per call -- a quarter of a small client's update.
+    """
+    torch.random.default_generator.manual_seed(seed)
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)  # the device in use (initialised: no lazy queue)
+    elif device.type != "cpu":
+        torch.manual_seed(seed)
+
+
 @dataclass
 class TrainStats:
     loss: float
@@ -79,7 +95,7 @@ def local_sgd(
     if n == 0:
         return TrainStats(loss=float("nan"), steps=0, samples=0)
     gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
+    seed_torch(seed, device)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)
