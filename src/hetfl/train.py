@@ -32,11 +32,12 @@ def _plain_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def batch_indices(n: int, batch_size: int, cfg_epochs: int, steps: int,
-                  generator: torch.Generator) -> Iterator[torch.Tensor]:
+                  generator: torch.Generator, device: torch.device | str | None = None) -> Iterator[torch.Tensor]:
     """Minibatch index tensors: ``cfg_epochs`` shuffled passes, or exactly ``steps`` batches if > 0.
 
     In step mode the shuffled passes continue as long as needed.  The last batch of a pass may be
-    smaller (no samples are dropped).
+    smaller (no samples are dropped).  The permutation is drawn on the CPU (``generator``) and, with
+    ``device``, moved there once per pass: the batches are views, no host transfer per batch.
     """
     done = 0
     epoch = 0
@@ -44,6 +45,8 @@ def batch_indices(n: int, batch_size: int, cfg_epochs: int, steps: int,
         if steps <= 0 and epoch >= cfg_epochs:
             return
         perm = torch.randperm(n, generator=generator)
+        if device is not None:
+            perm = perm.to(device, non_blocking=True)
         epoch += 1
         for start in range(0, n, batch_size):
             if steps > 0 and done >= steps:
@@ -102,12 +105,10 @@ def local_sgd(
     params = [p for p in model.parameters() if p.requires_grad]
     loss_fn = loss_fn or F.cross_entropy
     x, y = data.x, data.y
-    on_cpu = x.device.type == "cpu"
     total = torch.zeros((), device=x.device)
     steps = samples = 0
-    for idx in batch_indices(n, cfg.batch_size, cfg.epochs, cfg.steps, gen):
-        if not on_cpu:
-            idx = idx.to(x.device, non_blocking=True)
+    index_device = None if x.device.type == "cpu" else x.device  # one index transfer per pass, not per batch
+    for idx in batch_indices(n, cfg.batch_size, cfg.epochs, cfg.steps, gen, index_device):
         xb, yb = x[idx], y[idx]
         logits = forward(model, xb)
         loss = loss_fn(logits, yb)
@@ -160,13 +161,13 @@ def evaluate(model: nn.Module, data: Split, batch_size: int = 1000, *, per_sampl
         correct = logits.argmax(1) == yb
         loss_sum += losses.sum(dtype=torch.float64)
         correct_sum += correct.sum()
-        if per_sample:
-            correct_parts.append(correct.cpu())
-            loss_parts.append(losses.cpu())
+        if per_sample:  # kept on the device, copied to the host once at the end
+            correct_parts.append(correct)
+            loss_parts.append(losses)
     return EvalResult(
         loss=float(loss_sum) / n,
         accuracy=float(correct_sum) / n,
         n=n,
-        correct=torch.cat(correct_parts).numpy() if per_sample else None,
-        losses=torch.cat(loss_parts).numpy() if per_sample else None,
+        correct=torch.cat(correct_parts).cpu().numpy() if per_sample else None,
+        losses=torch.cat(loss_parts).cpu().numpy() if per_sample else None,
     )

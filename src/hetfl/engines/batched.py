@@ -86,14 +86,16 @@ def train_group(module: nn.Module, weights: Sequence[dict[str, torch.Tensor]], x
     k = len(weights)
     names = [n for n, _ in module.named_parameters()]
     device = x.device
-    # every client's minibatches, as global indices: [steps, K, B] (one host-to-device copy per group)
+    # every client's minibatches, as global indices: steps x [K, B] (one host-to-device copy per group)
     per_client = []
     for idx, seed in zip(client_indices, seeds):
         gen = torch.Generator().manual_seed(int(seed))
         local = torch.as_tensor(idx, dtype=torch.long)
         per_client.append([local[b] for b in batch_indices(len(local), cfg.batch_size, cfg.epochs, cfg.steps, gen)])
     steps = len(per_client[0])
-    batches = [torch.stack([per_client[c][s] for c in range(k)]).to(device) for s in range(steps)]
+    per_step = [torch.stack([per_client[c][s] for c in range(k)]) for s in range(steps)]  # [K, B_s] each
+    flat = torch.cat([b.reshape(-1) for b in per_step]).to(device)  # one host-to-device copy for the group
+    batches = [part.view(k, -1) for part in flat.split([b.numel() for b in per_step])]
     params = {n: torch.stack([w[n].detach().to(device) for w in weights]).clone() for n in names}
     bufs: dict[str, torch.Tensor] = {}
 
