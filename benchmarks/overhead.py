@@ -9,6 +9,14 @@ global weights into one model per client, trains, and averages the state dicts.
 
     python benchmarks/overhead.py                 # MNIST (fetched once into hetfl's cache)
     python benchmarks/overhead.py --dataset digits --model mlp --rounds 20
+    python benchmarks/overhead.py --algorithm heterofl --mix a-b-c-d-e
+
+``--algorithm heterofl``: HeteroFL with fixed prefix slices, the fleet's tiers in contiguous client
+blocks (``--mix``, default a-b-c-d-e: widths 1, 1/2, 1/4, 1/8, 1/16), unweighted overlap averaging,
+and HeteroFL's per-model hooks (Scaler, masked cross-entropy, classifier rule) off, as a hand-written
+loop would not have them.  The bare side slices the global weights with plain tensor indexing
+(``w[:rows, :cols]``, the prefix of every dimension the submodel is narrower in), trains each client's
+submodel, and averages the overlaps by hand with float64 sums and counts.
 
 Prints per-repeat times and ``overhead_ratio=<hetfl time / bare time>`` (min over repeats, the
 two sides interleaved).
@@ -46,7 +54,63 @@ def make_config(args: argparse.Namespace):
         "train": {"epochs": 1, "batch_size": args.batch_size, "lr": 0.05},
         "eval": {"every": 10**6, "local": False},
     }
+    if args.algorithm == "heterofl":
+        base["algorithm"] = {"name": "heterofl", "clients_per_round": args.clients, "scaler": False,
+                             "masked_ce": False, "classifier_rule": False, "eval_widths": False}
+        base["fleet"] = {"source": "tiers", "mix": args.mix, "assignment": "fixed"}
     return load_config(None, (), base=base)
+
+
+LEVELS = {"a": 1.0, "b": 0.5, "c": 0.25, "d": 0.125, "e": 0.0625}
+
+
+def bare_loop_heterofl(exp, rounds: int, mix: str) -> tuple[float, dict[str, torch.Tensor]]:
+    """HeteroFL's rounds by hand: prefix-slice, train the submodel, average every element over its owners."""
+    from hetfl.models import build_model
+
+    cfg, fed, ctx, algo = exp.cfg, exp.federation, exp.ctx, exp.algorithm
+    levels = [LEVELS[t] for t in mix.split("-")]  # one letter per tier, equal shares, widest first
+    n = fed.num_clients
+    counts = [n // len(levels)] * len(levels)
+    counts[-1] += n - sum(counts)  # leftover clients take the last (narrowest) tier
+    rate_of = np.repeat(levels, counts)  # tiers in contiguous blocks of client ids
+    torch.manual_seed(round_seed(cfg.seed, 0))
+    full = build_model(cfg.model.name, ctx.info, **dict(cfg.model.params)).to(exp.device)
+    global_w = {k: v.clone() for k, v in full.state_dict().items()}
+    models = {r: build_model(cfg.model.name, ctx.info, width=r, **dict(cfg.model.params)).to(exp.device)
+              for r in levels}
+    # the prefix of every dimension: channels stay contiguous when a conv output is flattened (NCHW)
+    slices = {r: {k: tuple(slice(0, d) for d in v.shape) for k, v in m.state_dict().items()}
+              for r, m in models.items()}
+    x_all, y_all = fed.train.x, fed.train.y
+    t0 = time.perf_counter()
+    for rnd in range(1, rounds + 1):
+        rng = np.random.default_rng([cfg.seed, rnd, 0x73616D70])
+        clients = rng.choice(n, size=algo.clients_for(n), replace=False)
+        clients.sort()
+        sums = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in global_w.items()}
+        counts = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in global_w.items()}
+        for c in clients:
+            rate = float(rate_of[c])
+            model, sl = models[rate], slices[rate]
+            idx_c = torch.as_tensor(fed.train_idx[c], device=x_all.device)
+            x, y = x_all[idx_c], y_all[idx_c]
+            model.load_state_dict({k: global_w[k][sl[k]] for k in sl})
+            opt = torch.optim.SGD(model.parameters(), lr=cfg.train.lr)
+            gen = torch.Generator().manual_seed(round_seed(cfg.seed, rnd, int(c)))
+            torch.random.default_generator.manual_seed(round_seed(cfg.seed, rnd, int(c)))
+            model.train()
+            for idx in batch_indices(len(y), cfg.train.batch_size, cfg.train.epochs, 0, gen):
+                loss = F.cross_entropy(model(x[idx]), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            for k, v in model.state_dict().items():
+                sums[k][sl[k]] += v.detach().double()
+                counts[k][sl[k]] += 1.0
+        global_w = {k: torch.where(counts[k] > 0, sums[k] / counts[k].clamp_min(1.0), g.double()).to(g.dtype)
+                    for k, g in global_w.items()}
+    return time.perf_counter() - t0, global_w
 
 
 def bare_loop(exp, rounds: int) -> tuple[float, dict[str, torch.Tensor]]:
@@ -68,7 +132,9 @@ def bare_loop(exp, rounds: int) -> tuple[float, dict[str, torch.Tensor]]:
             model.load_state_dict(global_w)
             opt = torch.optim.SGD(model.parameters(), lr=cfg.train.lr)
             gen = torch.Generator().manual_seed(round_seed(cfg.seed, rnd, int(c)))
-            torch.manual_seed(round_seed(cfg.seed, rnd, int(c)))
+            # seeds torch's CPU generator as torch.manual_seed does, without its per-call cost of queueing
+            # lazy seeds for absent accelerators (hetfl's local_sgd does the same)
+            torch.random.default_generator.manual_seed(round_seed(cfg.seed, rnd, int(c)))
             model.train()
             for idx in batch_indices(len(y), cfg.train.batch_size, cfg.train.epochs, 0, gen):
                 loss = F.cross_entropy(model(x[idx]), y[idx])
@@ -111,15 +177,22 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--algorithm", default="fedavg", choices=("fedavg", "heterofl"))
+    p.add_argument("--mix", default="a-b-c-d-e", help="heterofl: tiers, one letter each (a=1 ... e=1/16)")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = make_config(args)
     exp = prepare(cfg)  # loads (and caches) the data once, outside the timings
-    print(f"workload: {args.dataset} {args.model}, {args.clients} clients/round x 1 epoch, batch {args.batch_size}, "
+    print(f"workload: {args.algorithm}{' ' + args.mix if args.algorithm == 'heterofl' else ''}, "
+          f"{args.dataset} {args.model}, {args.clients} clients/round x 1 epoch, batch {args.batch_size}, "
           f"{args.rounds} rounds; torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
     h_times, b_times = [], []
     for rep in range(args.repeats):
         th, wh = hetfl_run(cfg)
-        tb, wb = bare_loop(exp, args.rounds)
+        tb, wb = bare_loop_heterofl(exp, args.rounds, args.mix) if args.algorithm == "heterofl" else \
+            bare_loop(exp, args.rounds)
         h_times.append(th)
         b_times.append(tb)
         same = all(torch.allclose(wh[k].float(), wb[k].float(), atol=1e-5) for k in wb)

@@ -140,6 +140,9 @@ class RunConfig:
     fleet: FleetConfig = field(default_factory=FleetConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     graph: GraphConfig = field(default_factory=GraphConfig)
+    # train same-shape clients as one vmapped model: "auto" (CUDA only, if a start-up micro-benchmark
+    # says it is faster), true, false (hetfl.engines.batched)
+    batched: bool | str = "auto"
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
@@ -270,6 +273,7 @@ def _validate_ranges(cfg: RunConfig) -> None:
     _require(cfg.checkpoint_every >= 0, f"checkpoint_every must be >= 0 (0 = only at the end), "
              f"got {cfg.checkpoint_every}")
     _require(cfg.seed >= 0, f"seed must be >= 0, got {cfg.seed}")
+    _require(cfg.batched in ("auto", True, False), f'batched must be "auto", true or false, got {cfg.batched!r}')
     from hetfl.engines import ENGINES
 
     ENGINES.get(cfg.engine, "engine")

@@ -56,7 +56,7 @@ class Evaluator:
         """Up to ``eval.bn_samples`` client training samples (seeded): the static-BN statistics pass."""
         if self._calib is None:
             fed = self.federation
-            idx = np.concatenate(fed.train_idx)
+            idx = fed.train_idx.flat
             if len(idx) > self.cfg.bn_samples:
                 rng = np.random.default_rng([self.seed, 0x626E])
                 idx = np.sort(rng.choice(idx, size=self.cfg.bn_samples, replace=False))
@@ -65,15 +65,13 @@ class Evaluator:
 
     @staticmethod
     def _local_set(fed: Federation, cfg: EvalConfig, seed: int) -> LocalTestSet | None:
-        has = np.array([len(i) > 0 for i in fed.test_idx])
-        if not has.any():
+        clients = np.flatnonzero(fed.test_idx.sizes > 0)
+        if len(clients) == 0:
             return None
-        clients = np.flatnonzero(has)
         if 0 < cfg.local_clients < len(clients):
             rng = np.random.default_rng([seed, 0x6C6F63])
             clients = np.sort(rng.choice(clients, size=cfg.local_clients, replace=False))
-        idx = np.concatenate([fed.test_idx[c] for c in clients])
-        owner = np.repeat(np.arange(len(clients)), [len(fed.test_idx[c]) for c in clients])
+        idx, owner = fed.test_idx.gather(clients)
         data = fed.train.subset(torch.as_tensor(idx, device=fed.train.x.device))
         return LocalTestSet(data, owner, clients)
 

@@ -54,6 +54,8 @@ def _clean(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _clean(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
+        if all(type(v) is int for v in value):  # per-client integer arrays: nothing to clean, skip the walk
+            return value
         return [_clean(v) for v in value]
     return value
 
@@ -91,8 +93,9 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(_clean(obj), indent=2, default=_json_default) + "\n")
+def write_json(path: Path, obj: Any, indent: int | None = 2) -> None:
+    """``indent=None`` writes one line with json's C encoder (fast for per-client arrays)."""
+    atomic_write_text(path, json.dumps(_clean(obj), indent=indent, default=_json_default) + "\n")
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -207,7 +210,9 @@ class RunDir:
 
     # ------------------------------------------------------------------ other files
     def write_json(self, name: str, obj: Any) -> None:
-        write_json(self.path / name, obj)
+        # partition.json holds per-client arrays (sizes, label histogram: clients x classes); indented, a
+        # 100 000-client fleet took 3 s and 10 MB through the pure-Python encoder, one line takes 0.2 s
+        write_json(self.path / name, obj, indent=None if name == PARTITION else 2)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         self.write_json(SUMMARY, summary)

@@ -153,7 +153,7 @@ def family_index(ctx: Context, rnd: int, num_families: int) -> np.ndarray:
     if ctx.fleet is None or num_families <= 1:
         return np.zeros(ctx.num_clients, dtype=np.int64)
     widths = ctx.fleet.widths(rnd, ctx.seed)
-    tiers = np.array([ctx.fleet.tier(w) for w in widths], dtype=np.int64)
+    tiers = ctx.fleet.tiers_of(widths)
     return np.minimum(tiers, num_families - 1)
 
 

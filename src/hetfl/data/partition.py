@@ -42,6 +42,7 @@ __all__ = [
     "natural_num_clients",
     "partition",
     "summarize",
+    "summarize_index",
 ]
 
 PARTITIONERS: Registry[type[Partitioner]] = Registry("partitioner")
@@ -501,8 +502,14 @@ class PartitionSummary:
             tv = 0.0
         else:
             p_global = hist.sum(axis=0) / total
-            p_client = hist[nonempty] / row[nonempty, None]
-            tv = float((0.5 * np.abs(p_client - p_global).sum(axis=1)).mean())
+            # in blocks of clients: the float temporaries stay bounded for 100 000-client fleets
+            # (up to 16 384 clients one block: the same arithmetic as a single mean)
+            block, tv_sum = 1 << 14, 0.0
+            for s in range(0, k, block):
+                keep = nonempty[s:s + block]
+                p_client = hist[s:s + block][keep] / row[s:s + block][keep, None]
+                tv_sum += float((0.5 * np.abs(p_client - p_global).sum(axis=1)).sum())
+            tv = tv_sum / int(nonempty.sum())
         _set(self, "mean_tv_distance", tv)
 
     def to_dict(self) -> dict[str, Any]:
@@ -539,14 +546,22 @@ def summarize(
 ) -> PartitionSummary:
     """Build a :class:`PartitionSummary`; ``labels`` are ints in ``[0, num_classes)``
     (``num_classes`` defaults to ``max(labels) + 1``)."""
+    sizes = np.array([len(p) for p in parts], dtype=np.int64)
+    idx = np.concatenate([np.asarray(p, dtype=np.int64) for p in parts]) if len(parts) else np.empty(0, np.int64)
+    return summarize_index(idx, sizes, labels, num_classes)
+
+
+def summarize_index(
+    flat: np.ndarray, sizes: np.ndarray, labels: np.ndarray, num_classes: int | None = None
+) -> PartitionSummary:
+    """:func:`summarize` for a split given as the clients' concatenated indices and their sizes."""
     labels = np.asarray(labels).astype(np.int64, copy=False)
     if num_classes is None:
         num_classes = int(labels.max()) + 1 if len(labels) else 0
-    k = len(parts)
-    sizes = np.array([len(p) for p in parts], dtype=np.int64)
+    sizes = np.asarray(sizes, dtype=np.int64)
+    k = len(sizes)
     if k == 0:
         return PartitionSummary(sizes=sizes, label_hist=np.zeros((0, num_classes), dtype=np.int64))
-    idx = np.concatenate([np.asarray(p, dtype=np.int64) for p in parts])
     owner = np.repeat(np.arange(k), sizes)
-    hist = np.bincount(owner * num_classes + labels[idx], minlength=k * num_classes)
+    hist = np.bincount(owner * num_classes + labels[np.asarray(flat, dtype=np.int64)], minlength=k * num_classes)
     return PartitionSummary(sizes=sizes, label_hist=hist.reshape(k, num_classes))

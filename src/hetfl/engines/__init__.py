@@ -23,7 +23,7 @@ def simulator(algorithm: Any, federation: Any, ctx: Any, device: Any, cfg: Any) 
         return InProcessEngine(algorithm, federation, ctx, device, cfg)
     from hetfl.engines.simulator import Simulator
 
-    return Simulator(algorithm, federation, ctx, device)
+    return Simulator(algorithm, federation, ctx, device, batched=getattr(cfg, "batched", False))
 
 
 @ENGINES.register("flower")

@@ -79,7 +79,7 @@ class Simulator:
     name = "simulator"
 
     def __init__(self, algorithm: Algorithm, federation: Federation, ctx: Context,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", batched: bool | str = False) -> None:
         self.algorithm = algorithm
         self.federation = federation
         self.ctx = ctx
@@ -87,11 +87,18 @@ class Simulator:
         self.models = ModelCache(ctx, self.device)
         self.guard = RoundGuard(ctx, federation.dataset.train.x[:1])  # dropouts, deadlines, validation
         self.accountant = Accountant(ctx, costs=self.guard.costs)  # per-tier costs in every round's metrics
+        # same-shape clients trained as one vmapped model (hetfl.engines.batched); None: sequential
+        from hetfl.engines.batched import make_batcher
+
+        self.batcher = make_batcher(batched, algorithm, federation, ctx, self.device, self.models.get)
 
     def close(self) -> None:
         """Nothing to release: everything lives in this process."""
 
     def run_client(self, task: ClientTask) -> ClientResult:
+        res = self.batcher.take(task) if self.batcher is not None else None
+        if res is not None:
+            return res
         model = self.models.loaded(task.model, task.weights)
         data = self.federation.client_train(task.client_id)
         return self.algorithm.local_update(task, model, data, self.device)
@@ -103,6 +110,8 @@ class Simulator:
         tasks = algo.configure_round(state, rnd, clients, ctx)
         report = RoundReport(tiers=self.accountant.ledger())
         book = self.guard.begin(rnd, tasks)  # dropouts and stragglers are decided before anyone trains
+        if self.batcher is not None:
+            self.batcher.plan(book.to_run)
         report.bytes_down = sum(nbytes(task.weights) for task in tasks)
         costs = {id(task): self.accountant.cost(task) for task in tasks}
         for task in tasks:

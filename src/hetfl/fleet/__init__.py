@@ -32,7 +32,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -121,7 +121,7 @@ class Fleet:
     levels: tuple[float, ...]  # the widths that exist, largest first
     proportions: np.ndarray  # share of each level (dynamic assignment draws from it)
     assignment: str = "fixed"
-    device: tuple[str, ...] = ()
+    device: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=str))  # phone names (``phones`` only)
 
     @property
     def num_clients(self) -> int:
@@ -143,8 +143,14 @@ class Fleet:
         """Index of a width among ``levels`` (0 = widest)."""
         return int(np.argmin(np.abs(np.asarray(self.levels) - width)))
 
+    def tiers_of(self, widths: np.ndarray) -> np.ndarray:
+        """:meth:`tier` of every width, vectorised (one pass over the fleet's arrays, no Python loop)."""
+        widths = np.asarray(widths, dtype=np.float64)
+        levels = np.asarray(self.levels, dtype=np.float64)
+        return np.argmin(np.abs(widths[:, None] - levels[None, :]), axis=1).astype(np.int64)
+
     def tiers(self) -> np.ndarray:
-        return np.array([self.tier(w) for w in self.max_width], dtype=np.int64)
+        return self.tiers_of(self.max_width)
 
     def describe(self) -> dict[str, object]:
         counts = {f"{w:g}": int(np.sum(np.isclose(self.max_width, w))) for w in self.levels}
@@ -168,7 +174,7 @@ def correlate_with_sizes(fleet: Fleet, sizes: np.ndarray, mode: str, seed: int) 
         by_size = by_size[::-1]
     perm = np.empty(n, dtype=np.int64)
     perm[by_size] = slots  # client by_size[i] gets device slots[i]
-    device = tuple(np.asarray(fleet.device)[perm]) if fleet.device else ()
+    device = fleet.device[perm] if len(fleet.device) else fleet.device
     return dataclasses.replace(fleet, max_width=fleet.max_width[perm], speed=fleet.speed[perm],
                                memory_gb=fleet.memory_gb[perm], bandwidth_mbps=fleet.bandwidth_mbps[perm],
                                device=device)
@@ -211,4 +217,4 @@ def build_fleet(cfg: FleetConfig, num_clients: int, seed: int, sizes: np.ndarray
     max_width = lv[np.argmax(affordable, axis=1)]
     share = np.array([np.mean(np.isclose(max_width, w)) for w in levels])
     return Fleet(max_width, speed, table["ram_gb"][pick], bandwidth, levels,
-                 share if share.sum() > 0 else props, cfg.assignment, tuple(table["device"][pick]))
+                 share if share.sum() > 0 else props, cfg.assignment, table["device"][pick])

@@ -81,7 +81,7 @@ def capability(context: Context, exp: Any) -> dict[str, Any]:
     if fleet is not None and pid < fleet.num_clients:
         profile = {"max-width": float(fleet.max_width[pid]), "speed": float(fleet.speed[pid]),
                    "memory-gb": float(fleet.memory_gb[pid]), "bandwidth-mbps": float(fleet.bandwidth_mbps[pid])}
-        if fleet.device:
+        if len(fleet.device):
             profile["device-name"] = str(fleet.device[pid])
     for key in CAPABILITY_KEYS:
         if key in context.node_config:

@@ -224,12 +224,12 @@ class HetflStrategy:
             share = np.array([np.mean(np.isclose(changes["max_width"], w)) for w in levels])
             changes["levels"] = levels
             changes["proportions"] = share / share.sum()
-        if fleet.device:
+        if len(fleet.device):
             names = list(fleet.device)
             for cid, cap in self.capabilities.items():
                 if "device-name" in cap:
                     names[cid] = str(cap["device-name"])
-            changes["device"] = tuple(names)
+            changes["device"] = np.asarray(names)
         return dataclasses.replace(ctx, fleet=dataclasses.replace(fleet, **changes))
 
     # ------------------------------------------------------------------ a round
