@@ -68,6 +68,14 @@ def test_workers_equal_sequential_bit_for_bit(tmp_path, digits_cfg, one_thread, 
             assert torch.equal(seq[name][k], par[name][k]), (name, k)
 
 
+def test_resume_may_change_workers(tmp_path, digits_cfg, one_thread):
+    cfg = digits_cfg("rounds=2")
+    run(cfg.replace(workers=1), tmp_path / "seq", quiet=True)
+    run(cfg.replace(rounds=1, workers=1), tmp_path / "res", quiet=True)
+    run(cfg.replace(workers=2, threads_per_worker=1), resume=tmp_path / "res", quiet=True)
+    assert _comparable(read_metrics(tmp_path / "seq")) == _comparable(read_metrics(tmp_path / "res"))
+
+
 FEDDF = ('algorithm={name="feddf", clients_per_round=6, families="cnn, cnn@0.5, mlp(hidden=16)", '
          'server_data_size=120, server_val_size=40, distill_steps=4, distill_batch=32}',
          'model={name="cnn", conv1=4, conv2=8, fc=16}', 'fleet.source="tiers"', 'fleet.mix="a-b-c"',
@@ -125,12 +133,11 @@ class Faulty(FedAvg):
 
 
 def _faulty(digits_cfg, tmp_path, how, times=1, **kw):
-    exp = prepare(digits_cfg("algorithm.clients_per_round=4"))
-    algo = Faulty(clients_per_round=4, victim=-1, how=how, marker=str(tmp_path / "m"), times=times)
-    state = algo.init_state(exp.ctx)
-    victim = int(algo.sample_clients(state, 1, exp.ctx, __import__("numpy").random.default_rng([0, 1, 0x73616D70]))[1])
-    algo = Faulty(clients_per_round=4, victim=victim, how=how, marker=str(tmp_path / "m"), times=times)
-    return exp, algo, state, victim
+    """8 clients on 2 workers: the victim (the 2nd task) runs on worker 1 with another task queued behind it."""
+    exp = prepare(digits_cfg("data.num_clients=8", "algorithm.clients_per_round=8"))
+    victim = 1
+    algo = Faulty(clients_per_round=8, victim=victim, how=how, marker=str(tmp_path / "m"), times=times)
+    return exp, algo, algo.init_state(exp.ctx), victim
 
 
 def test_client_exception_is_a_failure_and_the_worker_survives(tmp_path, digits_cfg):
@@ -139,7 +146,7 @@ def test_client_exception_is_a_failure_and_the_worker_survives(tmp_path, digits_
     try:
         pids = sim.pool.pids
         _, report = sim.run_round(state, 1)
-        assert report.faults["dropped_failure"] == 1 and report.faults["clients_reported"] == 3
+        assert report.faults["dropped_failure"] == 1 and report.faults["clients_reported"] == 7
         assert report.faults["failed"] == [{"client": victim, "reason": f"ValueError: client {victim} broke"}]
         assert "worker_restarts" not in report.faults
         assert sim.pool.pids == pids  # nobody died
@@ -154,15 +161,15 @@ def test_dead_worker_is_restarted_and_its_client_retried(tmp_path, digits_cfg, o
         old = sim.pool.pids
         got, report = sim.run_round(state, 1)
         assert report.faults["worker_restarts"] == 1
-        assert report.faults["clients_reported"] == 4 and report.faults["dropped_failure"] == 0
+        assert report.faults["clients_reported"] == 8 and report.faults["dropped_failure"] == 0
         assert any("died (exit code 3) while training client" in m and "retried" in m for m in report.messages)
         assert len(set(old) - set(sim.pool.pids)) == 1 and not any(_alive(p) for p in set(old) - set(sim.pool.pids))
         _, again = sim.run_round(got, 2)  # the replacement works
-        assert again.faults["clients_reported"] == 4 and "worker_restarts" not in again.faults
+        assert again.faults["clients_reported"] == 8 and "worker_restarts" not in again.faults
     finally:
         sim.close()
     # the retried client gave the same update: the round equals an undisturbed in-process round
-    ref, _ = Simulator(FedAvg(clients_per_round=4), exp.federation, exp.ctx).run_round(state, 1)
+    ref, _ = Simulator(FedAvg(clients_per_round=8), exp.federation, exp.ctx).run_round(state, 1)
     for k, v in ref.models["global"].items():
         assert torch.equal(v, got.models["global"][k]), k
 
@@ -175,7 +182,7 @@ def test_client_that_kills_its_worker_twice_is_dropped(tmp_path, digits_cfg):
     finally:
         sim.close()
     assert report.faults["worker_restarts"] == 2
-    assert report.faults["dropped_failure"] == 1 and report.faults["clients_reported"] == 3
+    assert report.faults["dropped_failure"] == 1 and report.faults["clients_reported"] == 7
     assert report.faults["failed"][0]["client"] == victim
     assert report.faults["failed"][0]["reason"].startswith(WorkerDiedError.__name__)
 
@@ -189,7 +196,7 @@ def test_stalled_worker_times_out(tmp_path, digits_cfg):
         assert time.monotonic() - t0 < 30
     finally:
         sim.close()
-    assert report.faults["worker_restarts"] == 1 and report.faults["clients_reported"] == 4
+    assert report.faults["worker_restarts"] == 1 and report.faults["clients_reported"] == 8
     assert any("worker_timeout_s=1" in m for m in report.messages)
 
 

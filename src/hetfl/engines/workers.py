@@ -172,26 +172,32 @@ def _offsets(layout: Layout) -> tuple[list[int], int]:
     return offs, max(pos, _ALIGN)
 
 
-def map_views(path: str, layout: Layout) -> dict[str, torch.Tensor]:
-    """Map the shared file at ``path`` and return one tensor view per layout entry."""
+Views = dict[str, torch.Tensor]
+
+
+def map_views(path: str, layout: Layout) -> tuple[Views, Views]:
+    """Map the shared file at ``path``: views of the task's weights (in) and of the result's (out)."""
     offs, total = _offsets(layout)
-    buf = torch.from_file(path, shared=True, size=total, dtype=torch.uint8)
-    views = {}
-    for (key, shape, dtype), off in zip(layout, offs):
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        views[key] = buf[off:off + nbytes].view(dtype).view(shape)
-    return views
+    buf = torch.from_file(path, shared=True, size=2 * total, dtype=torch.uint8)
+    halves: list[Views] = []
+    for base in (0, total):
+        views = {}
+        for (key, shape, dtype), off in zip(layout, offs):
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            views[key] = buf[base + off:base + off + nbytes].view(dtype).view(shape)
+        halves.append(views)
+    return halves[0], halves[1]
 
 
-def create_shared(layout: Layout) -> tuple[str, dict[str, torch.Tensor]]:
-    """A new shared file sized for ``layout`` (a name to hand to the worker) and the parent's views."""
+def create_shared(layout: Layout) -> tuple[str, Views, Views]:
+    """A new shared file sized for ``layout`` twice (in and out; a name to hand to the worker), mapped."""
     _, total = _offsets(layout)
     fd, path = tempfile.mkstemp(prefix="hetfl-w-", dir=_shm_dir())
     try:
-        os.ftruncate(fd, total)
+        os.ftruncate(fd, 2 * total)
     finally:
         os.close(fd)
-    return path, map_views(path, layout)
+    return (path, *map_views(path, layout))
 
 
 def _unlink(path: str) -> None:
@@ -223,7 +229,12 @@ def _worker_main(conn: Any, algorithm: Algorithm, federation: Any, ctx: Context,
     parent = os.getppid()
     device = torch.device("cpu")
     models = ModelCache(ctx, device)
-    slots: dict[int, dict[str, torch.Tensor]] = {}
+    try:
+        for ref in algorithm.model_refs(ctx):  # built now, not inside the first round
+            models.get(ref)
+    except Exception:
+        pass  # built (and any error met) when a client needs it
+    slots: dict[int, tuple[Views, Views]] = {}
     conn.send_bytes(_dumps(("ready", os.getpid())))
     while True:
         while not conn.poll(1.0):
@@ -238,20 +249,22 @@ def _worker_main(conn: Any, algorithm: Algorithm, federation: Any, ctx: Context,
         _, seq, slot_id, slot_new, meta = msg
         if slot_new is not None:
             path, layout = slot_new
+            if not os.path.exists(path):  # torch.from_file would create an empty one
+                raise HetflError(f"internal error: shared buffer {path} vanished before the worker mapped it")
             slots[slot_id] = map_views(path, layout)
             _unlink(path)  # both sides hold the mapping now: no name is left in /dev/shm
-        views = slots[slot_id]
+        weights, out = slots[slot_id]
         client_id, ref, train, cseed, extra = meta
         t0 = time.perf_counter()
         try:
-            task = ClientTask(client_id, ref, views, train, cseed, extra)
-            model = models.loaded(ref, views)
+            task = ClientTask(client_id, ref, weights, train, cseed, extra)
+            model = models.loaded(ref, weights)
             data = federation.client_train(client_id)
             res = algorithm.local_update(task, model, data, device)
-            in_slot = layout_of(res.weights) == layout_of(views)
+            in_slot = layout_of(res.weights) == layout_of(out)
             if in_slot:
                 for k, v in res.weights.items():
-                    views[k].copy_(v)
+                    out[k].copy_(v)
             reply = ("done", seq, time.perf_counter() - t0,
                      (res.client_id, res.num_samples, res.metrics, res.extra),
                      None if in_slot else res.weights)
@@ -262,16 +275,55 @@ def _worker_main(conn: Any, algorithm: Algorithm, federation: Any, ctx: Context,
 
 # ------------------------------------------------------------------------------------------ parent side
 
+#: Tasks queued per worker: the next one waits in the worker's pipe while it trains the current one,
+#: so a worker never idles while this process aggregates.
+DEPTH = 2
+
+
+@dataclass
+class _Slot:
+    """One shared buffer pair (task weights in, result out) of a worker, for one lane and layout."""
+
+    id: int
+    inp: Views
+    out: Views
+    sent: list[torch.Tensor] = field(default_factory=list)  # the tensors last copied in (kept alive)
+    versions: list[int] = field(default_factory=list)  # and their in-place versions then
+
+    def load(self, weights: dict[str, torch.Tensor]) -> None:
+        """Copy ``weights`` in, unless these very tensors, unchanged, are already there (FedAvg sends one
+        global dict to every client: it is copied once per worker and round, not once per client)."""
+        tensors = list(weights.values())
+        if len(tensors) == len(self.sent) and all(
+                a is b and a._version == v for a, b, v in zip(tensors, self.sent, self.versions)):
+            return
+        for k, v in weights.items():
+            self.inp[k].copy_(v)
+        self.sent, self.versions = tensors, [t._version for t in tensors]
+
+
+@dataclass
+class _Job:
+    index: int  # into the round's tasks
+    attempt: int  # 0, or 1 for the retry after a worker died
+    lane: int
+    seq: int = 0
+    path: str | None = None  # a shared file this job hands over (the worker maps it first)
+
 
 @dataclass
 class _Worker:
     index: int
     proc: Any
     conn: Any
-    slots: dict[Layout, tuple[int, dict[str, torch.Tensor]]] = field(default_factory=dict)
+    slots: dict[tuple[int, Layout], _Slot] = field(default_factory=dict)
     pending_paths: list[str] = field(default_factory=list)  # shared files sent but maybe not yet mapped
-    job: tuple[int, int] | None = None  # (task index, attempt) it is training
-    started: float = 0.0
+    jobs: deque[_Job] = field(default_factory=deque)  # sent, in the order the worker runs them
+    started: float = 0.0  # when the first of ``jobs`` started
+
+    def free_lane(self) -> int | None:
+        used = {j.lane for j in self.jobs}
+        return next((lane for lane in range(DEPTH) if lane not in used), None)
 
 
 @dataclass
@@ -369,6 +421,7 @@ class WorkerPool:
             _unlink(path)
         w.pending_paths.clear()
         w.slots.clear()
+        w.jobs.clear()
 
     def _replace(self, w: _Worker, why: str) -> None:
         """Kill (if needed) and restart worker ``w``; its shared buffers are mapped afresh on demand."""
@@ -408,87 +461,96 @@ class WorkerPool:
             self.close()
 
     # -------------------------------------------------------------- running a round
-    def _send(self, w: _Worker, index: int, attempt: int, task: ClientTask) -> None:
+    def _send(self, w: _Worker, job: _Job, task: ClientTask) -> None:
         layout = layout_of(task.weights)
-        slot = w.slots.get(layout)
+        slot = w.slots.get((job.lane, layout))
         slot_new = None
         if slot is None:
-            path, views = create_shared(layout)
+            path, inp, out = create_shared(layout)
             self._slot_ids += 1
-            slot = (self._slot_ids, views)
-            w.slots[layout] = slot
+            slot = w.slots[(job.lane, layout)] = _Slot(self._slot_ids, inp, out)
             w.pending_paths.append(path)
             slot_new = (path, layout)
-        slot_id, views = slot
-        for k, v in task.weights.items():
-            views[k].copy_(v)
+            job.path = path
+        slot.load(task.weights)
         self._seq += 1
+        job.seq = self._seq
+        if not w.jobs:
+            w.started = time.monotonic()
+        w.jobs.append(job)
         meta = (task.client_id, task.model, task.train, task.seed, task.extra)
-        w.job = (index, attempt)
-        w.started = time.monotonic()
         # a broken pipe means the worker is gone: its sentinel says so in the next wait
         with contextlib.suppress(OSError, ValueError):
-            w.conn.send_bytes(_dumps(("task", self._seq, slot_id, slot_new, meta)))
+            w.conn.send_bytes(_dumps(("task", job.seq, slot.id, slot_new, meta)))
 
     def _receive(self, w: _Worker, tasks: Sequence[ClientTask]) -> tuple[int, _Outcome]:
         msg = pickle.loads(w.conn.recv_bytes())
-        for path in w.pending_paths:  # the worker has mapped (and unlinked) them before replying
-            _unlink(path)
-        w.pending_paths.clear()
-        index, _ = w.job  # type: ignore[misc]
-        w.job = None
-        kind = msg[0]
-        if kind == "done":
+        job = w.jobs.popleft()
+        w.started = time.monotonic()  # the next job (if any) starts now
+        if msg[1] != job.seq:  # pragma: no cover - a protocol bug, not a client fault
+            raise HetflError(f"worker {w.index} answered task {msg[1]}, expected {job.seq}")
+        if job.path is not None:  # mapped (and unlinked) by the worker before it replied
+            _unlink(job.path)
+            w.pending_paths.remove(job.path)
+        if msg[0] == "done":
             _, _, _, (cid, n, metrics, extra), sent = msg
             if sent is None:
-                _, views = w.slots[layout_of(tasks[index].weights)]
-                sent = {k: v.clone() for k, v in views.items()}
-            return index, _Outcome(ClientResult(cid, n, sent, metrics, extra))
+                out = w.slots[(job.lane, layout_of(tasks[job.index].weights))].out
+                sent = {k: v.clone() for k, v in out.items()}
+            return job.index, _Outcome(ClientResult(cid, n, sent, metrics, extra))
         _, _, _, payload, tb = msg
-        if isinstance(payload, bytes):
-            exc = pickle.loads(payload)
-        else:
-            exc = RuntimeError(f"{payload[0]}: {payload[1]}")
+        exc = pickle.loads(payload) if isinstance(payload, bytes) else RuntimeError(f"{payload[0]}: {payload[1]}")
         exc.__cause__ = RemoteTraceback(tb)
-        return index, _Outcome(error=exc)
+        return job.index, _Outcome(error=exc)
 
     def run(self, tasks: Sequence[ClientTask]) -> Iterator[tuple[ClientTask, Callable[[ClientTask], ClientResult]]]:
         """Train ``tasks`` on the workers; yield ``(task, outcome)`` in task order, where ``outcome(task)``
         returns the client's result or raises its exception (the engine passes it to ``RoundBook.run``)."""
         if self._closed:
             raise HetflError("the worker pool is closed")
-        todo: deque[tuple[int, int]] = deque((i, 0) for i in range(len(tasks)))  # (task index, attempt)
+        todo = [(i, 0) for i in range(len(tasks))]  # (task index, attempt), in task order
         done: dict[int, _Outcome] = {}
         lookahead = 4 * len(self._workers)  # results buffered ahead of the one the aggregation waits for
         try:
             for nxt in range(len(tasks)):
                 while nxt not in done:
                     self._step(tasks, todo, done, nxt + lookahead)
-                outcome = done.pop(nxt)
-                yield tasks[nxt], _replay(outcome)
+                yield tasks[nxt], _replay(done.pop(nxt))
         finally:
             self._drain(tasks, done)
 
-    def _step(self, tasks: Sequence[ClientTask], todo: deque[tuple[int, int]], done: dict[int, _Outcome],
+    def _dispatch(self, tasks: Sequence[ClientTask], todo: list[tuple[int, int]], limit: int) -> None:
+        """Hand out tasks in order: first one to every idle worker, then queue a second one per worker
+        while more tasks remain than workers (at the end of a round, an idle worker beats a queue)."""
+        for depth in range(DEPTH):
+            for w in self._workers:
+                if not todo or todo[0][0] >= limit:
+                    return
+                if len(w.jobs) > depth or (depth > 0 and len(todo) <= len(self._workers)):
+                    continue
+                lane = w.free_lane()
+                if lane is None:
+                    continue
+                index, attempt = todo.pop(0)
+                self._send(w, _Job(index, attempt, lane), tasks[index])
+
+    def _step(self, tasks: Sequence[ClientTask], todo: list[tuple[int, int]], done: dict[int, _Outcome],
               limit: int) -> None:
-        for w in self._workers:  # hand out work in task order to idle workers
-            if w.job is None and todo and todo[0][0] < limit:
-                index, attempt = todo.popleft()
-                self._send(w, index, attempt, tasks[index])
-        busy = [w for w in self._workers if w.job is not None]
+        self._dispatch(tasks, todo, limit)
+        busy = [w for w in self._workers if w.jobs]
         if not busy:
             raise HetflError("internal error: no worker is busy but results are missing")  # pragma: no cover
         timeout = 1.0
         if self.timeout_s > 0:
             now = time.monotonic()
             timeout = max(0.0, min(timeout, min(w.started + self.timeout_s - now for w in busy)))
-        waitables = [w.conn for w in busy] + [w.proc.sentinel for w in busy]
-        ready = set(connection.wait(waitables, timeout=timeout))
+        ready = set(connection.wait([w.conn for w in busy] + [w.proc.sentinel for w in busy], timeout=timeout))
         for w in busy:
             if w.conn in ready:
                 try:
-                    index, outcome = self._receive(w, tasks)
-                    done[index] = outcome
+                    while w.jobs and w.conn.poll():  # every reply that is there
+                        index, outcome = self._receive(w, tasks)
+                        done[index] = outcome
                     continue
                 except (EOFError, OSError):
                     pass  # died while replying: handled as a death below
@@ -498,22 +560,25 @@ class WorkerPool:
             elif self.timeout_s > 0 and time.monotonic() - w.started > self.timeout_s:
                 self._lost(w, tasks, todo, done, f"took longer than worker_timeout_s={self.timeout_s:g}")
 
-    def _lost(self, w: _Worker, tasks: Sequence[ClientTask], todo: deque[tuple[int, int]],
+    def _lost(self, w: _Worker, tasks: Sequence[ClientTask], todo: list[tuple[int, int]],
               done: dict[int, _Outcome], why: str) -> None:
-        index, attempt = w.job  # type: ignore[misc]
-        cid = tasks[index].client_id
-        if attempt == 0:
-            todo.appendleft((index, 1))
+        """Worker ``w`` died or stalled: retry its running client once (or drop it), requeue the rest."""
+        head, *queued = list(w.jobs)
+        cid = tasks[head.index].client_id
+        again = [(j.index, j.attempt) for j in queued]
+        if head.attempt == 0:
+            again.append((head.index, 1))
             self._replace(w, f"{why} while training client {cid}; client {cid} is retried once")
         else:
-            done[index] = _Outcome(error=WorkerDiedError(
+            done[head.index] = _Outcome(error=WorkerDiedError(
                 f"the worker training client {cid} {why}, twice; the client is dropped"))
             self._replace(w, f"{why} while training client {cid} (retry)")
+        todo[:] = sorted(todo + again)
 
     def _drain(self, tasks: Sequence[ClientTask], done: dict[int, _Outcome]) -> None:
         """Collect (and discard) the replies of tasks still running, so the next round starts clean."""
-        todo: deque[tuple[int, int]] = deque()
-        while any(w.job is not None for w in self._workers):
+        todo: list[tuple[int, int]] = []
+        while any(w.jobs for w in self._workers):
             self._step(tasks, todo, done, 0)
         done.clear()
 
@@ -551,9 +616,9 @@ class _Threads:
 class ParallelSimulator(Simulator):
     """The simulator with its clients trained by a :class:`WorkerPool`; rounds are otherwise identical.
 
-    While a round runs, this process keeps one intra-op thread (it only sends tasks and aggregates
-    while the workers train; spinning OpenMP threads would take their cores); evaluation between
-    rounds gets its threads back.  ``train_time_s`` in the round's report is wall time (clients overlap).
+    While clients train, this process keeps one intra-op thread (it only hands out tasks and aggregates
+    beside the workers; spinning OpenMP threads would take their cores); the server step and evaluation
+    get its threads back.  ``train_time_s`` in the round's report is wall time (clients overlap).
     """
 
     def __init__(self, algorithm: Algorithm, federation: Any, ctx: Context, device: Any = "cpu", *,
@@ -566,17 +631,22 @@ class ParallelSimulator(Simulator):
         self.pool = WorkerPool(algorithm, federation, ctx, workers, threads_per_worker=threads_per_worker,
                                timeout_s=timeout_s, start_method=start_method)
         self.workers = workers
+        self._stream_s = 0.0
         self._note = note or f"{workers} worker processes x {threads_per_worker} thread(s)"
 
     def dispatch(self, tasks: list[ClientTask]) -> Iterator[tuple[ClientTask, Callable[[ClientTask],
                                                                                       ClientResult]]]:
-        return self.pool.run(tasks)
+        t0 = time.perf_counter()
+        try:
+            with _Threads(1):  # aggregation runs between yields, beside the workers
+                yield from self.pool.run(tasks)
+        finally:
+            self._stream_s = time.perf_counter() - t0
 
     def run_round(self, state: Any, rnd: int) -> Any:
-        t0 = time.perf_counter()
-        with _Threads(1):
-            state, report = super().run_round(state, rnd)
-        report.train_time_s = time.perf_counter() - t0  # wall time: clients overlap
+        self._stream_s = 0.0
+        state, report = super().run_round(state, rnd)
+        report.train_time_s = self._stream_s  # wall time of training (and streaming aggregation): clients overlap
         restarts, messages = self.pool.take_events()
         if self._note:
             report.messages.insert(0, f"clients train in {self._note}")
