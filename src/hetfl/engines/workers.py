@@ -222,6 +222,18 @@ def _exception_payload(exc: BaseException) -> tuple[Any, str]:
         return (type(exc).__name__, str(exc)), tb
 
 
+def _warm_up(models: ModelCache, algorithm: Algorithm, federation: Any, ctx: Context) -> None:
+    """Build the run's models and pass one training-size batch forward and backward through a throwaway
+    copy, so that one-time kernel set-up happens before the first round, not inside it."""
+    x = federation.train.x[:ctx.train.batch_size]
+    for ref in algorithm.model_refs(ctx):
+        models.get(ref)
+        with torch.random.fork_rng(devices=[]):
+            scratch = ref.build(ctx.info)
+            scratch.train()
+            scratch(x).float().sum().backward()
+
+
 def _worker_main(conn: Any, algorithm: Algorithm, federation: Any, ctx: Context, threads: int) -> None:
     """The loop of one worker process: map buffers, train the clients it is sent, reply."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops us cleanly
@@ -229,11 +241,8 @@ def _worker_main(conn: Any, algorithm: Algorithm, federation: Any, ctx: Context,
     parent = os.getppid()
     device = torch.device("cpu")
     models = ModelCache(ctx, device)
-    try:
-        for ref in algorithm.model_refs(ctx):  # built now, not inside the first round
-            models.get(ref)
-    except Exception:
-        pass  # built (and any error met) when a client needs it
+    with contextlib.suppress(Exception):  # an error here is met again, and reported, by the first client
+        _warm_up(models, algorithm, federation, ctx)
     slots: dict[int, tuple[Views, Views]] = {}
     conn.send_bytes(_dumps(("ready", os.getpid())))
     while True:
