@@ -297,3 +297,22 @@ def test_cli_workers_flag(tmp_path, capsys):
     assert "workers = 2" in saved and "threads_per_worker = 1" in saved
     assert main(["run", str(cfg), "--workers", "lots", "--out", str(tmp_path / "bad")]) == 2
     assert "workers" in capsys.readouterr().err
+
+
+def test_interrupted_round_stops_busy_workers_and_the_next_round_restarts_them(tmp_path, digits_cfg, one_thread):
+    exp, algo, state, victim = _faulty(digits_cfg, tmp_path, "stall", times=1)
+    sim = ParallelSimulator(algo, exp.federation, exp.ctx, workers=2)
+    try:
+        stream = sim.pool.run(exp.algorithm.configure_round(state, 1, list(range(8)), exp.ctx))
+        next(stream)  # client 0 is done; client 1 stalls for a minute
+        t0 = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            stream.throw(KeyboardInterrupt)
+        assert time.monotonic() - t0 < 10  # no waiting for the stalled client
+        got, report = sim.run_round(state, 1)  # the victim's stall was used up: a clean round
+        assert report.faults["clients_reported"] == 8 and "worker_restarts" not in report.faults
+    finally:
+        sim.close()
+    ref, _ = Simulator(FedAvg(clients_per_round=8), exp.federation, exp.ctx).run_round(state, 1)
+    for k, v in ref.models["global"].items():
+        assert torch.equal(v, got.models["global"][k]), k

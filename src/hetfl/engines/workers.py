@@ -517,6 +517,12 @@ class WorkerPool:
         returns the client's result or raises its exception (the engine passes it to ``RoundBook.run``)."""
         if self._closed:
             raise HetflError("the worker pool is closed")
+        for w in list(self._workers):  # stopped when an earlier round was interrupted
+            if not w.proc.is_alive():
+                self._kill(w)
+                new = self._start(w.index)
+                self._await_ready(new)
+                self._workers[w.index] = new
         todo = [(i, 0) for i in range(len(tasks))]  # (task index, attempt), in task order
         done: dict[int, _Outcome] = {}
         lookahead = 4 * len(self._workers)  # results buffered ahead of the one the aggregation waits for
@@ -525,8 +531,14 @@ class WorkerPool:
                 while nxt not in done:
                     self._step(tasks, todo, done, nxt + lookahead)
                 yield tasks[nxt], _replay(done.pop(nxt))
-        finally:
+        except GeneratorExit:  # the aggregation stopped early: let the running clients finish, quietly
             self._drain(tasks, done)
+            raise
+        except BaseException:  # Ctrl-C or an error here: do not wait for clients that may run for long
+            for w in self._workers:
+                if w.jobs:
+                    self._kill(w)  # restarted by the next run(), if there is one
+            raise
 
     def _dispatch(self, tasks: Sequence[ClientTask], todo: list[tuple[int, int]], limit: int) -> None:
         """Hand out tasks in order: first one to every idle worker, then queue a second one per worker
