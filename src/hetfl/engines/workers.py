@@ -222,16 +222,20 @@ def _exception_payload(exc: BaseException) -> tuple[Any, str]:
         return (type(exc).__name__, str(exc)), tb
 
 
-def _warm_up(models: ModelCache, algorithm: Algorithm, federation: Any, ctx: Context) -> None:
-    """Build the run's models and pass one training-size batch forward and backward through a throwaway
-    copy, so that one-time kernel set-up happens before the first round, not inside it."""
+def _warm_up(models: ModelCache | None, algorithm: Algorithm, federation: Any, ctx: Context) -> None:
+    """Build the run's models and take one SGD step at the training batch size on a throwaway copy, so
+    that one-time set-up (lazy imports of the optimizer's first step, kernel selection) is not paid
+    inside the first round.  Run in the main process before forking, every worker inherits it."""
     x = federation.train.x[:ctx.train.batch_size]
     for ref in algorithm.model_refs(ctx):
-        models.get(ref)
+        if models is not None:
+            models.get(ref)
         with torch.random.fork_rng(devices=[]):
-            scratch = ref.build(ctx.info)
+            scratch = ref.build(ctx.info).to(x.device)
             scratch.train()
+            opt = torch.optim.SGD(scratch.parameters(), lr=0.0)
             scratch(x).float().sum().backward()
+            opt.step()
 
 
 def _worker_main(conn: Any, algorithm: Algorithm, federation: Any, ctx: Context, threads: int) -> None:
@@ -367,6 +371,9 @@ class WorkerPool:
         self._slot_ids = 0
         self._closed = False
         self._workers: list[_Worker] = []
+        if method == "fork":  # imports and set-up done once here are inherited by every worker
+            with contextlib.suppress(Exception):
+                _warm_up(None, algorithm, federation, ctx)
         try:
             for i in range(workers):
                 self._workers.append(self._start(i))
