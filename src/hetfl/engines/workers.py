@@ -336,7 +336,7 @@ class _Worker:
 
     def free_lane(self) -> int | None:
         used = {j.lane for j in self.jobs}
-        return next((lane for lane in range(DEPTH) if lane not in used), None)
+        return next((lane for lane in range(len(used) + 1) if lane not in used), None)
 
 
 @dataclass
@@ -364,6 +364,7 @@ class WorkerPool:
         self.algorithm, self.federation, self.ctx = algorithm, federation, ctx
         self.threads = threads_per_worker
         self.timeout_s = timeout_s
+        self.depth = DEPTH
         self.messages: list[str] = []  # worker deaths and restarts since the last take_events()
         self.restarts = 0  # since the last take_events()
         self.restarts_total = 0
@@ -548,13 +549,13 @@ class WorkerPool:
             raise
 
     def _dispatch(self, tasks: Sequence[ClientTask], todo: list[tuple[int, int]], limit: int) -> None:
-        """Hand out tasks in order: first one to every idle worker, then queue a second one per worker
-        while more tasks remain than workers (at the end of a round, an idle worker beats a queue)."""
-        for depth in range(DEPTH):
+        """Hand out tasks in order: first one to every idle worker, then queue more per worker (up to
+        DEPTH) while enough tasks remain (at the end of a round, an idle worker beats a queue)."""
+        for depth in range(self.depth):
             for w in self._workers:
                 if not todo or todo[0][0] >= limit:
                     return
-                if len(w.jobs) > depth or (depth > 0 and len(todo) <= len(self._workers)):
+                if len(w.jobs) > depth or (depth > 0 and len(todo) <= depth * len(self._workers)):
                     continue
                 lane = w.free_lane()
                 if lane is None:
