@@ -4,12 +4,16 @@ A :class:`WorkerPool` starts ``workers`` processes once per run.  Each one sets
 ``torch.set_num_threads(threads_per_worker)``, builds its own :class:`~hetfl.engines.simulator.ModelCache`
 and holds the federation's in-memory dataset once.  Per client, only small control messages (the
 task's client id, ModelRef, TrainConfig, seed and ``extra``; the result's metrics and ``extra``) go
-through a pipe, pickled.  Weights go through **shared memory**: per worker and per weight layout
-(the keys, shapes and dtypes of a task's weights, i.e. one per submodel shape) the parent maps one
-buffer, the first time that worker needs it, and reuses it every round: the parent copies the task's
-weights in, the worker loads them, trains, copies its result back into the same buffer, and the
-parent copies them out.  The buffers are files in ``/dev/shm`` that are unlinked as soon as both
-processes have mapped them, so nothing is left behind even if the run is killed.
+through a pipe, pickled.  Weights go through **shared memory**: per worker, per lane (a worker has
+:data:`DEPTH` lanes: the next task waits in its pipe while it trains the current one) and per weight
+layout (the keys, shapes and dtypes of a task's weights, i.e. one per submodel shape) the parent maps
+one pair of buffers the first time it is needed and reuses it every round: the parent copies the
+task's weights into the *in* buffer (unless the very same unchanged tensors are already there), the
+worker loads them, trains, and copies its result into the *out* buffer, and the parent copies them
+out.  The buffers are files in ``/dev/shm`` that are unlinked as soon as both processes have mapped
+them, so nothing is left behind even if the run is killed.  The main process warms up (builds the
+models, takes one SGD step on a throwaway copy) before forking, so workers inherit lazy imports and
+do not pay them inside the first round.
 
 Start method.  ``fork`` (Linux) is the default: workers share the parent's dataset copy-on-write and
 start in milliseconds.  A forked child that runs more than one OpenMP thread after its parent has
