@@ -66,7 +66,7 @@ def make_config(workload: str, quick: bool):
     from hetfl.config import load_config
 
     base = json.loads(json.dumps(WORKLOADS[workload]))
-    base.update({"name": f"flower-vs-sim-{workload}", "seed": 0, "checkpoint_every": 0,
+    base.update({"name": f"flower-vs-sim-{workload}", "seed": 0, "checkpoint_every": 0, "workers": 1,  # in process
                  "eval": {"every": 10**6, "local": False}})
     overrides = [f"{k}={v}" for k, v in QUICK[workload].items()] if quick else []
     if os.environ.get("FVS_ROUNDS"):  # --rounds: fewer rounds than the workload's definition

@@ -48,6 +48,7 @@ def make_config(args: argparse.Namespace):
         "seed": 0,
         "device": args.device,
         "checkpoint_every": 1,
+        "workers": 1,  # sequential mode: the clients in this process, like the bare loop (parallel: parallel.py)
         "data": {"name": args.dataset, "num_clients": 100, "partition": {"name": "shards", "shards_per_client": 2}},
         "model": {"name": args.model},
         "algorithm": {"name": "fedavg", "clients_per_round": args.clients},

@@ -1,6 +1,7 @@
 """The ``hetfl`` command line: thin wrappers over the library.
 
-    hetfl run CONFIG [--set k=v ...] [--out DIR] [--resume DIR] [--seed N] [--device cpu|cuda] [--quiet]
+    hetfl run CONFIG [--set k=v ...] [--out DIR] [--resume DIR] [--seed N] [--device cpu|cuda] [--workers N|auto]
+              [--quiet]
     hetfl list
     hetfl plot DIR [DIR ...] [--out DIR]
     hetfl summary DIR [DIR ...]
@@ -39,6 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--engine", help="simulator (default, in-process), flower, or torchrun (decentralized algorithms: "
                                     "one process per node; also under torchrun) (shorthand for --set engine=...)")
     r.add_argument("--data-dir", help="where to read datasets from (shorthand for --set data.data_dir=...)")
+    r.add_argument("--workers", help="worker processes that train a round's clients side by side: N, or auto "
+                                     "(default: the cores when a round's work pays for it, else 1 = in this "
+                                     "process) (shorthand for --set workers=...)")
+    r.add_argument("--threads-per-worker", type=int, metavar="N",
+                   help="torch threads in each worker process (default 1) (shorthand for --set threads_per_worker=N)")
     r.add_argument("--quiet", action="store_true", help="no progress bar; print only the summary path")
     r.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
@@ -76,6 +82,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         overrides.append(f"engine={_toml_str(args.engine)}")
     if args.data_dir:
         overrides.append(f"data.data_dir={_toml_str(args.data_dir)}")
+    if args.workers is not None:
+        w = args.workers.strip()
+        overrides.append(f"workers={w if w.isdigit() else _toml_str(w)}")
+    if args.threads_per_worker is not None:
+        overrides.append(f"threads_per_worker={args.threads_per_worker}")
     if args.resume:
         if args.out:
             raise HetflError("--out and --resume exclude each other: a resumed run stays in its directory")

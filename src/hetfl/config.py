@@ -42,7 +42,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 from hetfl.decentralized.topology import GraphConfig
 from hetfl.errors import ConfigError
@@ -131,6 +131,9 @@ class RunConfig:
     seed: int = 0
     device: str = "cpu"
     engine: str = "simulator"
+    workers: int | Literal["auto"] = "auto"  # client-parallel worker processes (simulator); "auto"/0 = decide
+    threads_per_worker: int = 1  # torch intra-op threads in each worker process
+    worker_timeout_s: float = 0.0  # a client taking longer in a worker counts as a dead worker (0 = no limit)
     checkpoint_every: int = 1
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -279,6 +282,15 @@ def _validate_ranges(cfg: RunConfig) -> None:
     ENGINES.get(cfg.engine, "engine")
     _require(cfg.device == "cpu" or cfg.device.startswith("cuda"),
              f"device must be 'cpu' or 'cuda[:N]', got {cfg.device!r}")
+    _require(cfg.workers == "auto" or cfg.workers >= 0,
+             f"workers must be \"auto\", 0 (= auto) or a number of processes >= 1, got {cfg.workers!r}")
+    _require(cfg.threads_per_worker >= 1, f"threads_per_worker must be >= 1, got {cfg.threads_per_worker}")
+    _require(cfg.worker_timeout_s >= 0, f"worker_timeout_s must be >= 0 (0 = no limit), got {cfg.worker_timeout_s}")
+    if cfg.workers != "auto" and cfg.workers > 1:
+        _require(cfg.engine == "simulator", f"workers={cfg.workers} applies to engine 'simulator'; engine "
+                 f"{cfg.engine!r} places clients itself (use workers=1 or \"auto\")")
+        _require(cfg.device == "cpu", f"workers={cfg.workers}: worker processes train on the CPU; with device "
+                 f"{cfg.device!r} clients train in this process (use workers=1 or \"auto\")")
     d = cfg.data
     _require(d.num_clients >= 1 or (d.num_clients == 0 and d.partition.name == "natural"),
              f"data.num_clients must be >= 1 (or 0 with the natural partitioner: one client per group), "

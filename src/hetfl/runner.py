@@ -257,9 +257,12 @@ def _merge_resume(saved: RunConfig, given: RunConfig | None) -> RunConfig:
     """A resumed run keeps its saved config; only ``rounds`` may be extended (or given equal)."""
     if given is None:
         return saved
-    if dataclasses.replace(given, rounds=saved.rounds, device=saved.device) != saved:
-        raise ConfigError("--resume continues the run with its saved config.toml; only rounds (and device) "
-                          "may change. Drop the CONFIG argument or the other --set overrides")
+    if dataclasses.replace(given, rounds=saved.rounds, device=saved.device, workers=saved.workers,
+                           threads_per_worker=saved.threads_per_worker,
+                           worker_timeout_s=saved.worker_timeout_s) != saved:
+        raise ConfigError("--resume continues the run with its saved config.toml; only rounds (and device, workers, "
+                          "threads_per_worker, worker_timeout_s) may change. Drop the CONFIG argument or the other "
+                          "--set overrides")
     if given.rounds < saved.rounds:
         raise ConfigError(f"rounds={given.rounds} is less than the run's rounds={saved.rounds}")
     return given

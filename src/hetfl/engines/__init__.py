@@ -16,14 +16,32 @@ ENGINES: Registry = Registry("engine")
 
 @ENGINES.register("simulator")
 def simulator(algorithm: Any, federation: Any, ctx: Any, device: Any, cfg: Any) -> Any:
-    """In-process engine: clients of a round run one after another in this process (default)."""
+    """Clients of a round run in this process one after another, or side by side in worker processes
+    (``workers``; see hetfl.engines.workers)."""
+    import torch
+
+    setting = getattr(cfg, "workers", 1) if cfg is not None else 1
+    threads = getattr(cfg, "threads_per_worker", 1) if cfg is not None else 1
     if getattr(algorithm, "decentralized", False):  # no server: every node of the graph in this process
         from hetfl.decentralized.engine import InProcessEngine
 
+        if setting not in ("auto", 0, 1):
+            from hetfl.errors import ConfigError
+
+            raise ConfigError(f"workers={setting}: decentralized algorithms run their nodes in this process on "
+                              f"engine 'simulator' (workers=1 or \"auto\"); for one process per node use "
+                              f"engine 'torchrun'")
         return InProcessEngine(algorithm, federation, ctx, device, cfg)
     from hetfl.engines.simulator import Simulator
+    from hetfl.engines.workers import ParallelSimulator, resolve_workers
 
-    return Simulator(algorithm, federation, ctx, device, batched=getattr(cfg, "batched", False))
+    n, why = resolve_workers(setting, threads, algorithm, ctx, torch.device(device))
+    if n <= 1:
+        return Simulator(algorithm, federation, ctx, device, batched=getattr(cfg, "batched", False))
+    # worker processes train on the CPU, one client at a time each: batching (a GPU feature) does not apply
+    return ParallelSimulator(algorithm, federation, ctx, device, workers=n, threads_per_worker=threads,
+                             timeout_s=getattr(cfg, "worker_timeout_s", 0.0),
+                             note=f"{n} worker processes x {threads} thread(s) ({why})")
 
 
 @ENGINES.register("flower")

@@ -11,7 +11,7 @@ trained, a client's exception is recorded, and only validated results reach the 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,6 +103,11 @@ class Simulator:
         data = self.federation.client_train(task.client_id)
         return self.algorithm.local_update(task, model, data, self.device)
 
+    def dispatch(self, tasks: list[ClientTask]) -> Iterator[tuple[ClientTask, Callable[[ClientTask], ClientResult]]]:
+        """``(task, run_client)`` pairs in task order; a client-parallel engine overrides this
+        (:class:`hetfl.engines.workers.ParallelSimulator`)."""
+        return ((task, self.run_client) for task in tasks)
+
     def run_round(self, state: ServerState, rnd: int) -> tuple[ServerState, RoundReport]:
         algo, ctx = self.algorithm, self.ctx
         rng = np.random.default_rng([ctx.seed, rnd, 0x73616D70])
@@ -118,9 +123,9 @@ class Simulator:
             report.tiers.sent(costs[id(task)])
 
         def stream() -> Iterator[ClientResult]:
-            for task in book.to_run:
+            for task, run_client in self.dispatch(book.to_run):
                 t0 = time.perf_counter()
-                res = book.run(task, self.run_client)  # None: it raised (recorded as a failure)
+                res = book.run(task, run_client)  # None: it raised (recorded as a failure)
                 report.train_time_s += time.perf_counter() - t0
                 if res is None:
                     continue

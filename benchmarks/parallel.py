@@ -1,0 +1,184 @@
+"""hetfl's client-parallel workers against a bare single-process PyTorch loop, in one process.
+
+Two FedAvg workloads (issue #13), every client sampled every round:
+
+* compute-bound: FedAvg CNN on MNIST, 4 clients x 20 local steps, batch 32;
+* overhead-bound: 2NN 784-200-200-10 (``mlp``, hidden "200,200") on MNIST, 100 clients x 5 steps, batch 10.
+
+The bare loop trains the clients one after another as plainly as PyTorch allows (the global weights
+reloaded into one model per client, SGD on the same seeded batches, a sample-weighted average), once
+with torch's default intra-op threads and once with one thread; the faster of the two is the
+reference.  hetfl runs through :func:`hetfl.runner.run` with ``--workers N --threads-per-worker 1``
+(default N = 2); its round loop is timed as the runner records it (``time_s`` minus evaluation; the
+one-time setup, including starting the workers, is excluded as it is for the bare loop).  Each side
+is repeated and the minimum is kept; the sides are interleaved.
+
+    python benchmarks/parallel.py                       # both workloads, 3 rounds, 3 repeats
+    python benchmarks/parallel.py --rounds 1 --repeats 1 --overhead-clients 10   # a smoke run
+
+Prints per-repeat times, ``speedup_compute=`` and ``speedup_overhead=`` (best bare time / hetfl time),
+and ``parallel_equals_sequential=`` for each workload: hetfl's parallel result compared bit for bit
+with hetfl's in-process run at one thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hetfl.algorithms.base import round_seed
+from hetfl.config import RunConfig, load_config
+from hetfl.results import read_metrics
+from hetfl.runner import prepare, run
+from hetfl.train import batch_indices
+
+
+def make_config(args: argparse.Namespace, workload: str) -> RunConfig:
+    if workload == "compute":
+        clients, steps, batch, model = args.compute_clients, 20, 32, {"name": "cnn"}
+    else:
+        clients, steps, batch, model = args.overhead_clients, 5, 10, {"name": "mlp", "hidden": "200,200"}
+    base = {
+        "name": f"parallel-{workload}",
+        "rounds": args.rounds,
+        "seed": 0,
+        "device": args.device,
+        "checkpoint_every": 0,
+        "workers": 1,
+        "data": {"name": args.dataset, "num_clients": clients, "partition": {"name": "iid"}},
+        "model": model,
+        "algorithm": {"name": "fedavg", "clients_per_round": clients},
+        "train": {"steps": steps if not args.steps else args.steps, "batch_size": batch, "lr": 0.05},
+        "eval": {"every": 10**6, "local": False},
+    }
+    return load_config(None, (), base=base)
+
+
+def bare_loop(exp, rounds: int) -> tuple[float, dict[str, torch.Tensor]]:
+    """The same FedAvg rounds written plainly: one model, weights reloaded per client, clients in turn."""
+    cfg, fed, ctx, algo = exp.cfg, exp.federation, exp.ctx, exp.algorithm
+    torch.manual_seed(round_seed(cfg.seed, 0))
+    model = ctx.model.build(ctx.info).to(exp.device)
+    global_w = {k: v.clone() for k, v in model.state_dict().items()}
+    x_all, y_all = fed.train.x, fed.train.y
+    t0 = time.perf_counter()
+    for rnd in range(1, rounds + 1):
+        rng = np.random.default_rng([cfg.seed, rnd, 0x73616D70])
+        clients = np.sort(rng.choice(fed.num_clients, size=algo.clients_for(fed.num_clients), replace=False))
+        sums, total = None, 0
+        for c in clients:
+            idx_c = torch.as_tensor(fed.train_idx[c], device=x_all.device)
+            x, y = x_all[idx_c], y_all[idx_c]
+            model.load_state_dict(global_w)
+            opt = torch.optim.SGD(model.parameters(), lr=cfg.train.lr)
+            seed = round_seed(cfg.seed, rnd, int(c))
+            gen = torch.Generator().manual_seed(seed)
+            torch.manual_seed(seed)
+            model.train()
+            for idx in batch_indices(len(y), cfg.train.batch_size, cfg.train.epochs, cfg.train.steps, gen):
+                loss = F.cross_entropy(model(x[idx]), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            n = len(y)
+            state = model.state_dict()
+            if sums is None:
+                sums = {k: v.detach().double() * n for k, v in state.items()}
+            else:
+                for k, v in state.items():
+                    sums[k] += v.detach().double() * n
+            total += n
+        global_w = {k: (v / total).to(global_w[k].dtype) for k, v in sums.items()}
+    return time.perf_counter() - t0, global_w
+
+
+def hetfl_run(cfg: RunConfig) -> tuple[float, dict[str, torch.Tensor]]:
+    out = Path(tempfile.mkdtemp(prefix="hetfl-parallel-"))
+    try:
+        run(cfg, out / "run", quiet=True)
+        rows = read_metrics(out / "run")
+        loop_s = rows[-1]["time_s"] - sum(r.get("eval_time_s", 0.0) for r in rows)
+        w = torch.load(out / "run" / "checkpoint.pt", weights_only=True)["state"]["models"]["global"]
+        return loop_s, w
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+class threads:
+    def __init__(self, n: int) -> None:
+        self.n, self.before = n, torch.get_num_threads()
+
+    def __enter__(self) -> None:
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_num_threads(self.before)
+
+
+def bench(args: argparse.Namespace, workload: str) -> float:
+    cfg = make_config(args, workload)
+    exp = prepare(cfg)  # loads (and caches) the data once, outside the timings
+    par_cfg = cfg.replace(workers=args.workers, threads_per_worker=1)
+    default_threads = torch.get_num_threads()
+    t = cfg.train
+    print(f"[{workload}] {args.dataset} {cfg.model.name}{dict(cfg.model.params) or ''}, {cfg.data.num_clients} clients "
+          f"x {t.steps} steps, batch {t.batch_size}, {args.rounds} round(s); torch {torch.__version__}, "
+          f"{default_threads} default threads, device {args.device}")
+    with threads(1):  # the reference for equality: in-process, one thread per client, as in each worker
+        seq_s, seq_w = hetfl_run(cfg)
+    bare_loop(exp, 1)  # warm-up, untimed: the first round of a process pays one-time kernel set-up
+    bare_all, bare_one, par = [], [], []
+    for rep in range(args.repeats):
+        tp, par_w = hetfl_run(par_cfg)
+        ta, bare_w = bare_loop(exp, args.rounds)
+        with threads(1):
+            t1, _ = bare_loop(exp, args.rounds)
+        par.append(tp)
+        bare_all.append(ta)
+        bare_one.append(t1)
+        close = all(torch.allclose(par_w[k].float(), bare_w[k].float(), atol=1e-4) for k in bare_w)
+        print(f"  repeat {rep}: bare {default_threads} threads {ta:.3f}s  bare 1 thread {t1:.3f}s  "
+              f"hetfl {args.workers} workers x 1 thread {tp:.3f}s  (close to bare: {close})")
+    equal = seq_w.keys() == par_w.keys() and all(torch.equal(seq_w[k], par_w[k]) for k in seq_w)
+    best_bare = min(min(bare_all), min(bare_one))
+    speedup = best_bare / min(par)
+    per_round = 1e3 / args.rounds
+    print(f"  bare_{default_threads}threads_ms_per_round={min(bare_all) * per_round:.1f} "
+          f"bare_1thread_ms_per_round={min(bare_one) * per_round:.1f} "
+          f"hetfl_workers_ms_per_round={min(par) * per_round:.1f} "
+          f"hetfl_sequential_1thread_ms_per_round={seq_s * per_round:.1f}")
+    print(f"  parallel_equals_sequential={equal}")
+    print(f"speedup_{workload}={speedup:.3f}")
+    return speedup
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dataset", default="mnist", help="mnist (fetched once into hetfl's cache)")
+    p.add_argument("--workload", choices=("both", "compute", "overhead"), default="both")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--compute-clients", type=int, default=4)
+    p.add_argument("--overhead-clients", type=int, default=100)
+    p.add_argument("--steps", type=int, default=0, help="override the local steps (smoke runs)")
+    p.add_argument("--device", default="cpu", help="cpu (worker processes train on the CPU)")
+    args = p.parse_args()
+    if args.device != "cpu":
+        raise SystemExit("benchmarks/parallel.py: worker processes train on the CPU; on a CUDA device hetfl trains "
+                         "clients in process (see the batched-clients benchmark); use --device cpu")
+    results = {}
+    for workload in (("compute", "overhead") if args.workload == "both" else (args.workload,)):
+        results[workload] = bench(args, workload)
+    print("  ".join(f"speedup_{k}={v:.3f}" for k, v in results.items()))
+
+
+if __name__ == "__main__":
+    main()
