@@ -209,7 +209,10 @@ def cell_state(run_dir: Path, cfg: RunConfig) -> str:
     if not (run_dir / CONFIG).is_file():
         return "new"
     saved = config_from_dict(parse_toml((run_dir / CONFIG).read_text(encoding="utf-8"), str(run_dir / CONFIG)))
-    if replace(cfg, rounds=saved.rounds, device=saved.device) != saved:
+    # execution settings (how many rounds to go, where and in how many processes) may differ; the run may not
+    execution = {k: getattr(saved, k) for k in ("rounds", "device", "workers", "threads_per_worker",
+                                                "worker_timeout_s", "batched")}
+    if replace(cfg, **execution) != saved:
         raise HetflError(f"{run_dir} holds a run of a different config than the study's cell; delete it or "
                          f"write the sweep to another --out")
     summary = read_summary(run_dir) or {}
@@ -232,6 +235,8 @@ def run_cell(job: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"cell": job["cell"], "error": None}
     try:
         cfg = config_from_dict(parse_toml(job["config"], job["cell"]))
+        if job.get("in_pool") and cfg.workers in ("auto", 0):
+            cfg = replace(cfg, workers=1)  # the sweep already runs cells side by side: no nested worker pools
         run_dir = Path(job["dir"])
         if job["state"] == "resume":
             summary = run(cfg, resume=run_dir, quiet=True)
@@ -303,7 +308,7 @@ def run_sweep(study: Study, out: str | Path, *, workers: int | None = None,
             finally:
                 torch.set_num_threads(threads)
         elif jobs:
-            _run_pool(jobs, n_workers, finished)
+            _run_pool([{**job, "in_pool": True} for job in jobs], n_workers, finished)
     finally:
         elapsed = time.perf_counter() - t0
         _log_invocation(out, {"started": started, "finished": datetime.now().isoformat(timespec="seconds"),
