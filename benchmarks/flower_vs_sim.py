@@ -1,10 +1,11 @@
 """hetfl's in-process simulator against Flower's simulation engine (Ray), same algorithm objects, same seeds.
 
-Two workloads, each run through four sides in one invocation (every side in its own child process,
+Two workloads, each run through five sides in one invocation (every side in its own child process,
 one after another, so each side's peak RSS is its own and no Ray process can outlive its side):
 
 * ``bare``: a hand-written PyTorch FedAvg loop doing the same SGD steps (reference, as in overhead.py);
-* ``hetfl``: :func:`hetfl.runner.run` with the in-process simulator;
+* ``hetfl``: :func:`hetfl.runner.run` with the in-process simulator (``workers = 1``);
+* ``hetfl-workers``: the same with client-parallel worker processes (one per core, one thread each);
 * ``flower-default``: ``--engine flower`` with Flower's default client resources (num_cpus=2 per client);
 * ``flower-cpus1``: ``--engine flower`` with num_cpus=1 per client (two actors on a 2-core machine).
 
@@ -16,7 +17,7 @@ Workloads (MNIST ``train_split="train"``: the 50 000-image training split, IID):
 
 A side's time is the wall time of ``run()`` minus its evaluation time and minus the data preparation
 (measured separately in the same child), so Flower's time includes starting Ray, the capability query,
-every round and the shutdown.  ``speedup_<workload> = min(Flower sides) / hetfl``.  Peak RSS: the
+every round and the shutdown.  ``speedup_<workload> = min(Flower sides) / min(hetfl sides)``.  Peak RSS: the
 child's own peak (``ru_maxrss``: the driver) and the peak summed RSS of its whole process tree (Ray's
 workers included), sampled every 0.2 s.
 
@@ -59,7 +60,7 @@ WORKLOADS = {
 }
 QUICK = {"compute": {"rounds": 1, "data.num_clients": 200, "algorithm.clients_per_round": 2},
          "overhead": {"rounds": 2, "algorithm.clients_per_round": 10}}
-SIDES = ("bare", "hetfl", "flower-default", "flower-cpus1")
+SIDES = ("bare", "hetfl", "hetfl-workers", "flower-default", "flower-cpus1")
 
 
 def make_config(workload: str, quick: bool):
@@ -142,8 +143,10 @@ def run_side(workload: str, side: str, quick: bool) -> dict:
         res = evaluate(model, exp.dataset.test, 1000)
         out.update(time_s=round(secs, 3), rounds_s=round(secs, 3), test_accuracy=res.accuracy)
     else:
-        cfg = cfg.replace(engine="simulator" if side == "hetfl" else "flower")
-        if side != "hetfl":
+        cfg = cfg.replace(engine="simulator" if side.startswith("hetfl") else "flower")
+        if side == "hetfl-workers":  # client-parallel worker processes, one thread each (hetfl.engines.workers)
+            cfg = cfg.replace(workers=os.cpu_count() or 2, threads_per_worker=1)
+        if not side.startswith("hetfl"):
             os.environ["HETFL_FLOWER_NUM_CPUS"] = "1" if side == "flower-cpus1" else "2"
         tmp = Path(tempfile.mkdtemp(prefix="hetfl-fvs-"))
         try:
@@ -228,24 +231,26 @@ def main() -> None:
 
     print()
     for wl, res in results.items():
-        h = res.get("hetfl")
+        hetfls = {s: r for s, r in res.items() if s.startswith("hetfl")}
+        h_side, h = min(hetfls.items(), key=lambda kv: kv[1]["time_s"]) if hetfls else ("hetfl", None)
         flowers = {s: r for s, r in res.items() if s.startswith("flower")}
         if h is None or not flowers:
             continue
         best_side, best = min(flowers.items(), key=lambda kv: kv[1]["time_s"])
         key = "compute" if wl == "compute" else "overhead"
         print(f"speedup_{key}={best['time_s'] / h['time_s']:.2f}  ({best_side} {best['time_s']:.2f}s / "
-              f"hetfl {h['time_s']:.2f}s; rounds only: {best['rounds_s'] / h['rounds_s']:.2f})")
-        for s, r in flowers.items():
-            print(f"  {s}: {r['time_s'] / h['time_s']:.2f}x hetfl" +
+              f"{h_side} {h['time_s']:.2f}s; rounds only: {best['rounds_s'] / h['rounds_s']:.2f})")
+        for s, r in hetfls.items():
+            print(f"  {s}: speedup {best['time_s'] / r['time_s']:.2f}" +
                   (f", {r['time_s'] / res['bare']['time_s']:.2f}x bare" if "bare" in res else ""))
-        if "bare" in res:
-            print(f"  hetfl: {h['time_s'] / res['bare']['time_s']:.2f}x bare")
+        for s, r in flowers.items():
+            print(f"  {s}: {r['time_s'] / h['time_s']:.2f}x {h_side}" +
+                  (f", {r['time_s'] / res['bare']['time_s']:.2f}x bare" if "bare" in res else ""))
         accs = ", ".join(f"{s}={r['test_accuracy']:.4f}" for s, r in res.items())
         print(f"  final test accuracy: {accs}")
         rss = ", ".join(f"{s}={r['peak_rss_mb']:.0f}/{r['peak_tree_rss_mb']:.0f}" for s, r in res.items())
         print(f"  peak RSS MB (driver/process tree): {rss}")
-        print(f"  peak_rss_hetfl_mb={h['peak_rss_mb']:.0f}")
+        print(f"  peak_rss_hetfl_mb={h['peak_rss_mb']:.0f} (driver; process tree {h['peak_tree_rss_mb']:.0f})")
     left = leftover_processes(before)
     deadline = time.monotonic() + 20  # a process still exiting is not left behind
     while left and time.monotonic() < deadline:
