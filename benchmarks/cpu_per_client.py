@@ -56,12 +56,32 @@ def rounds(engine, state, first: int, n: int):
     return state
 
 
+def _profile_workers() -> None:
+    """Wrap the workers' main loop (looked up when each worker starts) in cProfile; each dumps its stats."""
+    from hetfl.engines import workers
+
+    inner = workers._worker_main
+
+    def profiled(*a, **kw):
+        prof = cProfile.Profile(time.process_time)
+        prof.enable()
+        try:
+            inner(*a, **kw)
+        finally:
+            prof.disable()
+            prof.dump_stats(f"/tmp/hetfl-worker-{os.getpid()}.prof")
+
+    workers._worker_main = profiled
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=4, help="timed rounds (after one warm-up round)")
     p.add_argument("--clients", type=int, default=100)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--profile", action="store_true", help="cProfile the main process during the pooled rounds")
+    p.add_argument("--profile-worker", action="store_true",
+                   help="cProfile worker 0 for the whole run (its first round included) and print its top functions")
     p.add_argument("--skip-bare", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -88,12 +108,14 @@ def main() -> None:
     out["inproc"] = (time.process_time() - t0) / n_clients
 
     # ------------------------------------------------------------------ hetfl with workers
+    if args.profile_worker:
+        _profile_workers()
     par = ParallelSimulator(algo, fed, ctx, "cpu", workers=args.workers, threads_per_worker=1)
     try:
         state = rounds(par, algo.init_state(ctx), 1, 1)
         pids = par.pool.pids
         w0 = [cpu_ns(pid) for pid in pids]
-        prof = cProfile.Profile() if args.profile else None
+        prof = cProfile.Profile(time.process_time) if args.profile else None
         t0 = time.process_time()
         if prof is not None:
             prof.enable()
@@ -115,7 +137,15 @@ def main() -> None:
     if "bare" in out:
         print(f"  worker/bare={out['worker'] / out['bare']:.3f}")
     if prof is not None:
-        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        pstats.Stats(prof).sort_stats(os.environ.get("SORT", "tottime")).print_stats(int(os.environ.get("TOP", "25")))
+    if args.profile_worker:
+        path = f"/tmp/hetfl-worker-{pids[0]}.prof"
+        for _ in range(50):
+            if os.path.exists(path):
+                break
+            time.sleep(0.1)
+        pstats.Stats(path).sort_stats("tottime").print_stats(30)
+        os.unlink(path)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hetfl import packed
 from hetfl.algorithms.base import Algorithm, ClientResult, ClientTask, Context
 from hetfl.engines.simulator import ModelCache, Simulator
 from hetfl.errors import ConfigError, HetflError
@@ -326,6 +327,7 @@ class _Job:
     lane: int
     seq: int = 0
     path: str | None = None  # a shared file this job hands over (the worker maps it first)
+    slot: _Slot | None = None  # the buffers it was sent with
 
 
 @dataclass
@@ -494,6 +496,7 @@ class WorkerPool:
             slot_new = (path, layout)
             job.path = path
         slot.load(task.weights)
+        job.slot = slot
         self._seq += 1
         job.seq = self._seq
         if not w.jobs:
@@ -515,9 +518,9 @@ class WorkerPool:
             w.pending_paths.remove(job.path)
         if msg[0] == "done":
             _, _, _, (cid, n, metrics, extra), sent = msg
-            if sent is None:
-                out = w.slots[(job.lane, layout_of(tasks[job.index].weights))].out
-                sent = {k: v.clone() for k, v in out.items()}
+            if sent is None:  # in the slot's out buffer: one copy of the whole buffer (hetfl.packed)
+                assert job.slot is not None
+                sent = packed.clone(job.slot.out)
             return job.index, _Outcome(ClientResult(cid, n, sent, metrics, extra))
         _, _, _, payload, tb = msg
         exc = pickle.loads(payload) if isinstance(payload, bytes) else RuntimeError(f"{payload[0]}: {payload[1]}")
