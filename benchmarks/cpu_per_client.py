@@ -37,6 +37,12 @@ def cpu_ns(pid: int) -> int:
         return int(f.read().split()[0])
 
 
+def _faults(pid: int) -> int:
+    """Minor page faults of a process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[7])
+
+
 def make_cfg(args: argparse.Namespace):
     base = {
         "name": "cpu-per-client", "rounds": args.rounds + 1, "seed": 0, "device": "cpu", "workers": 1,
@@ -83,6 +89,7 @@ def main() -> None:
     p.add_argument("--profile-worker", action="store_true",
                    help="cProfile worker 0 for the whole run (its first round included) and print its top functions")
     p.add_argument("--skip-bare", action="store_true")
+    p.add_argument("--skip-inproc", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(1)
     exp = prepare(make_cfg(args))
@@ -101,11 +108,12 @@ def main() -> None:
         out["bare"] = (time.process_time() - t0) / n_clients
 
     # ------------------------------------------------------------------ hetfl in process (1 thread)
-    sim = Simulator(algo, fed, ctx, "cpu")
-    state = rounds(sim, algo.init_state(ctx), 1, 1)
-    t0 = time.process_time()
-    rounds(sim, state, 2, args.rounds)
-    out["inproc"] = (time.process_time() - t0) / n_clients
+    if not args.skip_inproc:
+        sim = Simulator(algo, fed, ctx, "cpu")
+        state = rounds(sim, algo.init_state(ctx), 1, 1)
+        t0 = time.process_time()
+        rounds(sim, state, 2, args.rounds)
+        out["inproc"] = (time.process_time() - t0) / n_clients
 
     # ------------------------------------------------------------------ hetfl with workers
     if args.profile_worker:
@@ -117,12 +125,17 @@ def main() -> None:
         w0 = [cpu_ns(pid) for pid in pids]
         prof = cProfile.Profile(time.process_time) if args.profile else None
         t0 = time.process_time()
+        u0 = os.times()
+        f0 = _faults(os.getpid())
         if prof is not None:
             prof.enable()
         rounds(par, state, 2, args.rounds)
         if prof is not None:
             prof.disable()
         main_s = time.process_time() - t0
+        u1 = os.times()
+        faults = (_faults(os.getpid()) - f0) / n_clients
+        sys_share = (u1.system - u0.system) / max(main_s, 1e-9)
         w1 = [cpu_ns(pid) for pid in pids]
         out["worker"] = sum(b - a for a, b in zip(w0, w1)) / 1e9 / n_clients
         out["main"] = main_s / n_clients
@@ -134,6 +147,7 @@ def main() -> None:
     print("  ms CPU per client: " + "  ".join(f"{k}={v * 1e3:.3f}" for k, v in out.items()))
     print("  ms CPU per round per worker: " + " ".join(f"{s * 1e3:.0f}" for s in per_worker)
           + f"  main: {out['main'] * args.clients * 1e3:.0f}")
+    print(f"  main: {sys_share:.0%} of its CPU time in the kernel, {faults:.1f} page faults per client")
     if "bare" in out:
         print(f"  worker/bare={out['worker'] / out['bare']:.3f}")
     if prof is not None:
