@@ -25,7 +25,7 @@ from hetfl.errors import ConfigError
 from hetfl.reliability import FaultsConfig
 from hetfl.reliability.guard import ClientsFailedError, fault_summary
 from hetfl.reliability.plan import dropout_draw, plan_round, planned_samples
-from hetfl.reliability.validate import validate_result
+from hetfl.reliability.validate import all_finite, validate_result
 from hetfl.results import METRICS, RunDir, read_metrics, strip_timing
 from hetfl.robust import robust_average, robust_reduce
 from hetfl.runner import prepare, run
@@ -227,6 +227,18 @@ def test_validate_result(corrupt, faults, reason):
     corrupt(res)
     got = validate_result(task, res, FaultsConfig(**faults))
     assert got == reason if reason is None else reason in got
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.complex64])
+def test_all_finite_agrees_with_isfinite(dtype):
+    big = torch.finfo(dtype if not dtype.is_complex else torch.float32).max
+    inf, nan = float("inf"), float("nan")
+    cases = [[], torch.randn(1000).tolist(), [big] * 50,  # the sum of the last one overflows
+             [big, -big, big], [1.0, nan], [inf], [inf, -inf], [-inf, 2.0, 3.0]]
+    for case in cases:
+        value = torch.tensor(case, dtype=dtype)
+        assert all_finite(value) == bool(torch.isfinite(value).all()), (dtype, case)
+        assert all_finite(value.view(-1, 1)[::2]) == bool(torch.isfinite(value[::2]).all())  # non-contiguous
 
 
 def test_robust_reduce_matches_numpy_and_respects_partial_overlap():

@@ -41,6 +41,7 @@ import contextlib
 import math
 import os
 import pickle
+import select
 import signal
 import sys
 import tempfile
@@ -55,6 +56,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hetfl import packed
 from hetfl.algorithms.base import Algorithm, ClientResult, ClientTask, Context
 from hetfl.engines.simulator import ModelCache, Simulator
 from hetfl.errors import ConfigError, HetflError
@@ -326,6 +328,7 @@ class _Job:
     lane: int
     seq: int = 0
     path: str | None = None  # a shared file this job hands over (the worker maps it first)
+    slot: _Slot | None = None  # the buffers it was sent with
 
 
 @dataclass
@@ -337,6 +340,7 @@ class _Worker:
     pending_paths: list[str] = field(default_factory=list)  # shared files sent but maybe not yet mapped
     jobs: deque[_Job] = field(default_factory=deque)  # sent, in the order the worker runs them
     started: float = 0.0  # when the first of ``jobs`` started
+    poller: Any = None  # a poll object for ``conn`` alone (see WorkerPool._readable)
 
     def free_lane(self) -> int | None:
         used = {j.lane for j in self.jobs}
@@ -376,6 +380,7 @@ class WorkerPool:
         self._slot_ids = 0
         self._closed = False
         self._workers: list[_Worker] = []
+        self._pollers: dict[tuple[Any, ...], tuple[Any, dict[int, Any]]] = {}  # see _wait
         if method == "fork":  # imports and set-up done once here are inherited by every worker
             with contextlib.suppress(Exception):
                 _warm_up(None, algorithm, federation, ctx)
@@ -438,6 +443,7 @@ class WorkerPool:
             w.proc.kill()
         w.proc.join(STOP_TIMEOUT_S)
         w.conn.close()
+        self._pollers.clear()  # they may hold this worker's file descriptors
         for path in w.pending_paths:
             _unlink(path)
         w.pending_paths.clear()
@@ -494,6 +500,7 @@ class WorkerPool:
             slot_new = (path, layout)
             job.path = path
         slot.load(task.weights)
+        job.slot = slot
         self._seq += 1
         job.seq = self._seq
         if not w.jobs:
@@ -515,9 +522,9 @@ class WorkerPool:
             w.pending_paths.remove(job.path)
         if msg[0] == "done":
             _, _, _, (cid, n, metrics, extra), sent = msg
-            if sent is None:
-                out = w.slots[(job.lane, layout_of(tasks[job.index].weights))].out
-                sent = {k: v.clone() for k, v in out.items()}
+            if sent is None:  # in the slot's out buffer: one copy of the whole buffer (hetfl.packed)
+                assert job.slot is not None
+                sent = packed.clone(job.slot.out)
             return job.index, _Outcome(ClientResult(cid, n, sent, metrics, extra))
         _, _, _, payload, tb = msg
         exc = pickle.loads(payload) if isinstance(payload, bytes) else RuntimeError(f"{payload[0]}: {payload[1]}")
@@ -577,11 +584,11 @@ class WorkerPool:
         if self.timeout_s > 0:
             now = time.monotonic()
             timeout = max(0.0, min(timeout, min(w.started + self.timeout_s - now for w in busy)))
-        ready = set(connection.wait([w.conn for w in busy] + [w.proc.sentinel for w in busy], timeout=timeout))
+        ready = self._wait(busy, timeout)
         for w in busy:
             if w.conn in ready:
                 try:
-                    while w.jobs and w.conn.poll():  # every reply that is there
+                    while w.jobs and self._readable(w):  # every reply that is there
                         index, outcome = self._receive(w, tasks)
                         done[index] = outcome
                     continue
@@ -592,6 +599,37 @@ class WorkerPool:
                 self._lost(w, tasks, todo, done, f"died ({self._exit_text(w)})")
             elif self.timeout_s > 0 and time.monotonic() - w.started > self.timeout_s:
                 self._lost(w, tasks, todo, done, f"took longer than worker_timeout_s={self.timeout_s:g}")
+
+    @staticmethod
+    def _readable(w: _Worker) -> bool:
+        """Whether a reply from ``w`` is waiting (``Connection.poll`` would build a selector per call)."""
+        if w.poller is None:
+            w.poller = select.poll()
+            w.poller.register(w.conn.fileno(), select.POLLIN | select.POLLPRI)
+        return bool(w.poller.poll(0))
+
+    def _wait(self, busy: list[_Worker], timeout: float) -> set[Any]:
+        """The pipes and process sentinels of ``busy`` that are ready (``multiprocessing.connection.wait``
+        builds a selector and registers every object on each call; a poll object per set of busy workers
+        is kept instead, so waiting for a reply costs one system call)."""
+        key = tuple((w.conn, w.proc.sentinel) for w in busy)
+        entry = self._pollers.get(key)
+        if entry is None:
+            poller = select.poll()
+            objects: dict[int, Any] = {}
+            for conn, sentinel in key:
+                for obj, fd in ((conn, conn.fileno()), (sentinel, sentinel)):
+                    poller.register(fd, select.POLLIN | select.POLLPRI)
+                    objects[fd] = obj
+            entry = self._pollers[key] = (poller, objects)
+        poller, objects = entry
+        while True:
+            try:
+                events = poller.poll(max(0, math.ceil(timeout * 1000)))
+                break
+            except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for clarity
+                continue
+        return {objects[fd] for fd, _ in events}
 
     def _lost(self, w: _Worker, tasks: Sequence[ClientTask], todo: list[tuple[int, int]],
               done: dict[int, _Outcome], why: str) -> None:
