@@ -236,7 +236,8 @@ def _wins(grid: Grid, metric: str) -> list[str]:
         overall.append((lv, count.get(lv, 0), float(np.mean(diffs)) if diffs else float("nan")))
     lines = [f"| {grid.compare} | settings won | mean paired difference to {grid.baseline} over settings (pp) |",
              "|---|---|---|"]
-    lines += [f"| {lv} | {n} | {100 * d:+.2f} |" for lv, n, d in overall]
+    lines += [f"| {lv} | {n} | {100 * d:+.2f} |" if np.isfinite(d) else f"| {lv} | {n} | – (no paired cell) |"
+              for lv, n, d in overall]
     return lines
 
 
