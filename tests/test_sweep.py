@@ -97,6 +97,9 @@ def test_sweep_skips_finished_and_resumes_interrupted_cells(tiny_sweep):
     changed = _study(set=["train.lr=0.2"])
     with pytest.raises(HetflError, match="different config"):
         run_sweep(changed, out, workers=1, log=None)
+    # ... but execution settings (worker processes, threads) do not change a run: finished cells stay valid
+    same = run_sweep(_study(set=["workers=2", "threads_per_worker=1"]), out, workers=1, log=None)
+    assert same["ran"] == 0 and len(same["skipped"]) == 8
 
 
 def test_report_has_tables_heatmaps_and_curves(tiny_sweep, capsys):
