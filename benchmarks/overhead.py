@@ -65,6 +65,21 @@ def make_config(args: argparse.Namespace):
 LEVELS = {"a": 1.0, "b": 0.5, "c": 0.25, "d": 0.125, "e": 0.0625}
 
 
+def train_client(model, x, y, cfg, rnd: int, c: int) -> None:
+    """One client's local SGD, written plainly: the same batches and seeds as hetfl's local_sgd."""
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.train.lr)
+    gen = torch.Generator().manual_seed(round_seed(cfg.seed, rnd, c))
+    # seeds torch's CPU generator as torch.manual_seed does, without its per-call cost of queueing
+    # lazy seeds for absent accelerators (hetfl's local_sgd does the same)
+    torch.random.default_generator.manual_seed(round_seed(cfg.seed, rnd, c))
+    model.train()
+    for idx in batch_indices(len(y), cfg.train.batch_size, cfg.train.epochs, cfg.train.steps, gen):
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
 def bare_loop_heterofl(exp, rounds: int, mix: str) -> tuple[float, dict[str, torch.Tensor]]:
     """HeteroFL's rounds by hand: prefix-slice, train the submodel, average every element over its owners."""
     from hetfl.models import build_model
@@ -97,15 +112,7 @@ def bare_loop_heterofl(exp, rounds: int, mix: str) -> tuple[float, dict[str, tor
             idx_c = torch.as_tensor(fed.train_idx[c], device=x_all.device)
             x, y = x_all[idx_c], y_all[idx_c]
             model.load_state_dict({k: global_w[k][sl[k]] for k in sl})
-            opt = torch.optim.SGD(model.parameters(), lr=cfg.train.lr)
-            gen = torch.Generator().manual_seed(round_seed(cfg.seed, rnd, int(c)))
-            torch.random.default_generator.manual_seed(round_seed(cfg.seed, rnd, int(c)))
-            model.train()
-            for idx in batch_indices(len(y), cfg.train.batch_size, cfg.train.epochs, 0, gen):
-                loss = F.cross_entropy(model(x[idx]), y[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+            train_client(model, x, y, cfg, rnd, int(c))
             for k, v in model.state_dict().items():
                 sums[k][sl[k]] += v.detach().double()
                 counts[k][sl[k]] += 1.0
@@ -131,17 +138,7 @@ def bare_loop(exp, rounds: int) -> tuple[float, dict[str, torch.Tensor]]:
             idx_c = torch.as_tensor(fed.train_idx[c], device=x_all.device)
             x, y = x_all[idx_c], y_all[idx_c]
             model.load_state_dict(global_w)
-            opt = torch.optim.SGD(model.parameters(), lr=cfg.train.lr)
-            gen = torch.Generator().manual_seed(round_seed(cfg.seed, rnd, int(c)))
-            # seeds torch's CPU generator as torch.manual_seed does, without its per-call cost of queueing
-            # lazy seeds for absent accelerators (hetfl's local_sgd does the same)
-            torch.random.default_generator.manual_seed(round_seed(cfg.seed, rnd, int(c)))
-            model.train()
-            for idx in batch_indices(len(y), cfg.train.batch_size, cfg.train.epochs, 0, gen):
-                loss = F.cross_entropy(model(x[idx]), y[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+            train_client(model, x, y, cfg, rnd, int(c))
             n = len(y)
             state = model.state_dict()
             if sums is None:

@@ -26,18 +26,14 @@ from __future__ import annotations
 import argparse
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
+from overhead import bare_loop  # the bare reference loop, shared with overhead.py (benchmarks/ is on sys.path)
 
-from hetfl.algorithms.base import round_seed
 from hetfl.config import RunConfig, load_config
 from hetfl.results import read_metrics
 from hetfl.runner import prepare, run
-from hetfl.train import batch_indices
 
 
 def make_config(args: argparse.Namespace, workload: str) -> RunConfig:
@@ -59,44 +55,6 @@ def make_config(args: argparse.Namespace, workload: str) -> RunConfig:
         "eval": {"every": 10**6, "local": False},
     }
     return load_config(None, (), base=base)
-
-
-def bare_loop(exp, rounds: int) -> tuple[float, dict[str, torch.Tensor]]:
-    """The same FedAvg rounds written plainly: one model, weights reloaded per client, clients in turn."""
-    cfg, fed, ctx, algo = exp.cfg, exp.federation, exp.ctx, exp.algorithm
-    torch.manual_seed(round_seed(cfg.seed, 0))
-    model = ctx.model.build(ctx.info).to(exp.device)
-    global_w = {k: v.clone() for k, v in model.state_dict().items()}
-    x_all, y_all = fed.train.x, fed.train.y
-    t0 = time.perf_counter()
-    for rnd in range(1, rounds + 1):
-        rng = np.random.default_rng([cfg.seed, rnd, 0x73616D70])
-        clients = np.sort(rng.choice(fed.num_clients, size=algo.clients_for(fed.num_clients), replace=False))
-        sums, total = None, 0
-        for c in clients:
-            idx_c = torch.as_tensor(fed.train_idx[c], device=x_all.device)
-            x, y = x_all[idx_c], y_all[idx_c]
-            model.load_state_dict(global_w)
-            opt = torch.optim.SGD(model.parameters(), lr=cfg.train.lr)
-            seed = round_seed(cfg.seed, rnd, int(c))
-            gen = torch.Generator().manual_seed(seed)
-            torch.manual_seed(seed)
-            model.train()
-            for idx in batch_indices(len(y), cfg.train.batch_size, cfg.train.epochs, cfg.train.steps, gen):
-                loss = F.cross_entropy(model(x[idx]), y[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            n = len(y)
-            state = model.state_dict()
-            if sums is None:
-                sums = {k: v.detach().double() * n for k, v in state.items()}
-            else:
-                for k, v in state.items():
-                    sums[k] += v.detach().double() * n
-            total += n
-        global_w = {k: (v / total).to(global_w[k].dtype) for k, v in sums.items()}
-    return time.perf_counter() - t0, global_w
 
 
 def hetfl_run(cfg: RunConfig) -> tuple[float, dict[str, torch.Tensor]]:

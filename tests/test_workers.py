@@ -169,9 +169,7 @@ def test_dead_worker_is_restarted_and_its_client_retried(tmp_path, digits_cfg, o
     finally:
         sim.close()
     # the retried client gave the same update: the round equals an undisturbed in-process round
-    ref, _ = Simulator(FedAvg(clients_per_round=8), exp.federation, exp.ctx).run_round(state, 1)
-    for k, v in ref.models["global"].items():
-        assert torch.equal(v, got.models["global"][k]), k
+    _assert_equals_in_process_round(exp, state, got)
 
 
 def test_client_that_kills_its_worker_twice_is_dropped(tmp_path, digits_cfg):
@@ -313,6 +311,11 @@ def test_interrupted_round_stops_busy_workers_and_the_next_round_restarts_them(t
         assert report.faults["clients_reported"] == 8 and "worker_restarts" not in report.faults
     finally:
         sim.close()
+    _assert_equals_in_process_round(exp, state, got)
+
+
+def _assert_equals_in_process_round(exp, state, got) -> None:
+    """A disturbed round (worker restarted, client retried) equals an undisturbed in-process round 1."""
     ref, _ = Simulator(FedAvg(clients_per_round=8), exp.federation, exp.ctx).run_round(state, 1)
     for k, v in ref.models["global"].items():
         assert torch.equal(v, got.models["global"][k]), k
