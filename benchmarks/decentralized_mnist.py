@@ -51,8 +51,8 @@ ARMS: dict[str, list[str]] = {
 CENTRAL = ("heterofl", "heterofl_noscaler", "fedavg_smallest")
 
 
-def run_cell(job: tuple[str, int, int, str, int]) -> str:
-    arm, seed, rounds, out, eval_every = job
+def run_cell(job: tuple[str, int, int, str, int, tuple[str, ...]]) -> str:
+    arm, seed, rounds, out, eval_every, extra = job
     import torch
 
     torch.set_num_threads(1)
@@ -67,7 +67,8 @@ def run_cell(job: tuple[str, int, int, str, int]) -> str:
     if (path / "config.toml").exists():
         run(load_config(path / "config.toml", [f"rounds={rounds}"]), resume=path, quiet=True)
     else:
-        sets = [f"seed={seed}", f"rounds={rounds}", f"eval.every={eval_every}", f'name="{arm}-s{seed}"', *ARMS[arm]]
+        sets = [f"seed={seed}", f"rounds={rounds}", f"eval.every={eval_every}", f'name="{arm}-s{seed}"', *ARMS[arm],
+                *extra]
         run(load_config(CONFIG, sets), path, quiet=True)
     return str(path)
 
@@ -234,12 +235,15 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--out", default="runs/decentralized_mnist")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra config override for every arm (repeatable), e.g. 'model.hidden=\"800,800\"'")
     p.add_argument("--table-only", action="store_true")
     p.add_argument("--plot", help="write the figure here (PNG)")
     args = p.parse_args()
     root = Path(args.out)
     if not args.table_only:
-        jobs = [(arm, seed, args.rounds, str(root), args.eval_every) for seed in args.seeds for arm in args.arms]
+        jobs = [(arm, seed, args.rounds, str(root), args.eval_every, tuple(args.set))
+                for seed in args.seeds for arm in args.arms]
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
             for done in pool.map(run_cell, jobs):
