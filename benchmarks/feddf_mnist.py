@@ -67,7 +67,7 @@ def _rows(path: Path) -> list[dict]:
 
 
 def table(out: Path, arms: list[str], seeds: list[int], rounds: int) -> str:
-    head = " | ".join(f"{f} final / last-5" for f in FAMILIES)
+    head = " | ".join(f"{f} final (± std) / last-5" for f in FAMILIES)
     lines = [f"| arm | seeds | {head} | distill s/round | teacher s/round | s/round |",
              "|---|---|" + "---|" * (len(FAMILIES) + 3)]
     for arm in arms:
@@ -84,7 +84,8 @@ def table(out: Path, arms: list[str], seeds: list[int], rounds: int) -> str:
                 continue
             final = [r[-1][key] for r in runs]
             last5 = [np.mean([row[key] for row in r[-5:]]) for r in runs]
-            cells.append(f"{100 * np.mean(final):.2f} / {100 * np.mean(last5):.2f}")
+            sd = f" ± {100 * np.std(final):.2f}" if len(final) > 1 else ""  # spread of the final accuracy
+            cells.append(f"{100 * np.mean(final):.2f}{sd} / {100 * np.mean(last5):.2f}")
         distill = np.mean([np.mean([row.get("server_distill_s", 0.0) for row in r]) for r in runs])
         teacher = np.mean([np.mean([row.get("server_teacher_s", 0.0) for row in r]) for r in runs])
         per_round = np.mean([r[-1]["time_s"] / len(r) for r in runs])
