@@ -24,16 +24,12 @@ with hetfl's in-process run at one thread.
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
-from pathlib import Path
 
 import torch
-from overhead import bare_loop  # the bare reference loop, shared with overhead.py (benchmarks/ is on sys.path)
+from overhead import bare_loop, hetfl_run  # shared with overhead.py (benchmarks/ is on sys.path)
 
 from hetfl.config import RunConfig, load_config
-from hetfl.results import read_metrics
-from hetfl.runner import prepare, run
+from hetfl.runner import prepare
 
 
 def make_config(args: argparse.Namespace, workload: str) -> RunConfig:
@@ -55,18 +51,6 @@ def make_config(args: argparse.Namespace, workload: str) -> RunConfig:
         "eval": {"every": 10**6, "local": False},
     }
     return load_config(None, (), base=base)
-
-
-def hetfl_run(cfg: RunConfig) -> tuple[float, dict[str, torch.Tensor]]:
-    out = Path(tempfile.mkdtemp(prefix="hetfl-parallel-"))
-    try:
-        run(cfg, out / "run", quiet=True)
-        rows = read_metrics(out / "run")
-        loop_s = rows[-1]["time_s"] - sum(r.get("eval_time_s", 0.0) for r in rows)
-        w = torch.load(out / "run" / "checkpoint.pt", weights_only=True)["state"]["models"]["global"]
-        return loop_s, w
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
 
 
 class threads:
