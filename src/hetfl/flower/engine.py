@@ -110,6 +110,39 @@ def ray_processes(root: int) -> dict[int, str]:
     return out
 
 
+def kill_actors(procs: dict[int, str]) -> None:
+    """SIGKILL the Ray actor/worker processes (``ray::...``) among ``procs`` (pid -> start time)."""
+    import signal
+
+    table = _proc_table()
+    for pid, start in procs.items():
+        if pid in table and table[pid][1] == start and "ray::" in table[pid][2]:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def detach_stuck_executor_threads() -> None:
+    """Let the interpreter exit although some thread-pool worker threads are blocked for good.
+
+    Python joins every ThreadPoolExecutor worker (and every non-daemon thread) at exit; a worker stuck in a
+    call that can no longer return (``ray.get`` after Ray is gone) would hang the process forever.  This
+    removes such threads from both exit-time joins.  CPython internals, guarded: a no-op where they differ.
+    """
+    import concurrent.futures.thread as cft
+
+    queues = getattr(cft, "_threads_queues", None)
+    locks = getattr(threading, "_shutdown_locks", None)
+    for t in list(threading.enumerate()):
+        if t is threading.current_thread() or not t.is_alive() or not t.name.startswith("ThreadPoolExecutor"):
+            continue
+        if isinstance(queues, dict) or hasattr(queues, "pop"):
+            queues.pop(t, None)
+        lock = getattr(t, "_tstate_lock", None)
+        if locks is not None and lock is not None:
+            with contextlib.suppress(KeyError, AttributeError):
+                locks.discard(lock)
+
+
 def reap(procs: dict[int, str], grace_s: float = 15.0) -> None:
     """Wait for these processes (recorded before ``ray.shutdown()``) to exit; kill any left, by pid.
 
@@ -252,6 +285,12 @@ class FlowerSimulation:
         self._thread.join(timeout=10)
         if self._owns_ray:
             ours = ray_processes(os.getpid())  # Ray's processes are all descendants of this one
+            if self._thread.is_alive():
+                # a ClientApp still running (a lost client) holds a Flower worker thread in ray.get(), and
+                # ray.shutdown() does not wake it: kill the actor processes first, so that call fails and
+                # Flower's loop, already told to stop, can end
+                kill_actors(ours)
+                self._thread.join(timeout=20)
             try:
                 import ray
 
@@ -263,6 +302,10 @@ class FlowerSimulation:
             reap(ours)
         else:
             self._thread.join(timeout=120)
+        if self._thread.is_alive():  # pragma: no cover - last resort, never seen once the actors are killed
+            log.warning("Flower's simulation thread did not stop; detaching its worker threads so that this "
+                        "process can exit")
+            detach_stuck_executor_threads()
         flwr_logger = logging.getLogger("flwr")
         flwr_logger.removeFilter(self._filter)
         flwr_logger.setLevel(self._flwr_level)
