@@ -47,19 +47,11 @@ def run_one(job: tuple[str, int, int, str]) -> str:
 
     torch.set_num_threads(1)
     from hetfl.config import load_config
-    from hetfl.runner import run
+    from hetfl.runner import run_or_resume
 
     run_dir = Path(out) / f"{arm}-s{seed}"
     cfg = load_config(CONFIG, [*ARMS[arm][0], f"rounds={rounds}", f"seed={seed}"])
-    summary_file = run_dir / "summary.json"
-    if summary_file.exists():
-        done = json.loads(summary_file.read_text())
-        if done.get("status") == "complete" and done.get("rounds_completed") == rounds:
-            return f"{run_dir}: reused"
-        run(cfg, resume=run_dir, quiet=True)
-        return f"{run_dir}: resumed"
-    run(cfg, run_dir, quiet=True)
-    return f"{run_dir}: done"
+    return f"{run_dir}: {run_or_resume(cfg, run_dir)}"
 
 
 def _rows(path: Path) -> list[dict]:

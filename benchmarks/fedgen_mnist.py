@@ -50,20 +50,12 @@ def run_one(job: tuple[str, int, int, str]) -> str:
 
     torch.set_num_threads(1)
     from hetfl.config import load_config
-    from hetfl.runner import run
+    from hetfl.runner import run_or_resume
 
     path, overrides, _ = ARMS[arm]
     run_dir = Path(out) / f"{arm}-s{seed}"
     cfg = load_config(path, [*overrides, f"rounds={rounds}", f"seed={seed}", "checkpoint_every=10"])
-    summary_file = run_dir / "summary.json"
-    if summary_file.exists():
-        done = json.loads(summary_file.read_text())
-        if done.get("status") == "complete" and done.get("rounds_completed") == rounds:
-            return f"{run_dir}: reused"
-        run(cfg, resume=run_dir, quiet=True)
-        return f"{run_dir}: resumed"
-    run(cfg, run_dir, quiet=True)
-    return f"{run_dir}: done"
+    return f"{run_dir}: {run_or_resume(cfg, run_dir)}"
 
 
 def _ms(values: list[float]) -> str:

@@ -11,7 +11,7 @@ from hetfl.config import load_config
 from hetfl.engines.simulator import Simulator
 from hetfl.errors import ConfigError, DataError, HetflError
 from hetfl.results import read_metrics, strip_timing
-from hetfl.runner import run
+from hetfl.runner import run, run_or_resume
 
 
 def _final_weights(run_dir):
@@ -61,6 +61,14 @@ def test_resume_can_extend_rounds(tmp_path, digits_cfg):
     assert summary["rounds_completed"] == 4
     with pytest.raises(ConfigError, match="only rounds"):
         run(digits_cfg("rounds=4", "train.lr=0.5"), resume=tmp_path / "r", quiet=True)
+
+
+def test_run_or_resume_reuses_extends_or_starts(tmp_path, digits_cfg):
+    out = tmp_path / "r"
+    assert run_or_resume(digits_cfg("rounds=2"), out) == "done"
+    assert run_or_resume(digits_cfg("rounds=2"), out) == "reused"
+    assert run_or_resume(digits_cfg("rounds=3"), out) == "resumed"
+    assert len(read_metrics(out)) == 3
 
 
 def test_digits_fedavg_reaches_90_percent(tmp_path):

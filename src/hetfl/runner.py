@@ -162,6 +162,23 @@ def summarize_metrics(rows: list[dict[str, Any]], wall_time_s: float, cfg: RunCo
     return summary
 
 
+def run_or_resume(cfg: RunConfig, run_dir: str | Path, *, quiet: bool = True) -> str:
+    """Bring ``run_dir`` to ``cfg.rounds`` rounds: ``"reused"`` if it already holds a complete run of that
+    many rounds, ``"resumed"`` if it holds an interrupted or shorter one (continued from its checkpoint),
+    ``"done"`` after a fresh run.  What benchmark scripts use to make re-running them cheap."""
+    from hetfl.results import read_summary
+
+    run_dir = Path(run_dir)
+    summary = read_summary(run_dir)
+    if summary is not None:
+        if summary.get("status") == "complete" and summary.get("rounds_completed") == cfg.rounds:
+            return "reused"
+        run(cfg, resume=run_dir, quiet=quiet)
+        return "resumed"
+    run(cfg, run_dir, quiet=quiet)
+    return "done"
+
+
 def run(
     cfg: RunConfig | None = None,
     out_dir: str | Path | None = None,
