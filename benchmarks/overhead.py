@@ -65,8 +65,13 @@ def make_config(args: argparse.Namespace):
 LEVELS = {"a": 1.0, "b": 0.5, "c": 0.25, "d": 0.125, "e": 0.0625}
 
 
-def train_client(model, x, y, cfg, rnd: int, c: int) -> None:
-    """One client's local SGD, written plainly: the same batches and seeds as hetfl's local_sgd."""
+def train_client(model, x, y, cfg, rnd: int, c: int, channels_last: bool = False) -> None:
+    """One client's local SGD, written plainly: the same batches and seeds as hetfl's local_sgd.
+
+    ``channels_last``: train with channels_last 4-D weights, as hetfl does for models that ask for it on
+    the CPU (``train.memory_format = "auto"``), so that both sides do the same arithmetic."""
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.train.lr)
     gen = torch.Generator().manual_seed(round_seed(cfg.seed, rnd, c))
     # seeds torch's CPU generator as torch.manual_seed does, without its per-call cost of queueing
@@ -78,6 +83,8 @@ def train_client(model, x, y, cfg, rnd: int, c: int) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
+    if channels_last:
+        model.to(memory_format=torch.contiguous_format)
 
 
 def bare_loop_heterofl(exp, rounds: int, mix: str) -> tuple[float, dict[str, torch.Tensor]]:
@@ -99,6 +106,7 @@ def bare_loop_heterofl(exp, rounds: int, mix: str) -> tuple[float, dict[str, tor
     slices = {r: {k: tuple(slice(0, d) for d in v.shape) for k, v in m.state_dict().items()}
               for r, m in models.items()}
     x_all, y_all = fed.train.x, fed.train.y
+    channels_last = hetfl_layout(exp)  # the same arithmetic as hetfl's submodels
     t0 = time.perf_counter()
     for rnd in range(1, rounds + 1):
         rng = np.random.default_rng([cfg.seed, rnd, 0x73616D70])
@@ -112,7 +120,7 @@ def bare_loop_heterofl(exp, rounds: int, mix: str) -> tuple[float, dict[str, tor
             idx_c = torch.as_tensor(fed.train_idx[c], device=x_all.device)
             x, y = x_all[idx_c], y_all[idx_c]
             model.load_state_dict({k: global_w[k][sl[k]] for k in sl})
-            train_client(model, x, y, cfg, rnd, int(c))
+            train_client(model, x, y, cfg, rnd, int(c), channels_last)
             for k, v in model.state_dict().items():
                 sums[k][sl[k]] += v.detach().double()
                 counts[k][sl[k]] += 1.0
@@ -121,8 +129,16 @@ def bare_loop_heterofl(exp, rounds: int, mix: str) -> tuple[float, dict[str, tor
     return time.perf_counter() - t0, global_w
 
 
-def bare_loop(exp, rounds: int) -> tuple[float, dict[str, torch.Tensor]]:
-    """The same FedAvg rounds written as plainly as PyTorch allows."""
+def hetfl_layout(exp) -> bool:
+    """Whether hetfl trains this run's model with channels_last weights (hetfl.train.training_memory_format)."""
+    from hetfl.train import training_memory_format
+
+    model = exp.ctx.model.build(exp.ctx.info)
+    return training_memory_format(exp.cfg.train.memory_format, model, exp.device) is torch.channels_last
+
+
+def bare_loop(exp, rounds: int, channels_last: bool = False) -> tuple[float, dict[str, torch.Tensor]]:
+    """The same FedAvg rounds written as plainly as PyTorch allows (``channels_last``: see train_client)."""
     cfg, fed, ctx, algo = exp.cfg, exp.federation, exp.ctx, exp.algorithm
     torch.manual_seed(round_seed(cfg.seed, 0))
     model = ctx.model.build(ctx.info).to(exp.device)
@@ -138,7 +154,7 @@ def bare_loop(exp, rounds: int) -> tuple[float, dict[str, torch.Tensor]]:
             idx_c = torch.as_tensor(fed.train_idx[c], device=x_all.device)
             x, y = x_all[idx_c], y_all[idx_c]
             model.load_state_dict(global_w)
-            train_client(model, x, y, cfg, rnd, int(c))
+            train_client(model, x, y, cfg, rnd, int(c), channels_last)
             n = len(y)
             state = model.state_dict()
             if sums is None:
@@ -190,7 +206,7 @@ def main() -> None:
     for rep in range(args.repeats):
         th, wh = hetfl_run(cfg)
         tb, wb = bare_loop_heterofl(exp, args.rounds, args.mix) if args.algorithm == "heterofl" else \
-            bare_loop(exp, args.rounds)
+            bare_loop(exp, args.rounds, channels_last=hetfl_layout(exp))  # orchestration only: same arithmetic
         h_times.append(th)
         b_times.append(tb)
         same = all(torch.allclose(wh[k].float(), wb[k].float(), atol=1e-5) for k in wb)

@@ -8,17 +8,21 @@ Two FedAvg workloads (issue #13), every client sampled every round:
 The bare loop trains the clients one after another as plainly as PyTorch allows (the global weights
 reloaded into one model per client, SGD on the same seeded batches, a sample-weighted average), once
 with torch's default intra-op threads and once with one thread; the faster of the two is the
-reference.  hetfl runs through :func:`hetfl.runner.run` with ``--workers N --threads-per-worker 1``
-(default N = 2); its round loop is timed as the runner records it (``time_s`` minus evaluation; the
+reference.  It trains contiguous weights; hetfl trains the CNN with channels_last weights (its default
+``train.memory_format = "auto"``), so on the compute workload the bare loop also runs once in that layout
+and the speedup against it is printed too (the share of the gain that is the layout, not the workers).
+hetfl runs through :func:`hetfl.runner.run` with ``--workers N --threads-per-worker 1`` (default N = 2),
+and on the overhead workload also with ``batched = true`` (each worker trains chunks of same-shape clients
+as one vmapped model); its round loop is timed as the runner records it (``time_s`` minus evaluation; the
 one-time setup, including starting the workers, is excluded as it is for the bare loop).  Each side
 is repeated and the minimum is kept; the sides are interleaved.
 
     python benchmarks/parallel.py                       # both workloads, 3 rounds, 3 repeats
     python benchmarks/parallel.py --rounds 1 --repeats 1 --overhead-clients 10   # a smoke run
 
-Prints per-repeat times, ``speedup_compute=`` and ``speedup_overhead=`` (best bare time / hetfl time),
-and ``parallel_equals_sequential=`` for each workload: hetfl's parallel result compared bit for bit
-with hetfl's in-process run at one thread.
+Prints per-repeat times, ``speedup_compute=``, ``speedup_overhead=`` (workers, default settings) and
+``speedup_overhead_batched=`` (best bare time / hetfl time), and for every hetfl run whether its weights
+equal, bit for bit, hetfl's in-process run with the same settings at one thread.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from overhead import bare_loop, hetfl_run  # shared with overhead.py (benchmarks/ is on sys.path)
+from overhead import bare_loop, hetfl_layout, hetfl_run  # shared with overhead.py (benchmarks/ is on sys.path)
 
 from hetfl.config import RunConfig, load_config
 from hetfl.runner import prepare
@@ -64,41 +68,56 @@ class threads:
         torch.set_num_threads(self.before)
 
 
-def bench(args: argparse.Namespace, workload: str) -> float:
+def bench(args: argparse.Namespace, workload: str) -> dict[str, float]:
     cfg = make_config(args, workload)
     exp = prepare(cfg)  # loads (and caches) the data once, outside the timings
-    par_cfg = cfg.replace(workers=args.workers, threads_per_worker=1)
+    sides = {"workers": cfg.replace(workers=args.workers, threads_per_worker=1)}
+    if workload == "overhead" or args.batched_everywhere:  # batching pays for small models only
+        sides["workers+batched"] = sides["workers"].replace(batched=True)
     default_threads = torch.get_num_threads()
     t = cfg.train
+    cl = hetfl_layout(exp)
     print(f"[{workload}] {args.dataset} {cfg.model.name}{dict(cfg.model.params) or ''}, {cfg.data.num_clients} clients "
           f"x {t.steps} steps, batch {t.batch_size}, {args.rounds} round(s); torch {torch.__version__}, "
-          f"{default_threads} default threads, device {args.device}")
-    with threads(1):  # the reference for equality: in-process, one thread per client, as in each worker
-        seq_s, seq_w = hetfl_run(cfg)
+          f"{default_threads} default threads, device {args.device}; hetfl trains "
+          f"{'channels_last' if cl else 'contiguous'} weights")
+    seq = {}
+    with threads(1):  # the references for equality: in-process, one thread per client, as in each worker
+        for name, side_cfg in sides.items():
+            seq[name] = hetfl_run(side_cfg.replace(workers=1))
     bare_loop(exp, 1)  # warm-up, untimed: the first round of a process pays one-time kernel set-up
-    bare_all, bare_one, par = [], [], []
+    bare_all, bare_one, bare_cl = [], [], []
+    times: dict[str, list[float]] = {name: [] for name in sides}
     for rep in range(args.repeats):
-        tp, par_w = hetfl_run(par_cfg)
-        ta, bare_w = bare_loop(exp, args.rounds)
+        line = []
+        for name, side_cfg in sides.items():
+            tp, par_w = hetfl_run(side_cfg)
+            times[name].append(tp)
+            equal = all(torch.equal(seq[name][1][k], par_w[k]) for k in seq[name][1])
+            line.append(f"hetfl {name} {tp:.3f}s (= in process: {equal})")
+        ta, _ = bare_loop(exp, args.rounds)
         with threads(1):
             t1, _ = bare_loop(exp, args.rounds)
-        par.append(tp)
         bare_all.append(ta)
         bare_one.append(t1)
-        close = all(torch.allclose(par_w[k].float(), bare_w[k].float(), atol=1e-4) for k in bare_w)
-        print(f"  repeat {rep}: bare {default_threads} threads {ta:.3f}s  bare 1 thread {t1:.3f}s  "
-              f"hetfl {args.workers} workers x 1 thread {tp:.3f}s  (close to bare: {close})")
-    equal = seq_w.keys() == par_w.keys() and all(torch.equal(seq_w[k], par_w[k]) for k in seq_w)
+        if cl:  # the plain loop with hetfl's layout: how much of the gain is the layout, how much the workers
+            tc, _ = bare_loop(exp, args.rounds, channels_last=True)
+            bare_cl.append(tc)
+            line.append(f"bare channels_last {default_threads} threads {tc:.3f}s")
+        print(f"  repeat {rep}: bare {default_threads} threads {ta:.3f}s  bare 1 thread {t1:.3f}s  " + "  ".join(line))
     best_bare = min(min(bare_all), min(bare_one))
-    speedup = best_bare / min(par)
     per_round = 1e3 / args.rounds
     print(f"  bare_{default_threads}threads_ms_per_round={min(bare_all) * per_round:.1f} "
-          f"bare_1thread_ms_per_round={min(bare_one) * per_round:.1f} "
-          f"hetfl_workers_ms_per_round={min(par) * per_round:.1f} "
-          f"hetfl_sequential_1thread_ms_per_round={seq_s * per_round:.1f}")
-    print(f"  parallel_equals_sequential={equal}")
-    print(f"speedup_{workload}={speedup:.3f}")
-    return speedup
+          f"bare_1thread_ms_per_round={min(bare_one) * per_round:.1f}"
+          + (f" bare_channels_last_ms_per_round={min(bare_cl) * per_round:.1f}" if bare_cl else ""))
+    out = {}
+    for name in sides:
+        key = workload if name == "workers" else f"{workload}_batched"
+        out[key] = best_bare / min(times[name])
+        print(f"  hetfl_{name}_ms_per_round={min(times[name]) * per_round:.1f} "
+              f"(in process, 1 thread: {seq[name][0] * per_round:.1f})  speedup_{key}={out[key]:.3f}"
+              + (f"  vs the channels_last bare loop: {min(bare_cl) / min(times[name]):.3f}" if bare_cl else ""))
+    return out
 
 
 def main() -> None:
@@ -112,13 +131,15 @@ def main() -> None:
     p.add_argument("--overhead-clients", type=int, default=100)
     p.add_argument("--steps", type=int, default=0, help="override the local steps (smoke runs)")
     p.add_argument("--device", default="cpu", help="cpu (worker processes train on the CPU)")
+    p.add_argument("--batched-everywhere", action="store_true",
+                   help="also time workers + batched = true on the compute workload (slower there: vmapped convs)")
     args = p.parse_args()
     if args.device != "cpu":
         raise SystemExit("benchmarks/parallel.py: worker processes train on the CPU; on a CUDA device hetfl trains "
                          "clients in process (see the batched-clients benchmark); use --device cpu")
     results = {}
     for workload in (("compute", "overhead") if args.workload == "both" else (args.workload,)):
-        results[workload] = bench(args, workload)
+        results.update(bench(args, workload))
     print("  ".join(f"speedup_{k}={v:.3f}" for k, v in results.items()))
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -52,10 +54,10 @@ def test_batch_schedule_matches_local_sgd():
         assert batch_schedule(n, cfg) == sizes
 
 
-def _cfg(batched, partition):
+def _cfg(batched, partition, num_clients=12):
     return load_config(None, (), base={
         "rounds": 2, "seed": 0, "batched": batched,
-        "data": {"name": "synthetic", "num_samples": 1200, "num_features": 12, "num_clients": 12,
+        "data": {"name": "synthetic", "num_samples": 1200, "num_features": 12, "num_clients": num_clients,
                  "local_test_fraction": 0.0, "partition": partition},
         "model": {"name": "mlp", "hidden": "16"},
         "algorithm": {"name": "fedavg", "clients_per_round": 6},
@@ -99,3 +101,37 @@ def test_auto_is_off_on_cpu_and_unsuitable_models_are_skipped():
     with pytest.raises(ConfigError):
         _cfg("maybe", {"name": "iid"})
     assert isinstance(exp.algorithm, FedAvg)
+
+
+def test_groups_are_cut_into_fixed_chunks_in_task_order():
+    from hetfl.engines.batched import MAX_GROUP, Batcher
+    from hetfl.engines.simulator import ModelCache
+
+    exp = prepare(_cfg(True, {"name": "iid"}, num_clients=40))
+    models = ModelCache(exp.ctx, torch.device("cpu"))
+    batcher = Batcher(exp.algorithm, exp.federation, exp.ctx, torch.device("cpu"), models.get)
+    state = exp.algorithm.init_state(exp.ctx)
+    steps = TrainConfig(steps=2, batch_size=10)  # the same batch schedule for every client
+    tasks = [dataclasses.replace(t, train=steps) for t in exp.algorithm.configure_round(state, 1, range(40), exp.ctx)]
+    batcher.plan(tasks)
+    sizes = [len(c) for c in batcher.chunks]
+    assert sizes == [MAX_GROUP, MAX_GROUP, 40 - 2 * MAX_GROUP]  # equal data sizes: one group, cut in order
+    assert [t.client_id for c in batcher.chunks for t in c] == list(range(40))
+
+
+def test_a_failing_chunk_fails_every_client_of_it(monkeypatch):
+    from hetfl.engines import batched
+    from hetfl.engines.simulator import Simulator
+
+    exp = prepare(_cfg(True, {"name": "iid"}))
+    sim = Simulator(exp.algorithm, exp.federation, exp.ctx, "cpu", batched=True)
+
+    def boom(*a, **k):
+        raise RuntimeError("chunk exploded")
+
+    monkeypatch.setattr(batched, "train_group", boom)
+    state, report = sim.run_round(exp.algorithm.init_state(exp.ctx), 1)
+    m = report.as_metrics()
+    chunked = sum(len(c) for c in sim.batcher.chunks)
+    assert chunked >= 2 and len(m["failed"]) == chunked and m["clients"] == 6 - chunked  # the rest trained alone
+    assert any("chunk exploded" in line for line in report.messages)

@@ -55,8 +55,15 @@ def _final_weights(path):
     return torch.load(path / "checkpoint.pt", weights_only=True)["state"]["models"]
 
 
-@pytest.mark.parametrize("extra", [(), HETERO], ids=["fedavg", "heterofl"])
+# every client the same batch schedule (3 steps of 16): the round's clients form batched chunks
+BATCHED = ("batched=true", "train.steps=3", "data.num_clients=20", "algorithm.clients_per_round=19",
+           'data.partition={name="iid"}')
+
+
+@pytest.mark.parametrize("extra", [(), HETERO, BATCHED], ids=["fedavg", "heterofl", "fedavg-batched"])
 def test_workers_equal_sequential_bit_for_bit(tmp_path, digits_cfg, one_thread, extra):
+    """Workers train the same clients (and the same batched chunks, each chunk in one worker) as the
+    in-process engine: equal metrics and weights, bit for bit."""
     cfg = digits_cfg(*extra, "rounds=2")
     run(cfg.replace(workers=1), tmp_path / "seq", quiet=True)
     run(cfg.replace(workers=2), tmp_path / "par", quiet=True)

@@ -38,9 +38,9 @@ def simulator(algorithm: Any, federation: Any, ctx: Any, device: Any, cfg: Any) 
     n, why = resolve_workers(setting, threads, algorithm, ctx, torch.device(device))
     if n <= 1:
         return Simulator(algorithm, federation, ctx, device, batched=getattr(cfg, "batched", False))
-    # worker processes train on the CPU, one client at a time each: batching (a GPU feature) does not apply
+    # with batched = true, each worker trains whole chunks of same-shape clients as one batched model
     return ParallelSimulator(algorithm, federation, ctx, device, workers=n, threads_per_worker=threads,
-                             timeout_s=getattr(cfg, "worker_timeout_s", 0.0),
+                             timeout_s=getattr(cfg, "worker_timeout_s", 0.0), batched=getattr(cfg, "batched", False),
                              note=f"{n} worker processes x {threads} thread(s) ({why})")
 
 

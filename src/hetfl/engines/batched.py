@@ -75,11 +75,14 @@ def batch_schedule(n: int, cfg: TrainConfig) -> tuple[int, ...]:
 
 def train_group(module: nn.Module, weights: Sequence[dict[str, torch.Tensor]], x: torch.Tensor,
                 y: torch.Tensor, client_indices: Sequence[np.ndarray], cfg: TrainConfig,
-                seeds: Sequence[int]) -> tuple[list[dict[str, torch.Tensor]], list[float], int]:
+                seeds: Sequence[int], into: Sequence[dict[str, torch.Tensor]] | None = None,
+                ) -> tuple[list[dict[str, torch.Tensor]], list[float], int]:
     """Train K clients with equal batch schedules in lockstep; returns (weights, mean losses, steps).
 
     ``x``/``y`` hold the whole training split (on the device); ``client_indices[k]`` are client k's
-    indices into it; ``weights[k]`` its starting weights (parameter names of ``module``).
+    indices into it; ``weights[k]`` its starting weights (parameter names of ``module``).  With
+    ``into`` (one dict of tensors per client, e.g. a worker's shared result buffers), client k's
+    final weights are copied into ``into[k]`` and returned as those tensors.
     """
     from torch.func import functional_call, grad_and_value, vmap
 
@@ -127,13 +130,37 @@ def train_group(module: nn.Module, weights: Sequence[dict[str, torch.Tensor]], x
                 params[n].add_(g, alpha=-cfg.lr)
             total += loss.detach() * idx.shape[1]
             samples += idx.shape[1]
-    out = [{n: params[n][c].clone() for n in names} for c in range(k)]
+    if into is not None:
+        for c, dest in enumerate(into):
+            for n in names:
+                dest[n].copy_(params[n][c])
+        out = [dict(dest) for dest in into]
+    else:
+        out = [{n: params[n][c].clone() for n in names} for c in range(k)]
     losses = (total / max(samples, 1)).tolist()
     return out, losses, steps
 
 
+#: Clients trained together at most: larger groups of a round are cut, in task order, into chunks of
+#: this many (the last one shorter).  16 x a small model stays in a core's cache, and chunks of a fixed
+#: size are the same whoever trains them, so client-parallel workers that each train whole chunks give
+#: the in-process result bit for bit.
+MAX_GROUP = 16
+
+
+def train_tasks(module: nn.Module, tasks: Sequence[ClientTask], federation: Federation,
+                into: Sequence[dict[str, torch.Tensor]] | None = None) -> list[ClientResult]:
+    """Train one chunk of same-key tasks batched; their results in task order (see :func:`train_group`)."""
+    idx = [federation.train_idx[t.client_id] for t in tasks]
+    weights, losses, steps = train_group(module, [t.weights for t in tasks], federation.train.x,
+                                         federation.train.y, idx, tasks[0].train, [t.seed for t in tasks], into)
+    return [ClientResult(client_id=t.client_id, num_samples=len(i), weights=w,
+                         metrics={"train_loss": loss, "steps": steps})
+            for t, w, loss, i in zip(tasks, weights, losses, idx)]
+
+
 class Batcher:
-    """The simulator's hook: groups a round's tasks and trains each group of >= 2 clients batched."""
+    """The simulator's hook: groups a round's tasks and trains each chunk of >= 2 clients batched."""
 
     def __init__(self, algorithm: Algorithm, federation: Federation, ctx: Context, device: torch.device,
                  module_for) -> None:
@@ -142,8 +169,9 @@ class Batcher:
         self.ctx = ctx
         self.device = device
         self.module_for = module_for  # ModelRef -> a built module (the simulator's ModelCache.get)
+        self.chunks: list[list[ClientTask]] = []  # this round's chunks of >= 2 tasks, by first task
         self._pending: dict[int, list[ClientTask]] = {}
-        self._done: dict[int, ClientResult] = {}
+        self._done: dict[int, ClientResult | BaseException] = {}
         self._ok_refs: dict[ModelRef, bool] = {}
         self.clients_batched = 0
 
@@ -154,7 +182,8 @@ class Batcher:
         return ok
 
     def plan(self, tasks: Sequence[ClientTask]) -> None:
-        """Group the round's runnable tasks; groups are trained lazily on their first :meth:`take`."""
+        """Group the round's runnable tasks and cut the groups into chunks (:data:`MAX_GROUP`); chunks
+        are trained lazily, on the first :meth:`take` of one of their tasks."""
         self._pending.clear()
         self._done.clear()
         sizes = self.federation.sizes
@@ -165,34 +194,35 @@ class Batcher:
             key = (task.model, task.train, batch_schedule(int(sizes[task.client_id]), task.train))
             if key[2]:
                 groups.setdefault(key, []).append(task)
-        for group in groups.values():
-            if len(group) >= 2:
-                for task in group:
-                    self._pending[id(task)] = group
+        chunks = [group[i:i + MAX_GROUP] for group in groups.values() for i in range(0, len(group), MAX_GROUP)]
+        self.chunks = [chunk for chunk in chunks if len(chunk) >= 2]
+        order = {id(task): i for i, task in enumerate(tasks)}
+        self.chunks.sort(key=lambda chunk: order[id(chunk[0])])
+        for chunk in self.chunks:
+            for task in chunk:
+                self._pending[id(task)] = chunk
 
     def take(self, task: ClientTask) -> ClientResult | None:
-        """The task's batched result, or None (run it sequentially)."""
-        res = self._done.pop(id(task), None)
-        if res is not None:
-            return res
-        group = self._pending.get(id(task))
-        if group is None:
-            return None
-        for t in group:
-            self._pending.pop(id(t), None)
-        self._train(group)
-        return self._done.pop(id(task), None)
-
-    def _train(self, group: list[ClientTask]) -> None:
-        fed = self.federation
-        module = self.module_for(group[0].model)
-        idx = [fed.train_idx[t.client_id] for t in group]
-        weights, losses, steps = train_group(module, [t.weights for t in group], fed.train.x, fed.train.y, idx,
-                                             group[0].train, [t.seed for t in group])
-        for t, w, loss, i in zip(group, weights, losses, idx):
-            self._done[id(t)] = ClientResult(client_id=t.client_id, num_samples=len(i), weights=w,
-                                             metrics={"train_loss": loss, "steps": steps})
-        self.clients_batched += len(group)
+        """The task's batched result, or None (run it sequentially).  If its chunk failed, every task of
+        the chunk raises the chunk's exception (as when a worker trains the chunk)."""
+        if id(task) not in self._done:
+            chunk = self._pending.get(id(task))
+            if chunk is None:
+                return None
+            for t in chunk:
+                self._pending.pop(id(t), None)
+            try:
+                results: list[ClientResult | BaseException] = list(
+                    train_tasks(self.module_for(chunk[0].model), chunk, self.federation))
+                self.clients_batched += len(chunk)
+            except Exception as exc:  # noqa: BLE001 - recorded per client by the round's guard
+                results = [exc] * len(chunk)
+            for t, res in zip(chunk, results):
+                self._done[id(t)] = res
+        res = self._done.pop(id(task))
+        if isinstance(res, BaseException):
+            raise res
+        return res
 
 
 def microbenchmark(module: nn.Module, ref_weights: dict[str, torch.Tensor], example: torch.Tensor,

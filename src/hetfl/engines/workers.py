@@ -181,29 +181,44 @@ def _offsets(layout: Layout) -> tuple[list[int], int]:
 Views = dict[str, torch.Tensor]
 
 
-def map_views(path: str, layout: Layout) -> tuple[Views, Views]:
-    """Map the shared file at ``path``: views of the task's weights (in) and of the result's (out)."""
-    offs, total = _offsets(layout)
-    buf = torch.from_file(path, shared=True, size=2 * total, dtype=torch.uint8)
-    halves: list[Views] = []
-    for base in (0, total):
-        views = {}
-        for (key, shape, dtype), off in zip(layout, offs):
-            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            views[key] = buf[base + off:base + off + nbytes].view(dtype).view(shape)
-        halves.append(views)
-    return halves[0], halves[1]
+def _views(buf: torch.Tensor, base: int, layout: Layout) -> Views:
+    offs, _ = _offsets(layout)
+    views = {}
+    for (key, shape, dtype), off in zip(layout, offs):
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        views[key] = buf[base + off:base + off + nbytes].view(dtype).view(shape)
+    return views
 
 
-def create_shared(layout: Layout) -> tuple[str, Views, Views]:
-    """A new shared file sized for ``layout`` twice (in and out; a name to hand to the worker), mapped."""
-    _, total = _offsets(layout)
+def group_layout(layout: Layout, k: int) -> Layout:
+    """The result buffer of a chunk of ``k`` clients: ``k`` copies of ``layout``, client after client, so
+    that each client's weights are packed (one span, :mod:`hetfl.packed`)."""
+    return tuple((f"{c}/{key}", shape, dtype) for c in range(k) for key, shape, dtype in layout)
+
+
+def client_views(out: Views, layout: Layout, c: int) -> Views:
+    """Client ``c``'s weights in the result buffer of a chunk (:func:`group_layout`)."""
+    return {key: out[f"{c}/{key}"] for key, _, _ in layout}
+
+
+def map_views(path: str, layout: Layout, out_layout: Layout | None = None) -> tuple[Views, Views]:
+    """Map the shared file at ``path``: views of the task's weights (in, ``layout``) and of the
+    result's (out, ``out_layout``; by default the same layout)."""
+    out_layout = layout if out_layout is None else out_layout
+    total_in, total_out = _offsets(layout)[1], _offsets(out_layout)[1]
+    buf = torch.from_file(path, shared=True, size=total_in + total_out, dtype=torch.uint8)
+    return _views(buf, 0, layout), _views(buf, total_in, out_layout)
+
+
+def create_shared(layout: Layout, out_layout: Layout | None = None) -> tuple[str, Views, Views]:
+    """A new shared file for ``layout`` in and ``out_layout`` out (a name to hand to the worker), mapped."""
+    out_layout = layout if out_layout is None else out_layout
     fd, path = tempfile.mkstemp(prefix="hetfl-w-", dir=_shm_dir())
     try:
-        os.ftruncate(fd, 2 * total)
+        os.ftruncate(fd, _offsets(layout)[1] + _offsets(out_layout)[1])
     finally:
         os.close(fd)
-    return (path, *map_views(path, layout))
+    return (path, *map_views(path, layout, out_layout))
 
 
 def _unlink(path: str) -> None:
@@ -265,31 +280,45 @@ def _worker_main(conn: Any, algorithm: Algorithm, federation: Any, ctx: Context,
             return
         if msg[0] == "stop":
             return
-        _, seq, slot_id, slot_new, meta = msg
+        kind, seq, slot_id, slot_new, meta = msg
         if slot_new is not None:
-            path, layout = slot_new
+            path, layout, out_layout = slot_new
             if not os.path.exists(path):  # torch.from_file would create an empty one
                 raise HetflError(f"internal error: shared buffer {path} vanished before the worker mapped it")
-            slots[slot_id] = map_views(path, layout)
+            slots[slot_id] = map_views(path, layout, out_layout)
             _unlink(path)  # both sides hold the mapping now: no name is left in /dev/shm
         weights, out = slots[slot_id]
-        client_id, ref, train, cseed, extra = meta
         t0 = time.perf_counter()
         try:
-            task = ClientTask(client_id, ref, weights, train, cseed, extra)
-            model = models.loaded(ref, weights)
-            data = federation.client_train(client_id)
-            res = algorithm.local_update(task, model, data, device)
-            in_slot = layout_of(res.weights) == layout_of(out)
-            if in_slot:
-                for k, v in res.weights.items():
-                    out[k].copy_(v)
-            reply = ("done", seq, time.perf_counter() - t0,
-                     (res.client_id, res.num_samples, res.metrics, res.extra),
-                     None if in_slot else res.weights)
+            if kind == "chunk":  # same-shape clients trained as one batched model (hetfl.engines.batched)
+                reply = ("done", seq, 0.0, _train_chunk(meta, weights, out, models, federation), None)
+            else:
+                client_id, ref, train, cseed, extra = meta
+                task = ClientTask(client_id, ref, weights, train, cseed, extra)
+                model = models.loaded(ref, weights)
+                data = federation.client_train(client_id)
+                res = algorithm.local_update(task, model, data, device)
+                in_slot = layout_of(res.weights) == layout_of(out)
+                if in_slot:
+                    for k, v in res.weights.items():
+                        out[k].copy_(v)
+                reply = ("done", seq, 0.0, (res.client_id, res.num_samples, res.metrics, res.extra),
+                         None if in_slot else res.weights)
+            reply = (reply[0], seq, time.perf_counter() - t0, *reply[3:])
         except Exception as exc:  # the client failed, the worker lives on
             reply = ("error", seq, time.perf_counter() - t0, *_exception_payload(exc))
         conn.send_bytes(_dumps(reply))
+
+
+def _train_chunk(metas: list[tuple], weights: Views, out: Views, models: ModelCache, federation: Any) -> list[tuple]:
+    """Train a chunk of clients batched, their results straight into the chunk's result buffer."""
+    from hetfl.engines.batched import train_tasks
+
+    layout = layout_of(weights)
+    tasks = [ClientTask(cid, ref, weights, train, cseed, extra) for cid, ref, train, cseed, extra in metas]
+    into = [client_views(out, layout, c) for c in range(len(tasks))]
+    results = train_tasks(models.get(tasks[0].model), tasks, federation, into)
+    return [(r.client_id, r.num_samples, r.metrics, r.extra) for r in results]
 
 
 # ------------------------------------------------------------------------------------------ parent side
@@ -323,7 +352,7 @@ class _Slot:
 
 @dataclass
 class _Job:
-    index: int  # into the round's tasks
+    index: int  # into the round's units (a unit: one task, or a chunk of tasks trained batched)
     attempt: int  # 0, or 1 for the retry after a worker died
     lane: int
     seq: int = 0
@@ -488,16 +517,19 @@ class WorkerPool:
             self.close()
 
     # -------------------------------------------------------------- running a round
-    def _send(self, w: _Worker, job: _Job, task: ClientTask) -> None:
+    def _send(self, w: _Worker, job: _Job, unit: Sequence[ClientTask]) -> None:
+        task = unit[0]
         layout = layout_of(task.weights)
-        slot = w.slots.get((job.lane, layout))
+        k = len(unit)  # > 1: a chunk, its tasks share one weights dict (see ParallelSimulator.dispatch)
+        slot = w.slots.get((job.lane, layout, k))
         slot_new = None
         if slot is None:
-            path, inp, out = create_shared(layout)
+            out_layout = group_layout(layout, k) if k > 1 else layout
+            path, inp, out = create_shared(layout, out_layout)
             self._slot_ids += 1
-            slot = w.slots[(job.lane, layout)] = _Slot(self._slot_ids, inp, out)
+            slot = w.slots[(job.lane, layout, k)] = _Slot(self._slot_ids, inp, out)
             w.pending_paths.append(path)
-            slot_new = (path, layout)
+            slot_new = (path, layout, out_layout)
             job.path = path
         slot.load(task.weights)
         job.slot = slot
@@ -506,12 +538,15 @@ class WorkerPool:
         if not w.jobs:
             w.started = time.monotonic()
         w.jobs.append(job)
-        meta = (task.client_id, task.model, task.train, task.seed, task.extra)
+        metas = [(t.client_id, t.model, t.train, t.seed, t.extra) for t in unit]
+        msg = ("chunk", job.seq, slot.id, slot_new, metas) if k > 1 else ("task", job.seq, slot.id, slot_new, metas[0])
         # a broken pipe means the worker is gone: its sentinel says so in the next wait
         with contextlib.suppress(OSError, ValueError):
-            w.conn.send_bytes(_dumps(("task", job.seq, slot.id, slot_new, meta)))
+            w.conn.send_bytes(_dumps(msg))
 
-    def _receive(self, w: _Worker, tasks: Sequence[ClientTask]) -> tuple[int, _Outcome]:
+    def _receive(self, w: _Worker, units: Sequence[Sequence[int]],
+                 tasks: Sequence[ClientTask]) -> list[tuple[int, _Outcome]]:
+        """The outcome of ``w``'s oldest job, for each task of its unit: ``[(task index, outcome)]``."""
         msg = pickle.loads(w.conn.recv_bytes())
         job = w.jobs.popleft()
         w.started = time.monotonic()  # the next job (if any) starts now
@@ -520,20 +555,36 @@ class WorkerPool:
         if job.path is not None:  # mapped (and unlinked) by the worker before it replied
             _unlink(job.path)
             w.pending_paths.remove(job.path)
+        members = units[job.index]
         if msg[0] == "done":
-            _, _, _, (cid, n, metrics, extra), sent = msg
+            _, _, _, info, sent = msg
+            assert job.slot is not None
+            if len(members) > 1:  # a chunk: each client's weights are one span of the result buffer
+                layout = layout_of(job.slot.inp)
+                return [(i, _Outcome(ClientResult(cid, n, packed.clone(client_views(job.slot.out, layout, c)),
+                                                  metrics, extra)))
+                        for c, (i, (cid, n, metrics, extra)) in enumerate(zip(members, info))]
+            cid, n, metrics, extra = info
             if sent is None:  # in the slot's out buffer: one copy of the whole buffer (hetfl.packed)
-                assert job.slot is not None
                 sent = packed.clone(job.slot.out)
-            return job.index, _Outcome(ClientResult(cid, n, sent, metrics, extra))
+            return [(members[0], _Outcome(ClientResult(cid, n, sent, metrics, extra)))]
         _, _, _, payload, tb = msg
-        exc = pickle.loads(payload) if isinstance(payload, bytes) else RuntimeError(f"{payload[0]}: {payload[1]}")
-        exc.__cause__ = RemoteTraceback(tb)
-        return job.index, _Outcome(error=exc)
+        out = []
+        for i in members:  # a chunk's exception is every one of its clients' (as in process)
+            exc = pickle.loads(payload) if isinstance(payload, bytes) else RuntimeError(f"{payload[0]}: {payload[1]}")
+            exc.__cause__ = RemoteTraceback(tb)
+            out.append((i, _Outcome(error=exc)))
+        return out
 
-    def run(self, tasks: Sequence[ClientTask]) -> Iterator[tuple[ClientTask, Callable[[ClientTask], ClientResult]]]:
+    def run(self, tasks: Sequence[ClientTask], chunks: Sequence[Sequence[int]] = ()
+            ) -> Iterator[tuple[ClientTask, Callable[[ClientTask], ClientResult]]]:
         """Train ``tasks`` on the workers; yield ``(task, outcome)`` in task order, where ``outcome(task)``
-        returns the client's result or raises its exception (the engine passes it to ``RoundBook.run``)."""
+        returns the client's result or raises its exception (the engine passes it to ``RoundBook.run``).
+
+        ``chunks``: groups of task indices that one worker trains together as one batched model
+        (:mod:`hetfl.engines.batched`); the tasks of a chunk must share one weights dict.  Every other
+        task is trained on its own.
+        """
         if self._closed:
             raise HetflError("the worker pool is closed")
         for w in list(self._workers):  # stopped when an earlier round was interrupted
@@ -542,16 +593,18 @@ class WorkerPool:
                 new = self._start(w.index)
                 self._await_ready(new)
                 self._workers[w.index] = new
-        todo = [(i, 0) for i in range(len(tasks))]  # (task index, attempt), in task order
-        done: dict[int, _Outcome] = {}
+        in_chunk = {i for chunk in chunks for i in chunk}
+        units = sorted([tuple(chunk) for chunk in chunks] + [(i,) for i in range(len(tasks)) if i not in in_chunk])
+        todo = [(u, 0) for u in range(len(units))]  # (unit index, attempt), in task order
+        done: dict[int, _Outcome] = {}  # by task index
         lookahead = 4 * len(self._workers)  # results buffered ahead of the one the aggregation waits for
         try:
             for nxt in range(len(tasks)):
                 while nxt not in done:
-                    self._step(tasks, todo, done, nxt + lookahead)
+                    self._step(units, tasks, todo, done, nxt + lookahead)
                 yield tasks[nxt], _replay(done.pop(nxt))
         except GeneratorExit:  # the aggregation stopped early: let the running clients finish, quietly
-            self._drain(tasks, done)
+            self._drain(units, tasks, done)
             raise
         except BaseException:  # Ctrl-C or an error here: do not wait for clients that may run for long
             for w in self._workers:
@@ -559,12 +612,13 @@ class WorkerPool:
                     self._kill(w)  # restarted by the next run(), if there is one
             raise
 
-    def _dispatch(self, tasks: Sequence[ClientTask], todo: list[tuple[int, int]], limit: int) -> None:
-        """Hand out tasks in order: first one to every idle worker, then queue more per worker (up to
-        DEPTH) while enough tasks remain (at the end of a round, an idle worker beats a queue)."""
+    def _dispatch(self, units: Sequence[Sequence[int]], tasks: Sequence[ClientTask], todo: list[tuple[int, int]],
+                  limit: int) -> None:
+        """Hand out units in order: first one to every idle worker, then queue more per worker (up to
+        DEPTH) while enough units remain (at the end of a round, an idle worker beats a queue)."""
         for depth in range(self.depth):
             for w in self._workers:
-                if not todo or todo[0][0] >= limit:
+                if not todo or units[todo[0][0]][0] >= limit:
                     return
                 if len(w.jobs) > depth or (depth > 0 and len(todo) <= depth * len(self._workers)):
                     continue
@@ -572,11 +626,11 @@ class WorkerPool:
                 if lane is None:
                     continue
                 index, attempt = todo.pop(0)
-                self._send(w, _Job(index, attempt, lane), tasks[index])
+                self._send(w, _Job(index, attempt, lane), [tasks[i] for i in units[index]])
 
-    def _step(self, tasks: Sequence[ClientTask], todo: list[tuple[int, int]], done: dict[int, _Outcome],
-              limit: int) -> None:
-        self._dispatch(tasks, todo, limit)
+    def _step(self, units: Sequence[Sequence[int]], tasks: Sequence[ClientTask], todo: list[tuple[int, int]],
+              done: dict[int, _Outcome], limit: int) -> None:
+        self._dispatch(units, tasks, todo, limit)
         busy = [w for w in self._workers if w.jobs]
         if not busy:
             raise HetflError("internal error: no worker is busy but results are missing")  # pragma: no cover
@@ -589,16 +643,15 @@ class WorkerPool:
             if w.conn in ready:
                 try:
                     while w.jobs and self._readable(w):  # every reply that is there
-                        index, outcome = self._receive(w, tasks)
-                        done[index] = outcome
+                        done.update(self._receive(w, units, tasks))
                     continue
                 except (EOFError, OSError):
                     pass  # died while replying: handled as a death below
             if w.conn in ready or w.proc.sentinel in ready:
                 w.proc.join(0.5)
-                self._lost(w, tasks, todo, done, f"died ({self._exit_text(w)})")
+                self._lost(w, units, tasks, todo, done, f"died ({self._exit_text(w)})")
             elif self.timeout_s > 0 and time.monotonic() - w.started > self.timeout_s:
-                self._lost(w, tasks, todo, done, f"took longer than worker_timeout_s={self.timeout_s:g}")
+                self._lost(w, units, tasks, todo, done, f"took longer than worker_timeout_s={self.timeout_s:g}")
 
     @staticmethod
     def _readable(w: _Worker) -> bool:
@@ -631,26 +684,31 @@ class WorkerPool:
                 continue
         return {objects[fd] for fd, _ in events}
 
-    def _lost(self, w: _Worker, tasks: Sequence[ClientTask], todo: list[tuple[int, int]],
-              done: dict[int, _Outcome], why: str) -> None:
-        """Worker ``w`` died or stalled: retry its running client once (or drop it), requeue the rest."""
+    def _lost(self, w: _Worker, units: Sequence[Sequence[int]], tasks: Sequence[ClientTask],
+              todo: list[tuple[int, int]], done: dict[int, _Outcome], why: str) -> None:
+        """Worker ``w`` died or stalled: retry its running unit once (or drop its clients), requeue the rest."""
         head, *queued = list(w.jobs)
-        cid = tasks[head.index].client_id
+        cids = [tasks[i].client_id for i in units[head.index]]
+        if len(cids) == 1:
+            who, retry = f"client {cids[0]}", f"client {cids[0]} is retried once"
+        else:
+            who, retry = f"clients {', '.join(map(str, cids))} (one batched chunk)", "they are retried once"
         again = [(j.index, j.attempt) for j in queued]
         if head.attempt == 0:
             again.append((head.index, 1))
-            self._replace(w, f"{why} while training client {cid}; client {cid} is retried once")
+            self._replace(w, f"{why} while training {who}; {retry}")
         else:
-            done[head.index] = _Outcome(error=WorkerDiedError(
-                f"the worker training client {cid} {why}, twice; the client is dropped"))
-            self._replace(w, f"{why} while training client {cid} (retry)")
+            for i, cid in zip(units[head.index], cids):
+                done[i] = _Outcome(error=WorkerDiedError(
+                    f"the worker training client {cid} {why}, twice; the client is dropped"))
+            self._replace(w, f"{why} while training {who} (retry)")
         todo[:] = sorted(todo + again)
 
-    def _drain(self, tasks: Sequence[ClientTask], done: dict[int, _Outcome]) -> None:
+    def _drain(self, units: Sequence[Sequence[int]], tasks: Sequence[ClientTask], done: dict[int, _Outcome]) -> None:
         """Collect (and discard) the replies of tasks still running, so the next round starts clean."""
         todo: list[tuple[int, int]] = []
         while any(w.jobs for w in self._workers):
-            self._step(tasks, todo, done, 0)
+            self._step(units, tasks, todo, done, 0)
         done.clear()
 
 
@@ -694,8 +752,8 @@ class ParallelSimulator(Simulator):
 
     def __init__(self, algorithm: Algorithm, federation: Any, ctx: Context, device: Any = "cpu", *,
                  workers: int = 2, threads_per_worker: int = 1, timeout_s: float = 0.0,
-                 start_method: str | None = None, note: str = "") -> None:
-        super().__init__(algorithm, federation, ctx, device)
+                 start_method: str | None = None, note: str = "", batched: bool | str = False) -> None:
+        super().__init__(algorithm, federation, ctx, device, batched=batched)
         if self.device.type != "cpu":
             raise ConfigError(f"worker processes train on the CPU; with device {str(self.device)!r} "
                               f"use workers=1")
@@ -710,9 +768,18 @@ class ParallelSimulator(Simulator):
         t0 = time.perf_counter()
         try:
             with _Threads(1):  # aggregation runs between yields, beside the workers
-                yield from self.pool.run(tasks)
+                yield from self.pool.run(tasks, self._chunks(tasks))
         finally:
             self._stream_s = time.perf_counter() - t0
+
+    def _chunks(self, tasks: list[ClientTask]) -> list[list[int]]:
+        """The batcher's chunks of this round (planned by ``run_round``) as task indices; a worker trains
+        each chunk as one batched model, exactly as this process would."""
+        if self.batcher is None:
+            return []
+        where = {id(task): i for i, task in enumerate(tasks)}
+        return [[where[id(t)] for t in chunk] for chunk in self.batcher.chunks
+                if all(t.weights is chunk[0].weights for t in chunk)]  # one weights buffer per chunk
 
     def run_round(self, state: Any, rnd: int) -> Any:
         self._stream_s = 0.0

@@ -8,6 +8,7 @@ from hetfl.data.base import DataInfo
 from hetfl.errors import ConfigError
 from hetfl.models.registry import (
     MODELS,
+    PREFERS_CHANNELS_LAST,
     check_choice,
     check_positive,
     check_width,
@@ -42,7 +43,7 @@ def cnn(info: DataInfo, *, width: float = 1.0, conv1: int = 32, conv2: int = 64,
     f1 = scaled(check_positive("cnn", "fc", fc), width)
     pool1, h, w = _pool2(h, w)
     pool2, h, w = _pool2(h, w)
-    return _with_adapter(
+    net = _with_adapter(
         adapter,
         [
             ("conv1", nn.Conv2d(c, c1, 5, padding=2)),
@@ -57,6 +58,9 @@ def cnn(info: DataInfo, *, width: float = 1.0, conv1: int = 32, conv2: int = 64,
             ("fc2", nn.Linear(f1, info.num_classes)),
         ],
     )
+    # its 5x5 convolutions train 1.25-1.4x faster in channels_last on the CPU (oneDNN; hetfl.train)
+    setattr(net, PREFERS_CHANNELS_LAST, True)
+    return net
 
 
 @MODELS.register("heterofl_conv")

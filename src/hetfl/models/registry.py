@@ -28,6 +28,10 @@ MODELS: Registry[ModelFactory] = Registry("model")
 
 _SIMPLE_TYPES = (int, float, bool, str)
 
+#: A factory sets this attribute (True) on a module whose training is faster with ``channels_last``
+#: weights on the CPU; ``train.memory_format = "auto"`` then trains it so (hetfl.train).
+PREFERS_CHANNELS_LAST = "hetfl_prefers_channels_last"
+
 
 def scaled(channels: int, width: float) -> int:
     """Channels kept at ``width``: ``max(1, ceil(width * channels))`` (HeteroFL's prefix size)."""
