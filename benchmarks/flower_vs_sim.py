@@ -1,13 +1,20 @@
 """hetfl's in-process simulator against Flower's simulation engine (Ray), same algorithm objects, same seeds.
 
-Two workloads, each run through five sides in one invocation (every side in its own child process,
+Two workloads, each run through seven sides in one invocation (every side in its own child process,
 one after another, so each side's peak RSS is its own and no Ray process can outlive its side):
 
 * ``bare``: a hand-written PyTorch FedAvg loop doing the same SGD steps (reference, as in overhead.py);
 * ``hetfl``: :func:`hetfl.runner.run` with the in-process simulator (``workers = 1``);
 * ``hetfl-workers``: the same with client-parallel worker processes (one per core, one thread each);
 * ``flower-default``: ``--engine flower`` with Flower's default client resources (num_cpus=2 per client);
-* ``flower-cpus1``: ``--engine flower`` with num_cpus=1 per client (two actors on a 2-core machine).
+* ``flower-cpus1``: ``--engine flower`` with num_cpus=1 per client (two actors on a 2-core machine);
+* ``flower-app-default`` / ``flower-app-cpus1``: a plain Flower app written as Flower's docs write one
+  (``flower_native_app.py``: built-in ``FedAvg``, a ``Net``, a ``DataLoader`` per client call; the same
+  partitions and samples), in Flower's simulation engine with default resources / num_cpus=1: issue #10's
+  Flower baseline.
+
+The ``flower-*`` sides are *hetfl on Flower* (hetfl's own lean Flower app); the ``flower-app-*`` sides are
+*a plain Flower app*.  The two are reported as separate baselines.
 
 Workloads (MNIST ``train_split="train"``: the 50 000-image training split, IID):
 
@@ -17,19 +24,25 @@ Workloads (MNIST ``train_split="train"``: the 50 000-image training split, IID):
 
 A side's time is the wall time of ``run()`` minus its evaluation time and minus the data preparation
 (measured separately in the same child), so Flower's time includes starting Ray, the capability query,
-every round and the shutdown.  ``speedup_<workload> = min(Flower sides) / min(hetfl sides)``.  Peak RSS: the
+every round and the shutdown.  A ``flower-app-*`` side's time is ``run_simulation`` plus Ray's shutdown (its
+driver-side data preparation and the one evaluation of the final model come after or before it); its
+"rounds only" is FedAvg's rounds, the first of which includes every actor's one-time import and data load.
+``speedup_<workload> = min(hetfl-on-Flower sides) / min(hetfl sides)`` and
+``speedup_<workload>_vs_flower_app = min(flower-app sides) / min(hetfl sides)``.  Peak RSS: the
 child's own peak (``ru_maxrss``: the driver) and the peak summed RSS of its whole process tree (Ray's
 workers included), sampled every 0.2 s.
 
     python benchmarks/flower_vs_sim.py                      # both workloads, all sides (~15 min on 2 cores)
     python benchmarks/flower_vs_sim.py --workloads overhead --sides hetfl flower-cpus1
     python benchmarks/flower_vs_sim.py --quick              # tiny smoke version of both workloads
+    python benchmarks/flower_vs_sim.py --workloads overhead --sides hetfl-workers flower-app-cpus1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import resource
 import shutil
@@ -60,7 +73,27 @@ WORKLOADS = {
 }
 QUICK = {"compute": {"rounds": 1, "data.num_clients": 200, "algorithm.clients_per_round": 2},
          "overhead": {"rounds": 2, "algorithm.clients_per_round": 10}}
-SIDES = ("bare", "hetfl", "hetfl-workers", "flower-default", "flower-cpus1")
+SIDES = ("bare", "hetfl", "hetfl-workers", "flower-default", "flower-cpus1", "flower-app-default", "flower-app-cpus1")
+HETFL_ON_FLOWER = ("flower-default", "flower-cpus1")  # hetfl's own Flower app (--engine flower)
+FLOWER_APP = ("flower-app-default", "flower-app-cpus1")  # a plain Flower app (flower_native_app.py)
+
+
+class FlowerReplyCounter(logging.Handler):
+    """Counts from FedAvg's log: "configure_train: Sampled N nodes (out of M)" and "aggregate_train: Received N
+    results and M failures" (Flower's own counts; the strategy reports them nowhere else)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.ok = self.failed = 0
+        self.sampled: list[int] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg, args = str(record.msg), record.args or ()
+        if msg.startswith("configure_train: Sampled") and args:
+            self.sampled.append(int(args[0]))
+        elif "results and" in msg and args and str(args[0]) == "aggregate_train":
+            self.ok += int(args[1])
+            self.failed += int(args[2])
 
 
 def make_config(workload: str, quick: bool):
@@ -142,6 +175,8 @@ def run_side(workload: str, side: str, quick: bool) -> dict:
         model.load_state_dict(weights)
         res = evaluate(model, exp.dataset.test, 1000)
         out.update(time_s=round(secs, 3), rounds_s=round(secs, 3), test_accuracy=res.accuracy)
+    elif side in FLOWER_APP:
+        out.update(flower_app_side(exp, cfg, side))
     else:
         cfg = cfg.replace(engine="simulator" if side.startswith("hetfl") else "flower")
         if side == "hetfl-workers":  # client-parallel worker processes, one thread each (hetfl.engines.workers)
@@ -160,10 +195,60 @@ def run_side(workload: str, side: str, quick: bool) -> dict:
                        test_accuracy=summary["test_accuracy"], failed=sum(r.get("failed_clients", 0) for r in rows))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+    out["rounds"] = cfg.rounds
+    out["client_rounds"] = cfg.rounds * exp.algorithm.clients_for(exp.federation.num_clients)
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     out["peak_tree_rss_mb"] = round(sampler.stop() / 2**20, 1)
     out["torch_threads"] = torch.get_num_threads()
     return out
+
+
+def flower_app_side(exp, cfg, side: str) -> dict:
+    """Run ``flower_native_app`` (a plain Flower app) through Flower's simulation engine; evaluate afterwards.
+
+    time_s: ``run_simulation`` (Ray's start, every round, the ClientApps' first data loading) and Ray's
+    shutdown; the driver's data preparation and the evaluation are outside it.  rounds_s: from FedAvg's start
+    to the end of its last round; rounds_after_first_s: the same without round 1 (in which every actor imports
+    the app and loads its data once).
+    """
+    import torch
+
+    from hetfl.algorithms.base import round_seed
+    from hetfl.train import evaluate
+
+    sys.path.insert(0, str(HERE))
+    import flower_native_app as app
+
+    n, k = exp.federation.num_clients, exp.algorithm.clients_for(exp.federation.num_clients)
+    rc = {"model": cfg.model.name, "num-server-rounds": cfg.rounds, "fraction-train": k / n,
+          "local-epochs": cfg.train.epochs, "batch-size": cfg.train.batch_size, "lr": cfg.train.lr,
+          "init-seed": round_seed(cfg.seed, 0), "seed": cfg.seed, "hetfl-config": cfg.to_toml(),
+          "min-available-nodes": n, "min-train-nodes": k}  # else round 1 may sample fewer (flower_native_app)
+    if int(n * rc["fraction-train"]) != k:
+        raise SystemExit(f"FedAvg would sample int({n} * {k / n}) != {k} nodes per round")
+    if cfg.model.name not in ("mlp", "cnn") or dict(cfg.model.params).get("hidden", "200,200") != "200,200":
+        raise SystemExit(f"flower_native_app has no Net for model {cfg.model}")
+    # default: Flower's client resources (num_cpus=2); cpus1: one CPU per virtual client
+    backend = {} if side == "flower-app-default" else {"client_resources": {"num_cpus": 1.0, "num_gpus": 0.0}}
+    counter = FlowerReplyCounter()
+    logging.getLogger("flwr").addHandler(counter)
+    t0 = time.perf_counter()
+    result = app.run(rc, num_supernodes=n, backend_config=backend)
+    wall = time.perf_counter() - t0
+    ends = result["round_ends"]
+    model = exp.ctx.model.build(exp.ctx.info)  # hetfl's architecture: the Net's weights must load strictly
+    model.load_state_dict(result["arrays"].to_torch_state_dict())
+    res = evaluate(model, exp.dataset.test, 1000)
+    torch.manual_seed(round_seed(cfg.seed, 0))
+    net = app.Net(cfg.model.name)
+    torch.manual_seed(round_seed(cfg.seed, 0))
+    ref = exp.ctx.model.build(exp.ctx.info)  # hetfl's initial global model (as in the bare loop)
+    same_init = all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), ref.state_dict().values()))
+    return {"time_s": round(wall, 3), "rounds_s": round(ends[-1] - ends[0], 3),
+            "rounds_after_first_s": round(ends[-1] - ends[1], 3) if len(ends) > 2 else None,
+            "test_accuracy": res.accuracy, "failed": counter.failed, "replies": counter.ok,
+            "sampled_per_round": counter.sampled,
+            "same_initial_model_as_hetfl": same_init}
 
 
 # ------------------------------------------------------------------------------------ driver
@@ -224,30 +309,49 @@ def main() -> None:
                 continue
             r = json.loads(lines[-1][len("RESULT "):])
             results.setdefault(wl, {})[side] = r
-            print(f"{wl:9s} {side:15s} time_s={r['time_s']:9.3f} rounds_s={r['rounds_s']:9.3f} "
+            print(f"{wl:9s} {side:18s} time_s={r['time_s']:9.3f} rounds_s={r['rounds_s']:9.3f} "
                   f"acc={r['test_accuracy']:.4f} peak_rss_mb={r['peak_rss_mb']:8.1f} "
-                  f"peak_tree_rss_mb={r['peak_tree_rss_mb']:8.1f} (child {time.perf_counter() - t0:.0f}s, "
+                  f"peak_tree_rss_mb={r['peak_tree_rss_mb']:8.1f}" +
+                  (f" failed={r['failed']}" if r.get("failed") else "") +
+                  (f" REPLIES={r['replies']}/{r['client_rounds']}" if r.get("replies", r["client_rounds"]) !=
+                   r["client_rounds"] else "") +
+                  (f" rounds_after_first_s={r['rounds_after_first_s']:.3f}" if r.get("rounds_after_first_s") else "") +
+                  f" (child {time.perf_counter() - t0:.0f}s, "
                   f"load {os.getloadavg()[0]:.1f})", flush=True)
 
     print()
     for wl, res in results.items():
         hetfls = {s: r for s, r in res.items() if s.startswith("hetfl")}
         h_side, h = min(hetfls.items(), key=lambda kv: kv[1]["time_s"]) if hetfls else ("hetfl", None)
-        flowers = {s: r for s, r in res.items() if s.startswith("flower")}
-        if h is None or not flowers:
+        on_flower = {s: r for s, r in res.items() if s in HETFL_ON_FLOWER}
+        apps = {s: r for s, r in res.items() if s in FLOWER_APP}
+        if h is None or not (on_flower or apps):
             continue
-        best_side, best = min(flowers.items(), key=lambda kv: kv[1]["time_s"])
         key = "compute" if wl == "compute" else "overhead"
-        print(f"speedup_{key}={best['time_s'] / h['time_s']:.2f}  ({best_side} {best['time_s']:.2f}s / "
-              f"{h_side} {h['time_s']:.2f}s; rounds only: {best['rounds_s'] / h['rounds_s']:.2f})")
+        baselines = {}  # label -> (side, result): the faster side of each Flower baseline
+        for name, label, sides in (("_vs_flower_app", "a plain Flower app (flower_native_app.py; issue #10's baseline)",
+                                    apps),
+                                   ("", "hetfl on Flower (--engine flower: hetfl's own Flower app)", on_flower)):
+            if not sides:
+                continue
+            b_side, b = min(sides.items(), key=lambda kv: kv[1]["time_s"])
+            baselines[name] = (b_side, b)
+            print(f"speedup_{key}{name}={b['time_s'] / h['time_s']:.2f}  vs {label}: {b_side} {b['time_s']:.2f}s / "
+                  f"{h_side} {h['time_s']:.2f}s; rounds only: {b['rounds_s'] / h['rounds_s']:.2f}" +
+                  (" (the app's round 1 includes its actors' start-up)" if name else ""))
         for s, r in hetfls.items():
-            print(f"  {s}: speedup {best['time_s'] / r['time_s']:.2f}" +
-                  (f", {r['time_s'] / res['bare']['time_s']:.2f}x bare" if "bare" in res else ""))
-        for s, r in flowers.items():
+            vs = ", ".join(f"speedup {b['time_s'] / r['time_s']:.2f} vs {b_side}" for b_side, b in baselines.values())
+            print(f"  {s}: {vs}" + (f", {r['time_s'] / res['bare']['time_s']:.2f}x bare" if "bare" in res else ""))
+        for s, r in {**on_flower, **apps}.items():
+            n = r.get("client_rounds")
+            per = (f"; s per client-round: {r['rounds_s'] / n:.4f} in the rounds, {r['time_s'] / n:.4f} in all"
+                   if n else "")
+            if n and r.get("rounds_after_first_s") and r.get("rounds", 1) > 1:  # flower-app: without actor start-up
+                per += f", {r['rounds_after_first_s'] / (n - n // r['rounds']):.4f} in rounds 2+"
             print(f"  {s}: {r['time_s'] / h['time_s']:.2f}x {h_side}" +
-                  (f", {r['time_s'] / res['bare']['time_s']:.2f}x bare" if "bare" in res else ""))
+                  (f", {r['time_s'] / res['bare']['time_s']:.2f}x bare" if "bare" in res else "") + per)
         accs = ", ".join(f"{s}={r['test_accuracy']:.4f}" for s, r in res.items())
-        print(f"  final test accuracy: {accs}")
+        print(f"  final test accuracy: {accs}" + ("  (flower-app-*: Flower's own client sampling)" if apps else ""))
         rss = ", ".join(f"{s}={r['peak_rss_mb']:.0f}/{r['peak_tree_rss_mb']:.0f}" for s, r in res.items())
         print(f"  peak RSS MB (driver/process tree): {rss}")
         print(f"  peak_rss_hetfl_mb={h['peak_rss_mb']:.0f} (driver; process tree {h['peak_tree_rss_mb']:.0f})")
