@@ -6,6 +6,8 @@ one after another, so each side's peak RSS is its own and no Ray process can out
 * ``bare``: a hand-written PyTorch FedAvg loop doing the same SGD steps (reference, as in overhead.py);
 * ``hetfl``: :func:`hetfl.runner.run` with the in-process simulator (``workers = 1``);
 * ``hetfl-workers``: the same with client-parallel worker processes (one per core, one thread each);
+* ``hetfl-workers-batched``: workers with ``batched = true`` (opt-in on a CPU: each worker trains chunks of
+  16 same-shape clients as one vmapped model; pays for small models such as the 2NN, not for the CNN);
 * ``flower-default``: ``--engine flower`` with Flower's default client resources (num_cpus=2 per client);
 * ``flower-cpus1``: ``--engine flower`` with num_cpus=1 per client (two actors on a 2-core machine);
 * ``flower-app-default`` / ``flower-app-cpus1``: a plain Flower app written as Flower's docs write one
@@ -73,7 +75,8 @@ WORKLOADS = {
 }
 QUICK = {"compute": {"rounds": 1, "data.num_clients": 200, "algorithm.clients_per_round": 2},
          "overhead": {"rounds": 2, "algorithm.clients_per_round": 10}}
-SIDES = ("bare", "hetfl", "hetfl-workers", "flower-default", "flower-cpus1", "flower-app-default", "flower-app-cpus1")
+SIDES = ("bare", "hetfl", "hetfl-workers", "hetfl-workers-batched", "flower-default", "flower-cpus1",
+         "flower-app-default", "flower-app-cpus1")
 HETFL_ON_FLOWER = ("flower-default", "flower-cpus1")  # hetfl's own Flower app (--engine flower)
 FLOWER_APP = ("flower-app-default", "flower-app-cpus1")  # a plain Flower app (flower_native_app.py)
 
@@ -179,8 +182,10 @@ def run_side(workload: str, side: str, quick: bool) -> dict:
         out.update(flower_app_side(exp, cfg, side))
     else:
         cfg = cfg.replace(engine="simulator" if side.startswith("hetfl") else "flower")
-        if side == "hetfl-workers":  # client-parallel worker processes, one thread each (hetfl.engines.workers)
+        if side.startswith("hetfl-workers"):  # client-parallel worker processes, 1 thread each (hetfl.engines.workers)
             cfg = cfg.replace(workers=os.cpu_count() or 2, threads_per_worker=1)
+        if side == "hetfl-workers-batched":  # and chunks of same-shape clients as one vmapped model (opt-in)
+            cfg = cfg.replace(batched=True)
         if not side.startswith("hetfl"):
             os.environ["HETFL_FLOWER_NUM_CPUS"] = "1" if side == "flower-cpus1" else "2"
         tmp = Path(tempfile.mkdtemp(prefix="hetfl-fvs-"))

@@ -53,3 +53,42 @@ def test_bad_memory_format_names_the_field_and_the_choices():
     with pytest.raises(ConfigError, match=r"train.memory_format must be one of 'auto', 'contiguous', "
                                           r"'channels_last', got 'nhwc'"):
         load_config(None, ('train.memory_format="nhwc"',))
+
+
+@pytest.mark.parametrize("momentum, weight_decay", [(0.0, 0.0), (0.9, 0.0), (0.5, 5e-4)])
+def test_sgd_is_torch_optim_sgd_bit_for_bit(momentum, weight_decay):
+    from hetfl.train import SGD
+
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3)) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    nets[1][2].bias.requires_grad_(False)  # a frozen parameter stays as it is in both
+    nets[0][2].bias.requires_grad_(False)
+    ours = SGD([p for p in nets[0].parameters() if p.requires_grad], lr=0.1, momentum=momentum,
+               weight_decay=weight_decay)
+    ref = torch.optim.SGD(nets[1].parameters(), lr=0.1, momentum=momentum, weight_decay=weight_decay)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        x, y = torch.randn(8, 6, generator=g), torch.randint(3, (8,), generator=g)
+        for net, opt in zip(nets, (ours, ref)):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+    for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_a_run_does_not_import_dynamo():
+    """Local training must not pay torch._dynamo's ~1 s import (torch.optim's first optimizer does)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "from hetfl.config import TrainConfig\nfrom hetfl.data.base import Split\n"
+            "from hetfl.train import local_sgd\n"
+            "m = torch.nn.Sequential(torch.nn.Linear(4, 3))\n"
+            "local_sgd(m, Split(torch.randn(20, 4), torch.randint(3, (20,))), TrainConfig(batch_size=5, momentum=0.9),"
+            " seed=0)\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -60,6 +60,7 @@ from hetfl import packed
 from hetfl.algorithms.base import Algorithm, ClientResult, ClientTask, Context
 from hetfl.engines.simulator import ModelCache, Simulator
 from hetfl.errors import ConfigError, HetflError
+from hetfl.train import SGD
 
 START_TIMEOUT_S = 120.0  # a worker must report ready within this (forkserver imports torch: seconds)
 STOP_TIMEOUT_S = 5.0  # close(): wait this long for a clean exit, then terminate, then kill
@@ -254,7 +255,7 @@ def _warm_up(models: ModelCache | None, algorithm: Algorithm, federation: Any, c
         with torch.random.fork_rng(devices=[]):
             scratch = ref.build(ctx.info).to(x.device)
             scratch.train()
-            opt = torch.optim.SGD(scratch.parameters(), lr=0.0)
+            opt = SGD(list(scratch.parameters()), lr=0.0)
             scratch(x).float().sum().backward()
             opt.step()
 
@@ -757,6 +758,8 @@ class ParallelSimulator(Simulator):
         if self.device.type != "cpu":
             raise ConfigError(f"worker processes train on the CPU; with device {str(self.device)!r} "
                               f"use workers=1")
+        if self.batcher is not None:  # torch.func's gradients import torch._dynamo (~1 s): once, here, before forking
+            import torch._dynamo  # noqa: F401
         self.pool = WorkerPool(algorithm, federation, ctx, workers, threads_per_worker=threads_per_worker,
                                timeout_s=timeout_s, start_method=start_method)
         self.workers = workers
