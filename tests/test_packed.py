@@ -88,3 +88,32 @@ def test_packed_average_with_a_different_layout_midway():
                                                                            r.weights.items()}) for r in a + b])
     got, _, _ = average_weights(a + b)
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_clone_remembers_its_span_and_forgets_it_when_changed(tmp_path):
+    p = packed.clone(_pack(_weights(0)))
+    known = packed.span(p)
+    fresh = packed.span(dict(p))  # computed from the tensors' storage
+    assert known[1] == fresh[1] and known[0].data_ptr() == fresh[0].data_ptr() and known[0].numel() == fresh[0].numel()
+    torch.save(p, tmp_path / "w.pt")
+    back = torch.load(tmp_path / "w.pt", weights_only=True)
+    assert all(torch.equal(back[k], p[k]) for k in p)
+    p["a.bias"] = torch.zeros(7)  # no longer packed: a separate tensor
+    assert packed.span(p) is None
+    q = packed.clone(_pack(_weights(1)))
+    q["a.weight"] = q.pop("a.weight")  # the same tensors in another order: another layout
+    assert packed.span(q)[1] == packed.span(dict(q))[1]
+
+
+def test_validation_of_packed_results_checks_the_tensors_not_the_gaps():
+    from hetfl.algorithms.base import ClientTask, ModelRef
+    from hetfl.config import TrainConfig
+    from hetfl.reliability.validate import validate_result
+
+    task = ClientTask(0, ModelRef("mlp"), _weights(0), TrainConfig(), 0)
+    gaps_nan = _pack(_weights(1))  # NaN between the tensors only: valid
+    assert packed.span(gaps_nan) is not None
+    assert validate_result(task, ClientResult(0, 5, gaps_nan)) is None
+    clean = packed.clone(_pack(_weights(1)))
+    clean["b.bias"][1] = float("inf")
+    assert validate_result(task, ClientResult(0, 5, clean)) == "b.bias has 1 non-finite value(s) (NaN/Inf) of 3"

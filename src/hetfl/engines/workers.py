@@ -338,6 +338,17 @@ class _Slot:
     out: Views
     sent: list[torch.Tensor] = field(default_factory=list)  # the tensors last copied in (kept alive)
     versions: list[int] = field(default_factory=list)  # and their in-place versions then
+    spans: dict[int, Any] = field(default_factory=dict)  # client in the buffer -> its packed span (or None)
+
+    def result(self, c: int = -1) -> dict[str, torch.Tensor]:
+        """A copy of the result in the out buffer (``c``: the client's, in a chunk's buffer): one copy of
+        its span, the span looked up once per buffer."""
+        if c not in self.spans:
+            self.spans[c] = packed.span(self.out if c < 0 else client_views(self.out, layout_of(self.inp), c))
+        known = self.spans[c]
+        if known is None:  # pragma: no cover - the buffers are laid out packed
+            return packed.clone(self.out if c < 0 else client_views(self.out, layout_of(self.inp), c))
+        return packed.views(known[0].clone(), known[1])
 
     def load(self, weights: dict[str, torch.Tensor]) -> None:
         """Copy ``weights`` in, unless these very tensors, unchanged, are already there (FedAvg sends one
@@ -561,13 +572,11 @@ class WorkerPool:
             _, _, _, info, sent = msg
             assert job.slot is not None
             if len(members) > 1:  # a chunk: each client's weights are one span of the result buffer
-                layout = layout_of(job.slot.inp)
-                return [(i, _Outcome(ClientResult(cid, n, packed.clone(client_views(job.slot.out, layout, c)),
-                                                  metrics, extra)))
+                return [(i, _Outcome(ClientResult(cid, n, job.slot.result(c), metrics, extra)))
                         for c, (i, (cid, n, metrics, extra)) in enumerate(zip(members, info))]
             cid, n, metrics, extra = info
             if sent is None:  # in the slot's out buffer: one copy of the whole buffer (hetfl.packed)
-                sent = packed.clone(job.slot.out)
+                sent = job.slot.result()
             return [(members[0], _Outcome(ClientResult(cid, n, sent, metrics, extra)))]
         _, _, _, payload, tb = msg
         out = []

@@ -20,6 +20,7 @@ import numbers
 import torch
 
 from hetfl.algorithms.base import ClientResult, ClientTask, Weights
+from hetfl.packed import span as packed_span
 from hetfl.reliability import FaultsConfig
 
 
@@ -71,6 +72,10 @@ def validate_result(task: ClientTask, result: ClientResult, faults: FaultsConfig
     if not isinstance(weights, dict):
         return f"weights must be a dict of tensors, got {type(weights).__name__}"
     expected = task.weights
+    # packed weights (worker results, hetfl.packed): one finite check over the whole buffer; only if it
+    # fails (a non-finite value, or garbage in the gaps between tensors) is each tensor checked
+    span = packed_span(weights) if all(isinstance(v, torch.Tensor) for v in weights.values()) else None
+    finite = span is not None and (span[0].is_floating_point() or span[0].is_complex()) and all_finite(span[0])
     missing, extra = set(expected) - set(weights), set(weights) - set(expected)
     if missing:
         return f"missing weights {_names(missing)}"
@@ -84,7 +89,7 @@ def validate_result(task: ClientTask, result: ClientResult, faults: FaultsConfig
             return f"{key} has shape {tuple(value.shape)} but the task sent {tuple(ref.shape)}"
         if value.dtype != ref.dtype:
             return f"{key} has dtype {value.dtype} but the task sent {ref.dtype}"
-        if (value.is_floating_point() or value.is_complex()) and not all_finite(value):
+        if not finite and (value.is_floating_point() or value.is_complex()) and not all_finite(value):
             bad = int((~torch.isfinite(value)).sum())
             return f"{key} has {bad} non-finite value(s) (NaN/Inf) of {value.numel()}"
     if faults.max_update_norm > 0 or faults.max_update_ratio > 0:
