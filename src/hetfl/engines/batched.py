@@ -3,17 +3,18 @@
 Clients that train the same :class:`~hetfl.algorithms.base.ModelRef` with the same local config and the
 same minibatch-size schedule (equal data sizes, or equal ``train.steps`` with full batches) are stacked:
 their parameters get a leading client dimension, every step gathers each client's own minibatch (one
-index tensor per step, built once per group), and ``vmap(grad(loss))`` over
+index tensor per step, built once per group), and autograd through the loss ``vmap``-ped over
 ``functional_call`` computes every client's gradient in one pass.  The update is ``local_sgd``'s, written
 out: SGD with momentum (the first step copies the gradient into the buffer, as ``torch.optim.SGD`` does),
 weight decay and per-client gradient-norm clipping.  Each client draws its own batch order from its task
 seed exactly as ``local_sgd`` does, so a client's result equals its sequential result up to float
 rounding (different kernels sum in a different order).
 
-This pays where one kernel launch per layer for K clients beats K launches: small models on a GPU.  On
-a CPU it does not (issue #13's measurements: no gain), so ``batched = "auto"`` (the default) enables it
-only on a CUDA device and only when a start-up micro-benchmark on the run's model says it is faster;
-``true`` forces it (any device, e.g. for tests), ``false`` turns it off.
+This pays where one kernel launch per layer for K clients beats K launches: small models on a GPU, and
+on a CPU too for small models in chunks of :data:`MAX_GROUP` (1.7x per client for the 2NN at one thread,
+docs/performance.md).  ``batched = "auto"`` (the default) enables it only on a CUDA device and only when
+a start-up micro-benchmark on the run's model says it is faster (on a CPU a timing-based choice would make
+a run's last bits depend on the load); ``true`` forces it (any device), ``false`` turns it off.
 
 Only algorithms whose client update *is* FedAvg's plain ``local_sgd`` qualify (``FedAvg.local_update``
 not overridden), and only models without buffers (BatchNorm statistics) or dropout, whose per-client
@@ -84,7 +85,7 @@ def train_group(module: nn.Module, weights: Sequence[dict[str, torch.Tensor]], x
     ``into`` (one dict of tensors per client, e.g. a worker's shared result buffers), client k's
     final weights are copied into ``into[k]`` and returned as those tensors.
     """
-    from torch.func import functional_call, grad_and_value, vmap
+    from torch.func import functional_call, vmap
 
     k = len(weights)
     names = [n for n, _ in module.named_parameters()]
@@ -99,20 +100,27 @@ def train_group(module: nn.Module, weights: Sequence[dict[str, torch.Tensor]], x
     per_step = [torch.stack([per_client[c][s] for c in range(k)]) for s in range(steps)]  # [K, B_s] each
     flat = torch.cat([b.reshape(-1) for b in per_step]).to(device)  # one host-to-device copy for the group
     batches = [part.view(k, -1) for part in flat.split([b.numel() for b in per_step])]
-    params = {n: torch.stack([w[n].detach().to(device) for w in weights]).clone() for n in names}
+    # leaves that require grad, updated in place under no_grad: autograd through the vmapped loss gives
+    # every client's own gradient in its slice (the clients' losses are summed, each depends on its slice)
+    params = {n: torch.stack([w[n].detach().to(device) for w in weights]).clone().requires_grad_(True)
+              for n in names}
+    leaves = list(params.values())
     bufs: dict[str, torch.Tensor] = {}
 
     def loss_one(p: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(functional_call(module, p, (xb,)), yb)
 
-    step_fn = vmap(grad_and_value(loss_one))
+    # vmap of the loss and plain autograd, not torch.func.grad: same numbers (checked bit for bit on the
+    # 2NN), but functorch's grad transform imports torch._dynamo (~1 s per process)
+    batched_loss = vmap(loss_one)
     module.train()
     total = torch.zeros(k, device=device)
     samples = 0
     with torch.no_grad():
         for s, idx in enumerate(batches):
             with torch.enable_grad():
-                grads, loss = step_fn(params, x[idx], y[idx])
+                loss = batched_loss(params, x[idx], y[idx])
+                grads = dict(zip(names, torch.autograd.grad(loss.sum(), leaves)))
             if cfg.grad_clip > 0:  # torch.nn.utils.clip_grad_norm_, per client
                 norms = torch.stack([torch.linalg.vector_norm(grads[n].reshape(k, -1), dim=1) for n in names], 1)
                 coef = (cfg.grad_clip / (torch.linalg.vector_norm(norms, dim=1) + 1e-6)).clamp(max=1.0)
@@ -130,13 +138,13 @@ def train_group(module: nn.Module, weights: Sequence[dict[str, torch.Tensor]], x
                 params[n].add_(g, alpha=-cfg.lr)
             total += loss.detach() * idx.shape[1]
             samples += idx.shape[1]
-    if into is not None:
-        for c, dest in enumerate(into):
-            for n in names:
-                dest[n].copy_(params[n][c])
-        out = [dict(dest) for dest in into]
-    else:
-        out = [{n: params[n][c].clone() for n in names} for c in range(k)]
+        if into is not None:
+            for c, dest in enumerate(into):
+                for n in names:
+                    dest[n].copy_(params[n][c])
+            out = [dict(dest) for dest in into]
+        else:
+            out = [{n: params[n][c].clone() for n in names} for c in range(k)]
     losses = (total / max(samples, 1)).tolist()
     return out, losses, steps
 

@@ -767,8 +767,6 @@ class ParallelSimulator(Simulator):
         if self.device.type != "cpu":
             raise ConfigError(f"worker processes train on the CPU; with device {str(self.device)!r} "
                               f"use workers=1")
-        if self.batcher is not None:  # torch.func's gradients import torch._dynamo (~1 s): once, here, before forking
-            import torch._dynamo  # noqa: F401
         self.pool = WorkerPool(algorithm, federation, ctx, workers, threads_per_worker=threads_per_worker,
                                timeout_s=timeout_s, start_method=start_method)
         self.workers = workers
