@@ -326,3 +326,24 @@ def _assert_equals_in_process_round(exp, state, got) -> None:
     ref, _ = Simulator(FedAvg(clients_per_round=8), exp.federation, exp.ctx).run_round(state, 1)
     for k, v in ref.models["global"].items():
         assert torch.equal(v, got.models["global"][k]), k
+
+
+def test_batched_chunks_go_to_different_workers_at_once(digits_cfg, one_thread):
+    """Each chunk is one unit of work: the second chunk starts on the second worker while the first trains
+    (not after the aggregation has consumed 4 x workers results)."""
+    exp = prepare(digits_cfg(*BATCHED))
+    par = ParallelSimulator(exp.algorithm, exp.federation, exp.ctx, workers=2, batched=True)
+    sent = []
+    original = par.pool._send
+
+    def spy(w, job, unit):
+        sent.append((w.index, [t.client_id for t in unit], sum(len(x.jobs) for x in par.pool._workers)))
+        return original(w, job, unit)
+
+    par.pool._send = spy
+    try:
+        par.run_round(exp.algorithm.init_state(exp.ctx), 1)
+    finally:
+        par.close()
+    assert [len(c) for c in par.batcher.chunks] == [16, 3]
+    assert [(w, len(clients), busy) for w, clients, busy in sent] == [(0, 16, 0), (1, 3, 1)]

@@ -605,13 +605,14 @@ class WorkerPool:
                 self._workers[w.index] = new
         in_chunk = {i for chunk in chunks for i in chunk}
         units = sorted([tuple(chunk) for chunk in chunks] + [(i,) for i in range(len(tasks)) if i not in in_chunk])
+        unit_of = {i: u for u, members in enumerate(units) for i in members}
         todo = [(u, 0) for u in range(len(units))]  # (unit index, attempt), in task order
         done: dict[int, _Outcome] = {}  # by task index
-        lookahead = 4 * len(self._workers)  # results buffered ahead of the one the aggregation waits for
+        lookahead = 4 * len(self._workers)  # units sent ahead of the one the aggregation waits for
         try:
             for nxt in range(len(tasks)):
                 while nxt not in done:
-                    self._step(units, tasks, todo, done, nxt + lookahead)
+                    self._step(units, tasks, todo, done, unit_of[nxt] + lookahead)
                 yield tasks[nxt], _replay(done.pop(nxt))
         except GeneratorExit:  # the aggregation stopped early: let the running clients finish, quietly
             self._drain(units, tasks, done)
@@ -624,11 +625,12 @@ class WorkerPool:
 
     def _dispatch(self, units: Sequence[Sequence[int]], tasks: Sequence[ClientTask], todo: list[tuple[int, int]],
                   limit: int) -> None:
-        """Hand out units in order: first one to every idle worker, then queue more per worker (up to
-        DEPTH) while enough units remain (at the end of a round, an idle worker beats a queue)."""
+        """Hand out units (below unit index ``limit``) in order: first one to every idle worker, then queue
+        more per worker (up to DEPTH) while enough units remain (at the end of a round, an idle worker beats
+        a queue)."""
         for depth in range(self.depth):
             for w in self._workers:
-                if not todo or units[todo[0][0]][0] >= limit:
+                if not todo or todo[0][0] >= limit:
                     return
                 if len(w.jobs) > depth or (depth > 0 and len(todo) <= depth * len(self._workers)):
                     continue
