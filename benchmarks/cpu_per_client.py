@@ -88,6 +88,7 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="cProfile the main process during the pooled rounds")
     p.add_argument("--profile-worker", action="store_true",
                    help="cProfile worker 0 for the whole run (its first round included) and print its top functions")
+    p.add_argument("--batched", action="store_true", help="hetfl sides with batched = true (chunks of 16 clients)")
     p.add_argument("--skip-bare", action="store_true")
     p.add_argument("--skip-inproc", action="store_true")
     args = p.parse_args()
@@ -109,7 +110,7 @@ def main() -> None:
 
     # ------------------------------------------------------------------ hetfl in process (1 thread)
     if not args.skip_inproc:
-        sim = Simulator(algo, fed, ctx, "cpu")
+        sim = Simulator(algo, fed, ctx, "cpu", batched=args.batched)
         state = rounds(sim, algo.init_state(ctx), 1, 1)
         t0 = time.process_time()
         rounds(sim, state, 2, args.rounds)
@@ -118,7 +119,7 @@ def main() -> None:
     # ------------------------------------------------------------------ hetfl with workers
     if args.profile_worker:
         _profile_workers()
-    par = ParallelSimulator(algo, fed, ctx, "cpu", workers=args.workers, threads_per_worker=1)
+    par = ParallelSimulator(algo, fed, ctx, "cpu", workers=args.workers, threads_per_worker=1, batched=args.batched)
     try:
         state = rounds(par, algo.init_state(ctx), 1, 1)
         pids = par.pool.pids
@@ -143,7 +144,7 @@ def main() -> None:
     finally:
         par.close()
     print(f"mnist mlp 784-200-200-10, {args.clients} clients x 5 steps x batch 10, {args.rounds} timed rounds, "
-          f"{args.workers} workers; torch {torch.__version__}")
+          f"{args.workers} workers{', batched' if args.batched else ''}; torch {torch.__version__}")
     print("  ms CPU per client: " + "  ".join(f"{k}={v * 1e3:.3f}" for k, v in out.items()))
     print("  ms CPU per round per worker: " + " ".join(f"{s * 1e3:.0f}" for s in per_worker)
           + f"  main: {out['main'] * args.clients * 1e3:.0f}")

@@ -96,3 +96,16 @@ def clone(weights: Weights) -> Weights:
         return {k: v.detach().clone() for k, v in weights.items()}
     flat, offsets = packed
     return views(flat.clone(), offsets)
+
+
+def empty_like(weights: Weights, device: torch.device | str | None = None) -> Weights:
+    """An uninitialised packed dict with the keys, shapes and dtype of ``weights`` (one buffer, no gaps), on
+    ``device`` (default: theirs); ``weights`` of mixed dtypes or devices get one tensor per key instead."""
+    values = list(weights.values())
+    if not values or any(v.dtype != values[0].dtype or v.device != values[0].device for v in values):
+        return {k: torch.empty(v.shape, dtype=v.dtype, device=device or v.device) for k, v in weights.items()}
+    offsets, pos = [], 0
+    for k, v in weights.items():
+        offsets.append((k, pos, tuple(v.shape)))
+        pos += v.numel()
+    return views(torch.empty(pos, dtype=values[0].dtype, device=device or values[0].device), tuple(offsets))

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hetfl import packed
 from hetfl.algorithms.base import Algorithm, ClientResult, ClientTask, Context, ModelRef
 from hetfl.config import TrainConfig
 from hetfl.data.federation import Federation
@@ -160,6 +161,9 @@ def train_tasks(module: nn.Module, tasks: Sequence[ClientTask], federation: Fede
                 into: Sequence[dict[str, torch.Tensor]] | None = None) -> list[ClientResult]:
     """Train one chunk of same-key tasks batched; their results in task order (see :func:`train_group`)."""
     idx = [federation.train_idx[t.client_id] for t in tasks]
+    if into is None:  # each result packed in one buffer: the aggregation adds it in one pass (hetfl.packed)
+        names = [n for n, _ in module.named_parameters()]
+        into = [packed.empty_like({n: tasks[0].weights[n] for n in names}, federation.train.x.device) for _ in tasks]
     weights, losses, steps = train_group(module, [t.weights for t in tasks], federation.train.x,
                                          federation.train.y, idx, tasks[0].train, [t.seed for t in tasks], into)
     return [ClientResult(client_id=t.client_id, num_samples=len(i), weights=w,
