@@ -38,6 +38,11 @@ WEAK, MID, STRONG = "w0.0625", "w0.25", "w1"
 ARMS: dict[str, list[str]] = {
     "dkd": [],
     "dkd_overlap": ['algorithm.gossip="overlap"'],
+    "dkd_relay": ['algorithm.kd_return="mean"'],
+    "dkd_wider": ['algorithm.gossip="wider"'],
+    "dkd_narrower": ['algorithm.gossip="narrower"'],
+    "dkd_subgraph": ['algorithm.gossip_weights="subgraph"'],
+    "dkd_ensemble": ['algorithm.teacher="ensemble"'],
     "isolated": ['algorithm={name="isolated"}'],
     "dpsgd_smallest": ['algorithm={name="dpsgd", models="smallest"}'],
     "dpsgd_slices": ['algorithm={name="dpsgd"}'],
