@@ -56,8 +56,8 @@ ARMS: dict[str, list[str]] = {
 CENTRAL = ("heterofl", "heterofl_noscaler", "fedavg_smallest")
 
 
-def run_cell(job: tuple[str, int, int, str, int, tuple[str, ...]]) -> str:
-    arm, seed, rounds, out, eval_every, extra = job
+def run_cell(job: tuple[str, int, int, str, int, tuple[str, ...], tuple[str, ...]]) -> str:
+    arm, seed, rounds, out, eval_every, arm_sets, extra = job
     import torch
 
     torch.set_num_threads(1)
@@ -72,7 +72,7 @@ def run_cell(job: tuple[str, int, int, str, int, tuple[str, ...]]) -> str:
     if (path / "config.toml").exists():
         run(load_config(path / "config.toml", [f"rounds={rounds}"]), resume=path, quiet=True)
     else:
-        sets = [f"seed={seed}", f"rounds={rounds}", f"eval.every={eval_every}", f'name="{arm}-s{seed}"', *ARMS[arm],
+        sets = [f"seed={seed}", f"rounds={rounds}", f"eval.every={eval_every}", f'name="{arm}-s{seed}"', *arm_sets,
                 *extra]
         run(load_config(CONFIG, sets), path, quiet=True)
     return str(path)
@@ -236,7 +236,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=50)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--arms", nargs="+", default=None, metavar="ARM",
+                   help=f"arms to run (default: all of {', '.join(ARMS)}, plus every --arm)")
+    p.add_argument("--arm", action="append", default=[], metavar="NAME=KEY=VALUE[;KEY=VALUE...]",
+                   help="define an extra arm from dkd's config, e.g. 'dkd_kd50=algorithm.kd_steps=50' (repeatable)")
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--out", default="runs/decentralized_mnist")
@@ -246,9 +249,18 @@ def main() -> None:
     p.add_argument("--plot", help="write the figure here (PNG)")
     args = p.parse_args()
     root = Path(args.out)
+    for spec in args.arm:
+        name, _, sets = spec.partition("=")
+        if not name or not sets:
+            p.error(f"--arm wants NAME=KEY=VALUE[;KEY=VALUE...], got {spec!r}")
+        ARMS[name] = [x for x in sets.split(";") if x]
+    arms = args.arms or list(ARMS)
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        p.error(f"unknown arm(s) {', '.join(unknown)}; known: {', '.join(ARMS)} (define more with --arm)")
     if not args.table_only:
-        jobs = [(arm, seed, args.rounds, str(root), args.eval_every, tuple(args.set))
-                for seed in args.seeds for arm in args.arms]
+        jobs = [(arm, seed, args.rounds, str(root), args.eval_every, tuple(ARMS[arm]), tuple(args.set))
+                for seed in args.seeds for arm in arms]
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
             for done in pool.map(run_cell, jobs):
