@@ -38,11 +38,6 @@ WEAK, MID, STRONG = "w0.0625", "w0.25", "w1"
 ARMS: dict[str, list[str]] = {
     "dkd": [],
     "dkd_overlap": ['algorithm.gossip="overlap"'],
-    "dkd_relay": ['algorithm.kd_return="mean"'],
-    "dkd_wider": ['algorithm.gossip="wider"'],
-    "dkd_narrower": ['algorithm.gossip="narrower"'],
-    "dkd_subgraph": ['algorithm.gossip_weights="subgraph"'],
-    "dkd_ensemble": ['algorithm.teacher="ensemble"'],
     "isolated": ['algorithm={name="isolated"}'],
     "dpsgd_smallest": ['algorithm={name="dpsgd", models="smallest"}'],
     "dpsgd_slices": ['algorithm={name="dpsgd"}'],
@@ -54,6 +49,23 @@ ARMS: dict[str, list[str]] = {
                         'fleet.source="uniform"'],
 }
 CENTRAL = ("heterofl", "heterofl_noscaler", "fedavg_smallest")
+DEFAULT_ARMS = list(ARMS)  # the 50-round table of docs/decentralized.md
+_RELAY, _KD100, _NARROWER = 'algorithm.kd_return="mean"', "algorithm.kd_steps=100", 'algorithm.gossip="narrower"'
+#: dkd's options for a robust weak-tier gain (docs/decentralized.md, "Making the gain robust"); run with --arms
+ARMS.update({
+    "dkd_relay": [_RELAY],
+    "dkd_ensemble": ['algorithm.teacher="ensemble"'],
+    "dkd_narrower": [_NARROWER],
+    "dkd_wider": ['algorithm.gossip="wider"'],
+    "dkd_subgraph": ['algorithm.gossip_weights="subgraph"'],
+    "dkd_kd100": [_KD100],
+    "dkd_relay_kd100": [_RELAY, _KD100],
+    "dkd_relay_kd100_narrower": [_RELAY, _KD100, _NARROWER],
+    "dkd_relay_kd100_ens_narrower": [_RELAY, _KD100, _NARROWER, 'algorithm.teacher="ensemble"'],
+    "dkd_relay_kd100_a0": [_RELAY, _KD100, "algorithm.alpha=0.0"],  # no KD term: CE on the teacher's data only
+    # reference: D-PSGD-smallest with 4x the local steps (the weak nodes' own compute of a distilled model above)
+    "dpsgd_smallest_steps100": ['algorithm={name="dpsgd", models="smallest"}', "train.steps=100"],
+})
 
 
 def run_cell(job: tuple[str, int, int, str, int, tuple[str, ...], tuple[str, ...]]) -> str:
@@ -127,10 +139,16 @@ def _key(arm: str, label: str, local: bool) -> str:
 
 
 def _acc(arm: str, rows: list[dict], label: str, local: bool = False, at: int | None = None) -> float | None:
-    """The value at round ``at`` (None: the last evaluated round)."""
+    """The value at round ``at`` (None: the last evaluated round; runs longer than ``at`` count at ``at``)."""
     key = _key(arm, label, local)
     vals = [r[key] for r in rows if r.get(key) is not None and (at is None or r["round"] == at)]
     return vals[-1] if vals else None
+
+
+def _final(arm: str, rows: list[dict], label: str, rounds: int, local: bool = False) -> float | None:
+    """The value at round ``rounds``, or at the last evaluated round of a shorter run."""
+    v = _acc(arm, rows, label, local, at=rounds)
+    return v if v is not None else _acc(arm, rows, label, local)
 
 
 def _fmt(vals: list[float | None], scale: float = 100.0, digits: int = 2) -> str:
@@ -150,11 +168,12 @@ def table(data: dict[str, dict], rounds: int, checkpoints: tuple[int, ...] = (10
     for arm, d in data.items():
         ss, rs = d["summaries"], d["rows"]
         row = [arm] + [_fmt([_acc(arm, r, WEAK, at=c) for r in rs]) for c in at]
-        row += [_fmt([_acc(arm, r, WEAK) for r in rs]), _fmt([_acc(arm, r, WEAK, local=True) for r in rs])]
+        row += [_fmt([_final(arm, r, WEAK, rounds) for r in rs]),
+                _fmt([_final(arm, r, WEAK, rounds, local=True) for r in rs])]
         if arm == "fedavg_smallest":
             row += ["(1/16 model)", "(1/16 model)"]
         else:
-            row += [_fmt([_acc(arm, r, MID) for r in rs]), _fmt([_acc(arm, r, STRONG) for r in rs])]
+            row += [_fmt([_final(arm, r, MID, rounds) for r in rs]), _fmt([_final(arm, r, STRONG, rounds) for r in rs])]
         for kind, scale in (("bytes", 2**-20), ("flops", 1e-9)):
             for label in (WEAK, STRONG):
                 if arm in CENTRAL:
@@ -167,6 +186,27 @@ def table(data: dict[str, dict], rounds: int, checkpoints: tuple[int, ...] = (10
                     row.append(f"{np.mean(vals) * scale:.1f}")
         row.append(str(len(ss)))
         lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def gains(data: dict[str, dict], rounds: int, ref: str = "dpsgd_smallest",
+          checkpoints: tuple[int, ...] = (10, 20, 30)) -> str:
+    """Weak-tier gain (points) of every arm over ``ref`` at equal rounds, paired by seed: mean ± std [per seed]."""
+    if ref not in data:
+        return f"(no {ref} runs: no gains)"
+    at = [c for c in checkpoints if c < rounds] + [rounds]
+    lines = [f"| weak-tier gain over {ref} | " + " | ".join(f"@{c}" for c in at) + " |", "|---" * (len(at) + 1) + "|"]
+    ref_rows = dict(zip([s["seed"] for s in data[ref]["summaries"]], data[ref]["rows"]))
+    for arm, d in data.items():
+        if arm == ref or arm in CENTRAL:
+            continue
+        cells = []
+        for c in at:
+            g = [(_acc(arm, rows, WEAK, at=c) or np.nan) - (_acc(ref, ref_rows[s["seed"]], WEAK, at=c) or np.nan)
+                 for s, rows in zip(d["summaries"], d["rows"]) if s["seed"] in ref_rows]
+            g = [x * 100 for x in g if np.isfinite(x)]
+            cells.append(f"{np.mean(g):+.2f} ± {np.std(g):.2f} [{' '.join(f'{x:+.1f}' for x in g)}]" if g else "n/a")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -237,7 +277,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=50)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--arms", nargs="+", default=None, metavar="ARM",
-                   help=f"arms to run (default: all of {', '.join(ARMS)}, plus every --arm)")
+                   help=f"arms to run (default: {', '.join(DEFAULT_ARMS)}); more: "
+                        f"{', '.join(a for a in ARMS if a not in DEFAULT_ARMS)}, and every --arm")
     p.add_argument("--arm", action="append", default=[], metavar="NAME=KEY=VALUE[;KEY=VALUE...]",
                    help="define an extra arm from dkd's config, e.g. 'dkd_kd50=algorithm.kd_steps=50' (repeatable)")
     p.add_argument("--eval-every", type=int, default=5)
@@ -254,7 +295,7 @@ def main() -> None:
         if not name or not sets:
             p.error(f"--arm wants NAME=KEY=VALUE[;KEY=VALUE...], got {spec!r}")
         ARMS[name] = [x for x in sets.split(";") if x]
-    arms = args.arms or list(ARMS)
+    arms = args.arms or DEFAULT_ARMS + [spec.partition("=")[0] for spec in args.arm]
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         p.error(f"unknown arm(s) {', '.join(unknown)}; known: {', '.join(ARMS)} (define more with --arm)")
@@ -267,6 +308,7 @@ def main() -> None:
                 print(done, flush=True)
     data = collect(root, args.seeds)
     print(table(data, args.rounds))
+    print(gains(data, args.rounds))
     if args.plot:
         plot(data, Path(args.plot))
         print(args.plot)
