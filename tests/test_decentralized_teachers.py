@@ -34,9 +34,9 @@ def run_rounds(*overrides: str, rounds: int = 2):
     engine = ENGINES.get(cfg.engine)(exp.algorithm, exp.federation, exp.ctx, exp.device, cfg)
     state = exp.algorithm.init_state(exp.ctx)
     for rnd in range(1, rounds + 1):
-        state, _ = engine.run_round(state, rnd)
+        state, report = engine.run_round(state, rnd)
     engine.close()
-    return exp, state
+    return exp, state, report.as_metrics()
 
 
 def same(a, b, i: int) -> bool:
@@ -56,16 +56,16 @@ def test_bad_option_values_are_config_errors_naming_the_allowed_values(field, va
 
 
 def test_options_at_their_defaults_change_nothing():
-    _, base = run_rounds()
-    _, explicit = run_rounds('algorithm.kd_return="own"', 'algorithm.teacher="own"', 'algorithm.gossip="tier"',
+    _, base, _ = run_rounds()
+    _, explicit, _ = run_rounds('algorithm.kd_return="own"', 'algorithm.teacher="own"', 'algorithm.gossip="tier"',
                              'algorithm.gossip_weights="graph"')
     assert all(same(base, explicit, i) for i in range(4))
 
 
 @pytest.mark.parametrize("option", ['algorithm.kd_return="mean"', 'algorithm.teacher="ensemble"'])
 def test_relay_and_ensemble_teacher_change_only_the_weak_models(option):
-    _, base = run_rounds()
-    _, other = run_rounds(option)
+    _, base, _ = run_rounds()
+    _, other, _ = run_rounds(option)
     assert all(same(base, other, i) for i in STRONG)  # teachers train and gossip as before
     assert not any(same(base, other, i) for i in WEAK)
 
@@ -82,9 +82,12 @@ def test_relay_returns_the_mean_of_a_teachers_same_model_students():
 
 
 def test_one_way_overlap_gossip_leaves_the_other_side_as_tier_gossip_in_round_one():
-    _, tier = run_rounds(rounds=1)
-    _, narrower = run_rounds('algorithm.gossip="narrower"', rounds=1)  # strong nodes take the weak overlap
-    _, wider = run_rounds('algorithm.gossip="wider"', rounds=1)  # weak nodes take the strong slices
+    _, tier, tier_metrics = run_rounds(rounds=1)
+    # narrower: strong nodes take the weak overlap
+    _, narrower, narrower_metrics = run_rounds('algorithm.gossip="narrower"', rounds=1)
+    # ... from the copy each weak node sent for distillation: no extra message, the same bytes
+    assert narrower_metrics["node.bytes_sent"] == tier_metrics["node.bytes_sent"]
+    _, wider, _ = run_rounds('algorithm.gossip="wider"', rounds=1)  # weak nodes take the strong slices
     assert all(same(tier, narrower, i) for i in WEAK) and not any(same(tier, narrower, i) for i in STRONG)
     assert all(same(tier, wider, i) for i in STRONG) and not any(same(tier, wider, i) for i in WEAK)
 

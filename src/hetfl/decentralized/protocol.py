@@ -602,6 +602,7 @@ class NodeHost:
         # 2. distillation into weaker neighbours: weak -> strong, train at strong, strong -> weak
         returned: dict[tuple[int, int], Weights] = {}
         back: dict[tuple[int, int], Weights] = {}
+        sent: dict[tuple[int, int], Weights] = {}
         if plan.kd:
             sent = self._exchange("kd_send", [(w, s) for s, w in plan.kd], lambda src, dst: half[src],
                                   lambda src, dst: lay.refs[src], stats)
@@ -633,13 +634,16 @@ class NodeHost:
             merged[w] = algo.merge(half[w], [back[(s, w)] for s in plan.teachers_of(w)])
 
         # 3. gossip among the neighbours each node averages with
-        messages = [(j, i) for i in range(lay.n) for j in plan.gossip[i]]
+        # (gossip = "narrower": a wider node averages in the model its narrower neighbour already sent it for
+        # distillation this round, the weak model after local training, instead of a second message)
+        reuse = {(s, w) for s, w in plan.kd} if algo.gossip == "narrower" else set()
+        messages = [(j, i) for i in range(lay.n) for j in plan.gossip[i] if (i, j) not in reuse]
         got = self._exchange("gossip", messages,
                              lambda src, dst: cut(merged[src], lay.refs[src], lay.payload_ref(src, dst), ctx.info),
                              lambda src, dst: lay.payload_ref(src, dst), stats) if messages else {}
         new = {}
         for i in self.nodes:
-            received = {j: got[(j, i)] for j in plan.gossip[i]}
+            received = {j: sent[(j, i)] if (i, j) in reuse else got[(j, i)] for j in plan.gossip[i]}
             new[i] = algo.mix(lay, i, merged[i], received, plan.coeffs[i], ctx.info)
         return new, stats, plan
 
