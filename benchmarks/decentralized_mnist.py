@@ -18,10 +18,18 @@ local training:
   forced Scaler leaves the narrow submodels unusable at evaluation, see docs/decentralized.md);
 * ``fedavg_smallest``: centralized FedAvg of the 1/16 model, every client every round.
 
+More arms, run with ``--arms`` (docs/decentralized.md, "Making the gain robust"): ``dkd`` with its options
+``kd_return="mean"`` (``*_relay*``: a teacher returns the mean of its same-model students' distilled copies),
+``teacher="ensemble"`` (``*_ens*``), ``gossip="narrower"`` / ``"wider"``, ``gossip_weights="subgraph"``,
+``kd_steps=100`` (``*_kd100*``), ``alpha=0`` (``*_a0``); ``dpsgd_smallest_steps100`` (D-PSGD-smallest with 4x
+the local steps: the reference for the longer distillation's compute); and any ``--arm NAME=KEY=VALUE;...``.
+
 Every cell is an ordinary ``hetfl run`` (finished cells are skipped, interrupted ones resumed)::
 
     python benchmarks/decentralized_mnist.py --rounds 50 --seeds 0 1 2 --jobs 2 --out runs/dec_mnist
     python benchmarks/decentralized_mnist.py --out runs/dec_mnist --table-only --plot docs/img/decentralized_mnist.png
+    python benchmarks/decentralized_mnist.py --rounds 50 --seeds 0 1 2 --out runs/probe --arms dpsgd_smallest dkd \
+        dkd_relay dkd_relay_kd100 dkd_relay_kd100_narrower dkd_relay_kd100_ens_narrower dpsgd_smallest_steps100
 """
 
 from __future__ import annotations
@@ -60,6 +68,8 @@ ARMS.update({
     "dkd_subgraph": ['algorithm.gossip_weights="subgraph"'],
     "dkd_kd100": [_KD100],
     "dkd_relay_kd100": [_RELAY, _KD100],
+    "dkd_relay_narrower": [_RELAY, _NARROWER],
+    "dkd_relay_kd100_ens": [_RELAY, _KD100, 'algorithm.teacher="ensemble"'],
     "dkd_relay_kd100_narrower": [_RELAY, _KD100, _NARROWER],
     "dkd_relay_kd100_ens_narrower": [_RELAY, _KD100, _NARROWER, 'algorithm.teacher="ensemble"'],
     "dkd_relay_kd100_a0": [_RELAY, _KD100, "algorithm.alpha=0.0"],  # no KD term: CE on the teacher's data only
@@ -113,11 +123,11 @@ def _weak_model_costs(rounds: int) -> dict[str, float]:
     return out
 
 
-def collect(root: Path, seeds: list[int]) -> dict[str, dict]:
+def collect(root: Path, seeds: list[int], arms: list[str] | None = None) -> dict[str, dict]:
     from hetfl.results import read_metrics, read_summary
 
     data: dict[str, dict] = {}
-    for arm in ARMS:
+    for arm in arms or ARMS:
         runs = []
         for seed in seeds:
             path = root / f"{arm}-s{seed}"
@@ -306,7 +316,7 @@ def main() -> None:
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
             for done in pool.map(run_cell, jobs):
                 print(done, flush=True)
-    data = collect(root, args.seeds)
+    data = collect(root, args.seeds, args.arms and sorted(set(arms) | {"dpsgd_smallest"}, key=list(ARMS).index))
     print(table(data, args.rounds))
     print(gains(data, args.rounds))
     if args.plot:

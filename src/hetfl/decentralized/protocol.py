@@ -20,6 +20,13 @@ synchronous, on the round's graph (:mod:`hetfl.decentralized.topology`):
    architecture, averaging each element over the neighbours that hold it (HeteroFL's rule among
    neighbours); ``"none"``: no gossip.
 
+Options (defaults: the round above): ``kd_return = "mean"`` (a teacher returns to each student the mean of the
+distilled copies of its students with the same model: equal weak models mix through their common stronger
+neighbour), ``teacher = "ensemble"`` (the KD target is the mean logits of the teacher and the models its
+students sent), ``gossip = "wider"`` / ``"narrower"`` (one-way overlap gossip; ``narrower`` reuses the model
+the narrower neighbour sent for distillation), ``gossip_weights = "subgraph"`` (Metropolis-Hastings weights on
+the gossip subgraph).
+
 With one architecture (or ``kd_weight = 0``) step 2 does nothing and the round is exactly D-PSGD
 (local step, then gossip).  Presets: ``dkd`` (distillation + gossip among equal models), ``dpsgd``
 (no distillation, overlap gossip; ``models = "smallest"`` puts every node on the smallest model),
