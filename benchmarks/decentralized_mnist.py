@@ -18,10 +18,18 @@ local training:
   forced Scaler leaves the narrow submodels unusable at evaluation, see docs/decentralized.md);
 * ``fedavg_smallest``: centralized FedAvg of the 1/16 model, every client every round.
 
+More arms, run with ``--arms`` (docs/decentralized.md, "Making the gain robust"): ``dkd`` with its options
+``kd_return="mean"`` (``*_relay*``: a teacher returns the mean of its same-model students' distilled copies),
+``teacher="ensemble"`` (``*_ens*``), ``gossip="narrower"`` / ``"wider"``, ``gossip_weights="subgraph"``,
+``kd_steps=100`` (``*_kd100*``), ``alpha=0`` (``*_a0``); ``dpsgd_smallest_steps100`` (D-PSGD-smallest with 4x
+the local steps: the reference for the longer distillation's compute); and any ``--arm NAME=KEY=VALUE;...``.
+
 Every cell is an ordinary ``hetfl run`` (finished cells are skipped, interrupted ones resumed)::
 
     python benchmarks/decentralized_mnist.py --rounds 50 --seeds 0 1 2 --jobs 2 --out runs/dec_mnist
     python benchmarks/decentralized_mnist.py --out runs/dec_mnist --table-only --plot docs/img/decentralized_mnist.png
+    python benchmarks/decentralized_mnist.py --rounds 50 --seeds 0 1 2 --out runs/probe --arms dpsgd_smallest dkd \
+        dkd_relay dkd_relay_kd100 dkd_relay_kd100_narrower dkd_relay_kd100_ens_narrower dpsgd_smallest_steps100
 """
 
 from __future__ import annotations
@@ -49,10 +57,29 @@ ARMS: dict[str, list[str]] = {
                         'fleet.source="uniform"'],
 }
 CENTRAL = ("heterofl", "heterofl_noscaler", "fedavg_smallest")
+DEFAULT_ARMS = list(ARMS)  # the 50-round table of docs/decentralized.md
+_RELAY, _KD100, _NARROWER = 'algorithm.kd_return="mean"', "algorithm.kd_steps=100", 'algorithm.gossip="narrower"'
+#: dkd's options for a robust weak-tier gain (docs/decentralized.md, "Making the gain robust"); run with --arms
+ARMS.update({
+    "dkd_relay": [_RELAY],
+    "dkd_ensemble": ['algorithm.teacher="ensemble"'],
+    "dkd_narrower": [_NARROWER],
+    "dkd_wider": ['algorithm.gossip="wider"'],
+    "dkd_subgraph": ['algorithm.gossip_weights="subgraph"'],
+    "dkd_kd100": [_KD100],
+    "dkd_relay_kd100": [_RELAY, _KD100],
+    "dkd_relay_narrower": [_RELAY, _NARROWER],
+    "dkd_relay_kd100_ens": [_RELAY, _KD100, 'algorithm.teacher="ensemble"'],
+    "dkd_relay_kd100_narrower": [_RELAY, _KD100, _NARROWER],
+    "dkd_relay_kd100_ens_narrower": [_RELAY, _KD100, _NARROWER, 'algorithm.teacher="ensemble"'],
+    "dkd_relay_kd100_a0": [_RELAY, _KD100, "algorithm.alpha=0.0"],  # no KD term: CE on the teacher's data only
+    # reference: D-PSGD-smallest with 4x the local steps (the weak nodes' own compute of a distilled model above)
+    "dpsgd_smallest_steps100": ['algorithm={name="dpsgd", models="smallest"}', "train.steps=100"],
+})
 
 
-def run_cell(job: tuple[str, int, int, str, int, tuple[str, ...]]) -> str:
-    arm, seed, rounds, out, eval_every, extra = job
+def run_cell(job: tuple[str, int, int, str, int, tuple[str, ...], tuple[str, ...]]) -> str:
+    arm, seed, rounds, out, eval_every, arm_sets, extra = job
     import torch
 
     torch.set_num_threads(1)
@@ -67,7 +94,7 @@ def run_cell(job: tuple[str, int, int, str, int, tuple[str, ...]]) -> str:
     if (path / "config.toml").exists():
         run(load_config(path / "config.toml", [f"rounds={rounds}"]), resume=path, quiet=True)
     else:
-        sets = [f"seed={seed}", f"rounds={rounds}", f"eval.every={eval_every}", f'name="{arm}-s{seed}"', *ARMS[arm],
+        sets = [f"seed={seed}", f"rounds={rounds}", f"eval.every={eval_every}", f'name="{arm}-s{seed}"', *arm_sets,
                 *extra]
         run(load_config(CONFIG, sets), path, quiet=True)
     return str(path)
@@ -96,11 +123,11 @@ def _weak_model_costs(rounds: int) -> dict[str, float]:
     return out
 
 
-def collect(root: Path, seeds: list[int]) -> dict[str, dict]:
+def collect(root: Path, seeds: list[int], arms: list[str] | None = None) -> dict[str, dict]:
     from hetfl.results import read_metrics, read_summary
 
     data: dict[str, dict] = {}
-    for arm in ARMS:
+    for arm in arms or ARMS:
         runs = []
         for seed in seeds:
             path = root / f"{arm}-s{seed}"
@@ -122,10 +149,16 @@ def _key(arm: str, label: str, local: bool) -> str:
 
 
 def _acc(arm: str, rows: list[dict], label: str, local: bool = False, at: int | None = None) -> float | None:
-    """The value at round ``at`` (None: the last evaluated round)."""
+    """The value at round ``at`` (None: the last evaluated round; runs longer than ``at`` count at ``at``)."""
     key = _key(arm, label, local)
     vals = [r[key] for r in rows if r.get(key) is not None and (at is None or r["round"] == at)]
     return vals[-1] if vals else None
+
+
+def _final(arm: str, rows: list[dict], label: str, rounds: int, local: bool = False) -> float | None:
+    """The value at round ``rounds``, or at the last evaluated round of a shorter run."""
+    v = _acc(arm, rows, label, local, at=rounds)
+    return v if v is not None else _acc(arm, rows, label, local)
 
 
 def _fmt(vals: list[float | None], scale: float = 100.0, digits: int = 2) -> str:
@@ -145,11 +178,12 @@ def table(data: dict[str, dict], rounds: int, checkpoints: tuple[int, ...] = (10
     for arm, d in data.items():
         ss, rs = d["summaries"], d["rows"]
         row = [arm] + [_fmt([_acc(arm, r, WEAK, at=c) for r in rs]) for c in at]
-        row += [_fmt([_acc(arm, r, WEAK) for r in rs]), _fmt([_acc(arm, r, WEAK, local=True) for r in rs])]
+        row += [_fmt([_final(arm, r, WEAK, rounds) for r in rs]),
+                _fmt([_final(arm, r, WEAK, rounds, local=True) for r in rs])]
         if arm == "fedavg_smallest":
             row += ["(1/16 model)", "(1/16 model)"]
         else:
-            row += [_fmt([_acc(arm, r, MID) for r in rs]), _fmt([_acc(arm, r, STRONG) for r in rs])]
+            row += [_fmt([_final(arm, r, MID, rounds) for r in rs]), _fmt([_final(arm, r, STRONG, rounds) for r in rs])]
         for kind, scale in (("bytes", 2**-20), ("flops", 1e-9)):
             for label in (WEAK, STRONG):
                 if arm in CENTRAL:
@@ -162,6 +196,27 @@ def table(data: dict[str, dict], rounds: int, checkpoints: tuple[int, ...] = (10
                     row.append(f"{np.mean(vals) * scale:.1f}")
         row.append(str(len(ss)))
         lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def gains(data: dict[str, dict], rounds: int, ref: str = "dpsgd_smallest",
+          checkpoints: tuple[int, ...] = (10, 20, 30)) -> str:
+    """Weak-tier gain (points) of every arm over ``ref`` at equal rounds, paired by seed: mean ± std [per seed]."""
+    if ref not in data:
+        return f"(no {ref} runs: no gains)"
+    at = [c for c in checkpoints if c < rounds] + [rounds]
+    lines = [f"| weak-tier gain over {ref} | " + " | ".join(f"@{c}" for c in at) + " |", "|---" * (len(at) + 1) + "|"]
+    ref_rows = dict(zip([s["seed"] for s in data[ref]["summaries"]], data[ref]["rows"]))
+    for arm, d in data.items():
+        if arm == ref or arm in CENTRAL:
+            continue
+        cells = []
+        for c in at:
+            g = [(_acc(arm, rows, WEAK, at=c) or np.nan) - (_acc(ref, ref_rows[s["seed"]], WEAK, at=c) or np.nan)
+                 for s, rows in zip(d["summaries"], d["rows"]) if s["seed"] in ref_rows]
+            g = [x * 100 for x in g if np.isfinite(x)]
+            cells.append(f"{np.mean(g):+.2f} ± {np.std(g):.2f} [{' '.join(f'{x:+.1f}' for x in g)}]" if g else "n/a")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -231,7 +286,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=50)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--arms", nargs="+", default=None, metavar="ARM",
+                   help=f"arms to run (default: {', '.join(DEFAULT_ARMS)}); more: "
+                        f"{', '.join(a for a in ARMS if a not in DEFAULT_ARMS)}, and every --arm")
+    p.add_argument("--arm", action="append", default=[], metavar="NAME=KEY=VALUE[;KEY=VALUE...]",
+                   help="define an extra arm from dkd's config, e.g. 'dkd_kd50=algorithm.kd_steps=50' (repeatable)")
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--out", default="runs/decentralized_mnist")
@@ -241,15 +300,25 @@ def main() -> None:
     p.add_argument("--plot", help="write the figure here (PNG)")
     args = p.parse_args()
     root = Path(args.out)
+    for spec in args.arm:
+        name, _, sets = spec.partition("=")
+        if not name or not sets:
+            p.error(f"--arm wants NAME=KEY=VALUE[;KEY=VALUE...], got {spec!r}")
+        ARMS[name] = [x for x in sets.split(";") if x]
+    arms = args.arms or DEFAULT_ARMS + [spec.partition("=")[0] for spec in args.arm]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        p.error(f"unknown arm(s) {', '.join(unknown)}; known: {', '.join(ARMS)} (define more with --arm)")
     if not args.table_only:
-        jobs = [(arm, seed, args.rounds, str(root), args.eval_every, tuple(args.set))
-                for seed in args.seeds for arm in args.arms]
+        jobs = [(arm, seed, args.rounds, str(root), args.eval_every, tuple(ARMS[arm]), tuple(args.set))
+                for seed in args.seeds for arm in arms]
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
             for done in pool.map(run_cell, jobs):
                 print(done, flush=True)
-    data = collect(root, args.seeds)
+    data = collect(root, args.seeds, args.arms and sorted(set(arms) | {"dpsgd_smallest"}, key=list(ARMS).index))
     print(table(data, args.rounds))
+    print(gains(data, args.rounds))
     if args.plot:
         plot(data, Path(args.plot))
         print(args.plot)

@@ -68,6 +68,17 @@ def test_spawned_processes_equal_in_process(tmp_path, reference):
     _same_run(reference, tmp_path / "spawned")
 
 
+def test_teacher_options_across_processes_equal_in_process(tmp_path):
+    """Relay, ensemble teachers and one-way narrower gossip (which reuses the distillation message) use models
+    received in the distillation phase: 3 nodes on 3 processes give the in-process run."""
+    opts = ('algorithm.kd_return="mean"', 'algorithm.teacher="ensemble"', 'algorithm.gossip="narrower"',
+            'fleet.mix="a-e"')
+    run(_cfg(*opts), tmp_path / "inproc", quiet=True)
+    summary = run(_cfg(*opts, 'engine="torchrun"', "graph.processes=3"), tmp_path / "spawned", quiet=True)
+    assert summary["status"] == "complete"
+    _same_run(tmp_path / "inproc", tmp_path / "spawned")
+
+
 def test_torchrun_style_launch_equals_in_process(tmp_path, reference, monkeypatch):
     """Every rank runs `hetfl run CONFIG --engine torchrun` with torchrun's variables; rank 0 writes the run."""
     cfg_path = tmp_path / "dist.toml"

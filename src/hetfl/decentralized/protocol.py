@@ -20,6 +20,13 @@ synchronous, on the round's graph (:mod:`hetfl.decentralized.topology`):
    architecture, averaging each element over the neighbours that hold it (HeteroFL's rule among
    neighbours); ``"none"``: no gossip.
 
+Options (defaults: the round above): ``kd_return = "mean"`` (a teacher returns to each student the mean of the
+distilled copies of its students with the same model: equal weak models mix through their common stronger
+neighbour), ``teacher = "ensemble"`` (the KD target is the mean logits of the teacher and the models its
+students sent), ``gossip = "wider"`` / ``"narrower"`` (one-way overlap gossip; ``narrower`` reuses the model
+the narrower neighbour sent for distillation), ``gossip_weights = "subgraph"`` (Metropolis-Hastings weights on
+the gossip subgraph).
+
 With one architecture (or ``kd_weight = 0``) step 2 does nothing and the round is exactly D-PSGD
 (local step, then gossip).  Presets: ``dkd`` (distillation + gossip among equal models), ``dpsgd``
 (no distillation, overlap gossip; ``models = "smallest"`` puts every node on the smallest model),
@@ -70,7 +77,10 @@ from hetfl.hetero.policy import Prefix, Selection
 from hetfl.reliability import FaultsConfig
 from hetfl.train import local_sgd
 
-GOSSIP_MODES = ("tier", "overlap", "none")
+GOSSIP_MODES = ("tier", "overlap", "wider", "narrower", "none")
+GOSSIP_WEIGHTS = ("graph", "subgraph")
+KD_RETURNS = ("own", "mean")
+TEACHERS = ("own", "ensemble")
 MODEL_CHOICES = ("own", "smallest")
 NO_STRONGER = ("gossip", "error")
 
@@ -150,6 +160,9 @@ class RoundPlan:
     def teachers_of(self, weak: int) -> list[int]:
         return [s for s, w in self.kd if w == weak]
 
+    def students_of(self, strong: int) -> list[int]:
+        return [w for s, w in self.kd if s == strong]
+
 
 # --------------------------------------------------------------------------------------------------
 # the algorithms
@@ -173,6 +186,9 @@ class GraphAlgorithm(Algorithm):
     kd_steps: int = 0
     kd_lr: float = 0.0
     no_stronger: str = "gossip"
+    gossip_weights: str = "graph"
+    kd_return: str = "own"
+    teacher: str = "own"
 
     #: the runner builds this algorithm's engine and evaluator for decentralized rounds
     decentralized = True
@@ -189,6 +205,9 @@ class GraphAlgorithm(Algorithm):
             (self.kd_steps >= 0, "kd_steps", "must be >= 0 (0 = use kd_epochs / train)"),
             (self.kd_lr >= 0, "kd_lr", "must be >= 0 (0 = as train.lr)"),
             (self.no_stronger in NO_STRONGER, "no_stronger", f"must be one of {', '.join(NO_STRONGER)}"),
+            (self.gossip_weights in GOSSIP_WEIGHTS, "gossip_weights", f"must be one of {', '.join(GOSSIP_WEIGHTS)}"),
+            (self.kd_return in KD_RETURNS, "kd_return", f"must be one of {', '.join(KD_RETURNS)}"),
+            (self.teacher in TEACHERS, "teacher", f"must be one of {', '.join(TEACHERS)}"),
         ]
         for ok, name, msg in checks:
             if not ok:
@@ -238,7 +257,7 @@ class GraphAlgorithm(Algorithm):
         refs = list(dict.fromkeys(lay.refs))
         if not self.families:
             refs.append(ctx.model)  # width-slices start as prefixes of the full model
-        if not self.families or self.gossip == "overlap":
+        if not self.families or self.gossip in ("overlap", "wider", "narrower"):
             for big in refs:  # a model that cannot be sliced fails here, naming the layer
                 for small in refs:
                     if big != small and big.name == small.name and big.params == small.params \
@@ -263,15 +282,17 @@ class GraphAlgorithm(Algorithm):
         for a, b in topo.edges:
             if self.kd_weight > 0 and lay.rank[a] != lay.rank[b]:
                 kd.append((a, b) if lay.rank[a] < lay.rank[b] else (b, a))
-            if (self.gossip == "tier" and lay.refs[a] == lay.refs[b]) or \
-                    (self.gossip == "overlap" and lay.compatible(a, b)):
-                nbrs[a].append(b)
-                nbrs[b].append(a)
+            for i, j in ((a, b), (b, a)):
+                if self.gossips_with(lay, i, j):
+                    nbrs[i].append(j)
         kd.sort()
         coeffs = []
         for i in range(lay.n):
             js = sorted(nbrs[i])
-            c = {j: float(topo.weights[i, j]) for j in js}
+            if self.gossip_weights == "subgraph":  # Metropolis-Hastings on the gossip subgraph's degrees
+                c = {j: 1.0 / (1.0 + max(len(nbrs[i]), len(nbrs[j]))) for j in js}
+            else:
+                c = {j: float(topo.weights[i, j]) for j in js}
             c[i] = 1.0 - sum(c[j] for j in js)
             coeffs.append(dict(sorted(c.items())))
         lonely: tuple[int, ...] = ()
@@ -285,6 +306,19 @@ class GraphAlgorithm(Algorithm):
                                   f"graph, graph.name = 'capability', or no_stronger = 'gossip'")
         return RoundPlan(rnd, topo, tuple(kd), tuple(tuple(sorted(x)) for x in nbrs), tuple(coeffs), lonely)
 
+    def gossips_with(self, lay: Layout, i: int, j: int) -> bool:
+        """Whether node ``i`` averages in what its neighbour ``j`` sends (``gossip``; ``wider`` / ``narrower``
+        are one-way: ``i`` takes the overlapping slice of a wider / narrower neighbour, not the reverse)."""
+        if self.gossip == "none":
+            return False
+        if lay.refs[i] == lay.refs[j]:
+            return True
+        if self.gossip == "tier" or not lay.compatible(i, j):
+            return False
+        wi, wj = lay.refs[i].width, lay.refs[j].width
+        return self.gossip == "overlap" or (self.gossip == "wider" and wj > wi) or \
+            (self.gossip == "narrower" and wj < wi)
+
     # ---------------------------------------------------------------- node-side steps
     def kd_train_config(self, train: TrainConfig) -> TrainConfig:
         changes: dict[str, Any] = {}
@@ -296,18 +330,27 @@ class GraphAlgorithm(Algorithm):
             changes.update(lr=self.kd_lr)
         return dataclasses.replace(train, **changes) if changes else train
 
-    def distill_into(self, student: nn.Module, teacher: nn.Module, data: Any, train: TrainConfig, seed: int,
-                     device: torch.device) -> Any:
-        """Train ``student`` on ``data`` towards ``teacher``'s outputs: (1-a) CE + a T^2 KL (teacher frozen)."""
-        teacher.eval()
+    def distill_into(self, student: nn.Module, teacher: nn.Module | Sequence[nn.Module], data: Any,
+                     train: TrainConfig, seed: int, device: torch.device) -> Any:
+        """Train ``student`` on ``data`` towards ``teacher``'s outputs: (1-a) CE + a T^2 KL (teacher frozen).
+
+        Several teachers: their mean logits (``teacher = "ensemble"``)."""
+        members = [teacher] if isinstance(teacher, nn.Module) else list(teacher)
+        for m in members:
+            m.eval()
         a, t = self.alpha, self.temperature
+
+        def teacher_logits(xb: torch.Tensor) -> torch.Tensor:
+            if len(members) == 1:
+                return members[0](xb)
+            return torch.stack([m(xb) for m in members]).mean(0)
 
         def hard(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return (1.0 - a) * F.cross_entropy(logits, y)
 
         def soft(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
-                target = teacher(xb)
+                target = teacher_logits(xb)
             return (a * t * t) * kl_to_teacher(logits, target, t)
 
         return local_sgd(student, data, self.kd_train_config(train), seed=seed, device=device, loss_fn=hard,
@@ -481,6 +524,7 @@ class NodeHost:
         self.transport = transport
         self.models = ModelCache(ctx, self.device)
         self.teachers = ModelCache(ctx, self.device)
+        self._members: dict[tuple[ModelRef, int], nn.Module] = {}  # extra teacher modules (teacher = "ensemble")
         self._topology: Topology | None = None
         self._costs: dict[ModelRef, int] = {}
 
@@ -495,6 +539,30 @@ class NodeHost:
 
     def plan(self, rnd: int) -> RoundPlan:
         return self.algorithm.plan(rnd, self.layout, self.topology(rnd))
+
+    def member(self, ref: ModelRef, k: int, weights: Weights) -> nn.Module:
+        """The ``k``-th extra module of ``ref`` (ensemble teachers), loaded with ``weights``."""
+        module = self._members.get((ref, k))
+        if module is None:
+            module = self._members[(ref, k)] = ref.build(self.ctx.info).to(self.device)
+        module.load_state_dict(weights)
+        return module
+
+    def teacher_for(self, s: int, plan: RoundPlan, half: dict[int, Weights],
+                    sent: dict[tuple[int, int], Weights]) -> nn.Module | list[nn.Module]:
+        """Node ``s``'s teacher: its own model, or (``teacher = "ensemble"``) its own model and every model its
+        weaker neighbours sent it this round (mean logits)."""
+        lay = self.layout
+        own = self.teachers.loaded(lay.refs[s], half[s])
+        if self.algorithm.teacher == "own":
+            return own
+        members: list[nn.Module] = [own]
+        count: dict[ModelRef, int] = {}
+        for w in plan.students_of(s):
+            k = count.get(lay.refs[w], 0)
+            count[lay.refs[w]] = k + 1
+            members.append(self.member(lay.refs[w], k, sent[(w, s)]))
+        return members
 
     def forward_flops(self, ref: ModelRef) -> int:
         """Forward FLOPs per sample of ``ref`` (counted once per model)."""
@@ -541,22 +609,31 @@ class NodeHost:
         # 2. distillation into weaker neighbours: weak -> strong, train at strong, strong -> weak
         returned: dict[tuple[int, int], Weights] = {}
         back: dict[tuple[int, int], Weights] = {}
+        sent: dict[tuple[int, int], Weights] = {}
         if plan.kd:
             sent = self._exchange("kd_send", [(w, s) for s, w in plan.kd], lambda src, dst: half[src],
                                   lambda src, dst: lay.refs[src], stats)
+            teachers: dict[int, Any] = {}
             for s, w in plan.kd:
                 if s not in self.local:
                     continue
                 t0 = time.perf_counter()
-                teacher = self.teachers.loaded(lay.refs[s], half[s])
+                if s not in teachers:
+                    teachers[s] = self.teacher_for(s, plan, half, sent)
+                teacher = teachers[s]
                 student = self.models.loaded(lay.refs[w], sent[(w, s)])
                 st = algo.distill_into(student, teacher, self.federation.client_train(s), train,
                                        edge_seed(ctx.seed, rnd, s, w), self.device)
                 returned[(s, w)] = weights_of(student)
                 stats[s].kd_loss_sum += st.loss
                 stats[s].kd_runs += 1
-                stats[s].flops += (3 * self.forward_flops(lay.refs[w]) + self.forward_flops(lay.refs[s])) * st.samples
+                teacher_flops = self.forward_flops(lay.refs[s]) + (
+                    sum(self.forward_flops(lay.refs[v]) for v in plan.students_of(s)) if algo.teacher == "ensemble"
+                    else 0)
+                stats[s].flops += (3 * self.forward_flops(lay.refs[w]) + teacher_flops) * st.samples
                 stats[s].train_time_s += time.perf_counter() - t0
+            if algo.kd_return == "mean":  # a teacher returns the mean of the copies of one model it distilled
+                returned = relay_mean(returned, lay)
             back = self._exchange("kd_return", list(plan.kd), lambda src, dst: returned[(src, dst)],
                                   lambda src, dst: lay.refs[dst], stats)
         merged = {}
@@ -564,15 +641,38 @@ class NodeHost:
             merged[w] = algo.merge(half[w], [back[(s, w)] for s in plan.teachers_of(w)])
 
         # 3. gossip among the neighbours each node averages with
-        messages = [(j, i) for i in range(lay.n) for j in plan.gossip[i]]
+        # (gossip = "narrower": a wider node averages in the model its narrower neighbour already sent it for
+        # distillation this round, the weak model after local training, instead of a second message)
+        reuse = {(s, w) for s, w in plan.kd} if algo.gossip == "narrower" else set()
+        messages = [(j, i) for i in range(lay.n) for j in plan.gossip[i] if (i, j) not in reuse]
         got = self._exchange("gossip", messages,
                              lambda src, dst: cut(merged[src], lay.refs[src], lay.payload_ref(src, dst), ctx.info),
                              lambda src, dst: lay.payload_ref(src, dst), stats) if messages else {}
         new = {}
         for i in self.nodes:
-            received = {j: got[(j, i)] for j in plan.gossip[i]}
+            received = {j: sent[(j, i)] if (i, j) in reuse else got[(j, i)] for j in plan.gossip[i]}
             new[i] = algo.mix(lay, i, merged[i], received, plan.coeffs[i], ctx.info)
         return new, stats, plan
+
+
+def relay_mean(returned: dict[tuple[int, int], Weights], lay: Layout) -> dict[tuple[int, int], Weights]:
+    """``kd_return = "mean"``: every teacher returns to each student the mean of the distilled copies of the
+    students that hold the same model (weight 1 each), so that equal weak models mix through their common
+    stronger neighbour; a teacher with one student of a model returns its copy unchanged."""
+    groups: dict[tuple[int, ModelRef], list[int]] = {}
+    for s, w in returned:
+        groups.setdefault((s, lay.refs[w]), []).append(w)
+    out = dict(returned)
+    for (s, _), ws in groups.items():
+        if len(ws) < 2:
+            continue
+        acc = RunningMean()
+        for w in sorted(ws):
+            acc.add(returned[(s, w)], 1.0)
+        avg = acc.value()
+        for w in ws:
+            out[(s, w)] = avg
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
