@@ -242,12 +242,14 @@ def plot(data: dict[str, dict], path: Path) -> None:
     ax.set_ylim(40, 95)
     ax.set_xlabel("round")
     ax.set_ylabel("weak tier (1/16) test accuracy, %")
-    ax.set_title("weak tier, mean of seeds (band: min-max)\nheterofl (with Scaler) stays at ~10 %, off scale",
+    ax.set_title("weak tier, mean of seeds (band: min-max)" +
+                 ("\nheterofl (with Scaler) stays at ~10 %, off scale" if "heterofl" in data else ""),
                  fontsize="medium")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="x-small", ncol=2)
-    for arm, ref in (("dkd", "dpsgd_smallest"), ("dkd_overlap", "dpsgd_smallest"),
-                     ("dkd_capability", "dpsgd_smallest_capability")):
+    gain_pairs = [(a, "dpsgd_smallest_capability" if a.endswith("_capability") else "dpsgd_smallest")
+                  for a in data if a.startswith("dkd") or a == "dpsgd_smallest_steps100"]
+    for arm, ref in gain_pairs:
         if arm not in data or ref not in data:
             continue
         pairs = [(_curve(arm, a), _curve(ref, b)) for a, b in zip(data[arm]["rows"], data[ref]["rows"])]
