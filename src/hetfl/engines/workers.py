@@ -291,21 +291,22 @@ def _worker_main(conn: Any, algorithm: Algorithm, federation: Any, ctx: Context,
         weights, out = slots[slot_id]
         t0 = time.perf_counter()
         try:
+            sent = None  # the weights, when they do not fit the slot's out buffer
             if kind == "chunk":  # same-shape clients trained as one batched model (hetfl.engines.batched)
-                reply = ("done", seq, 0.0, _train_chunk(meta, weights, out, models, federation), None)
+                info: Any = _train_chunk(meta, weights, out, models, federation)
             else:
                 client_id, ref, train, cseed, extra = meta
                 task = ClientTask(client_id, ref, weights, train, cseed, extra)
                 model = models.loaded(ref, weights)
                 data = federation.client_train(client_id)
                 res = algorithm.local_update(task, model, data, device)
-                in_slot = layout_of(res.weights) == layout_of(out)
-                if in_slot:
+                if layout_of(res.weights) == layout_of(out):
                     for k, v in res.weights.items():
                         out[k].copy_(v)
-                reply = ("done", seq, 0.0, (res.client_id, res.num_samples, res.metrics, res.extra),
-                         None if in_slot else res.weights)
-            reply = (reply[0], seq, time.perf_counter() - t0, *reply[3:])
+                else:
+                    sent = res.weights
+                info = (res.client_id, res.num_samples, res.metrics, res.extra)
+            reply = ("done", seq, time.perf_counter() - t0, info, sent)
         except Exception as exc:  # the client failed, the worker lives on
             reply = ("error", seq, time.perf_counter() - t0, *_exception_payload(exc))
         conn.send_bytes(_dumps(reply))
@@ -343,11 +344,12 @@ class _Slot:
     def result(self, c: int = -1) -> dict[str, torch.Tensor]:
         """A copy of the result in the out buffer (``c``: the client's, in a chunk's buffer): one copy of
         its span, the span looked up once per buffer."""
+        views = self.out if c < 0 else client_views(self.out, layout_of(self.inp), c)
         if c not in self.spans:
-            self.spans[c] = packed.span(self.out if c < 0 else client_views(self.out, layout_of(self.inp), c))
+            self.spans[c] = packed.span(views)
         known = self.spans[c]
-        if known is None:  # pragma: no cover - the buffers are laid out packed
-            return packed.clone(self.out if c < 0 else client_views(self.out, layout_of(self.inp), c))
+        if known is None:  # mixed dtypes (e.g. BatchNorm's int64 counter): tensor by tensor
+            return packed.clone(views)
         return packed.views(known[0].clone(), known[1])
 
     def load(self, weights: dict[str, torch.Tensor]) -> None:
