@@ -4,9 +4,9 @@ Clients that train the same :class:`~hetfl.algorithms.base.ModelRef` with the sa
 same minibatch-size schedule (equal data sizes, or equal ``train.steps`` with full batches) are stacked:
 their parameters get a leading client dimension, every step gathers each client's own minibatch (one
 index tensor per step, built once per group), and autograd through the loss ``vmap``-ped over
-``functional_call`` computes every client's gradient in one pass.  The update is ``local_sgd``'s, written
-out: SGD with momentum (the first step copies the gradient into the buffer, as ``torch.optim.SGD`` does),
-weight decay and per-client gradient-norm clipping.  Each client draws its own batch order from its task
+``functional_call`` computes every client's gradient in one pass.  The update is ``local_sgd``'s:
+per-client gradient-norm clipping, then ``hetfl.train.SGD`` (momentum, weight decay) on the stacked
+weights.  Each client draws its own batch order from its task
 seed exactly as ``local_sgd`` does, so a client's result equals its sequential result up to float
 rounding (different kernels sum in a different order).
 
@@ -37,7 +37,7 @@ from hetfl.algorithms.base import Algorithm, ClientResult, ClientTask, Context, 
 from hetfl.config import TrainConfig
 from hetfl.data.federation import Federation
 from hetfl.errors import ConfigError
-from hetfl.train import batch_indices
+from hetfl.train import SGD, batch_indices
 
 SETTINGS = ("auto", True, False)
 
@@ -106,7 +106,7 @@ def train_group(module: nn.Module, weights: Sequence[dict[str, torch.Tensor]], x
     params = {n: torch.stack([w[n].detach().to(device) for w in weights]).clone().requires_grad_(True)
               for n in names}
     leaves = list(params.values())
-    bufs: dict[str, torch.Tensor] = {}
+    opt = SGD(leaves, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
     def loss_one(p: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(functional_call(module, p, (xb,)), yb)
@@ -118,7 +118,7 @@ def train_group(module: nn.Module, weights: Sequence[dict[str, torch.Tensor]], x
     total = torch.zeros(k, device=device)
     samples = 0
     with torch.no_grad():
-        for s, idx in enumerate(batches):
+        for idx in batches:
             with torch.enable_grad():
                 loss = batched_loss(params, x[idx], y[idx])
                 grads = dict(zip(names, torch.autograd.grad(loss.sum(), leaves)))
@@ -126,17 +126,9 @@ def train_group(module: nn.Module, weights: Sequence[dict[str, torch.Tensor]], x
                 norms = torch.stack([torch.linalg.vector_norm(grads[n].reshape(k, -1), dim=1) for n in names], 1)
                 coef = (cfg.grad_clip / (torch.linalg.vector_norm(norms, dim=1) + 1e-6)).clamp(max=1.0)
                 grads = {n: g * coef.view(-1, *([1] * (g.dim() - 1))) for n, g in grads.items()}
-            for n in names:  # torch.optim.SGD (no dampening, no Nesterov)
-                g = grads[n]
-                if cfg.weight_decay:
-                    g = g.add(params[n], alpha=cfg.weight_decay)
-                if cfg.momentum:
-                    if s == 0:
-                        bufs[n] = g.clone()
-                    else:
-                        bufs[n].mul_(cfg.momentum).add_(g)
-                    g = bufs[n]
-                params[n].add_(g, alpha=-cfg.lr)
+            for n, leaf in zip(names, leaves):  # local_sgd's update, on every client's slice at once
+                leaf.grad = grads[n]
+            opt.step()
             total += loss.detach() * idx.shape[1]
             samples += idx.shape[1]
         if into is not None:
