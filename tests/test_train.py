@@ -92,3 +92,29 @@ def test_a_run_does_not_import_dynamo():
             "print('torch._dynamo' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_client_split_gathers_rows_lazily_and_trains_bit_for_bit_as_a_gathered_split():
+    from hetfl.data.base import ClientSplit
+
+    g = torch.Generator().manual_seed(0)
+    base = Split(torch.randn(200, 12, generator=g), torch.randint(4, (200,), generator=g))
+    idx = torch.randperm(200, generator=g)[:60]
+    lazy, eager = ClientSplit(base, idx), base.subset(idx)
+    assert len(lazy) == 60 and lazy.device == eager.device
+    b = torch.tensor([5, 0, 59])
+    for got, want in zip(lazy.rows(b), eager.rows(b)):
+        assert torch.equal(got, want)
+    assert "x" not in vars(lazy)  # nothing gathered for a minibatch...
+    assert torch.equal(lazy.x, eager.x) and torch.equal(lazy.y, eager.y)  # ...every row on first use of x
+    sub = lazy.subset([3, 1])
+    assert torch.equal(sub.x, eager.x[[3, 1]])
+    cfg = TrainConfig(steps=7, batch_size=8, lr=0.1, momentum=0.9)
+    weights = []
+    for data in (lazy, eager):
+        torch.manual_seed(0)
+        model = build_model("mlp", DataInfo((12,), 4), hidden="16")
+        stats = local_sgd(model, data, cfg, seed=3)
+        weights.append((stats.loss, model.state_dict()))
+    assert weights[0][0] == weights[1][0]
+    assert all(torch.equal(weights[0][1][k], weights[1][1][k]) for k in weights[1][1])

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hetfl.config import TrainConfig
-from hetfl.data.base import Split
+from hetfl.data.base import ClientSplit, Split
 from hetfl.models.registry import PREFERS_CHANNELS_LAST
 
 Forward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -97,7 +97,7 @@ class TrainStats:
 
 def local_sgd(
     model: nn.Module,
-    data: Split,
+    data: Split | ClientSplit,
     cfg: TrainConfig,
     *,
     seed: int,
@@ -127,18 +127,18 @@ def local_sgd(
     return _sgd_loop(model, data, cfg, gen, forward, loss_fn, loss_terms)
 
 
-def _sgd_loop(model: nn.Module, data: Split, cfg: TrainConfig, gen: torch.Generator, forward: Forward,
+def _sgd_loop(model: nn.Module, data: Split | ClientSplit, cfg: TrainConfig, gen: torch.Generator, forward: Forward,
               loss_fn: LossFn | None, loss_terms: Sequence[LossTerm]) -> TrainStats:
     n = len(data)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     loss_fn = loss_fn or F.cross_entropy
-    x, y = data.x, data.y
-    total = torch.zeros((), device=x.device)
+    device = data.device
+    total = torch.zeros((), device=device)
     steps = samples = 0
-    index_device = None if x.device.type == "cpu" else x.device  # one index transfer per pass, not per batch
+    index_device = None if device.type == "cpu" else device  # one index transfer per pass, not per batch
     for idx in batch_indices(n, cfg.batch_size, cfg.epochs, cfg.steps, gen, index_device):
-        xb, yb = x[idx], y[idx]
+        xb, yb = data.rows(idx)  # a client's data gathers only the rows of this minibatch
         logits = forward(model, xb)
         loss = loss_fn(logits, yb)
         for term in loss_terms:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hetfl.data.base import Dataset, Split
+from hetfl.data.base import ClientSplit, Dataset, Split
 from hetfl.data.partition import PartitionSummary, summarize_index
 from hetfl.errors import ConfigError
 
@@ -99,14 +99,15 @@ class Federation:
     def sizes(self) -> np.ndarray:
         return self.train_idx.sizes
 
-    def client_train(self, cid: int) -> Split:
+    def client_train(self, cid: int) -> ClientSplit:
+        """Client ``cid``'s training samples (rows gathered when used: :class:`~hetfl.data.base.ClientSplit`)."""
         return self._gather(self.train_idx[cid])
 
-    def client_test(self, cid: int) -> Split:
+    def client_test(self, cid: int) -> ClientSplit:
         return self._gather(self.test_idx[cid])
 
-    def _gather(self, idx: np.ndarray) -> Split:
-        return self.train.subset(torch.as_tensor(idx, dtype=torch.long, device=self.train.x.device))
+    def _gather(self, idx: np.ndarray) -> ClientSplit:
+        return ClientSplit(self.train, torch.as_tensor(idx, dtype=torch.long, device=self.train.x.device))
 
 
 def build_federation(dataset: Dataset, parts: Sequence[np.ndarray], *, local_test_fraction: float,
