@@ -65,11 +65,14 @@ def make_config(args: argparse.Namespace):
 LEVELS = {"a": 1.0, "b": 0.5, "c": 0.25, "d": 0.125, "e": 0.0625}
 
 
-def train_client(model, x, y, cfg, rnd: int, c: int, channels_last: bool = False) -> None:
+def train_client(model, x, y, cfg, rnd: int, c: int, channels_last: bool = False, rows=None) -> None:
     """One client's local SGD, written plainly: the same batches and seeds as hetfl's local_sgd.
 
     ``channels_last``: train with channels_last 4-D weights, as hetfl does for models that ask for it on
-    the CPU (``train.memory_format = "auto"``), so that both sides do the same arithmetic."""
+    the CPU (``train.memory_format = "auto"``), so that both sides do the same arithmetic.
+    ``rows``: ``x``/``y`` are the whole training split and ``rows`` the client's indices into it; each
+    minibatch is gathered from there (as hetfl's ClientSplit does) instead of from a copy of the client's
+    data made first."""
     if channels_last:
         model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.train.lr)
@@ -78,7 +81,10 @@ def train_client(model, x, y, cfg, rnd: int, c: int, channels_last: bool = False
     # lazy seeds for absent accelerators (hetfl's local_sgd does the same)
     torch.random.default_generator.manual_seed(round_seed(cfg.seed, rnd, c))
     model.train()
-    for idx in batch_indices(len(y), cfg.train.batch_size, cfg.train.epochs, cfg.train.steps, gen):
+    n = len(y) if rows is None else len(rows)
+    for idx in batch_indices(n, cfg.train.batch_size, cfg.train.epochs, cfg.train.steps, gen):
+        if rows is not None:
+            idx = rows[idx]
         loss = F.cross_entropy(model(x[idx]), y[idx])
         opt.zero_grad()
         loss.backward()
@@ -87,8 +93,9 @@ def train_client(model, x, y, cfg, rnd: int, c: int, channels_last: bool = False
         model.to(memory_format=torch.contiguous_format)
 
 
-def bare_loop_heterofl(exp, rounds: int, mix: str) -> tuple[float, dict[str, torch.Tensor]]:
-    """HeteroFL's rounds by hand: prefix-slice, train the submodel, average every element over its owners."""
+def bare_loop_heterofl(exp, rounds: int, mix: str, lean_rows: bool = False) -> tuple[float, dict[str, torch.Tensor]]:
+    """HeteroFL's rounds by hand: prefix-slice, train the submodel, average every element over its owners
+    (``lean_rows``: see bare_loop)."""
     from hetfl.models import build_model
 
     cfg, fed, ctx, algo = exp.cfg, exp.federation, exp.ctx, exp.algorithm
@@ -118,9 +125,12 @@ def bare_loop_heterofl(exp, rounds: int, mix: str) -> tuple[float, dict[str, tor
             rate = float(rate_of[c])
             model, sl = models[rate], slices[rate]
             idx_c = torch.as_tensor(fed.train_idx[c], device=x_all.device)
-            x, y = x_all[idx_c], y_all[idx_c]
             model.load_state_dict({k: global_w[k][sl[k]] for k in sl})
-            train_client(model, x, y, cfg, rnd, int(c), channels_last)
+            if lean_rows:
+                train_client(model, x_all, y_all, cfg, rnd, int(c), channels_last, rows=idx_c)
+            else:
+                x, y = x_all[idx_c], y_all[idx_c]
+                train_client(model, x, y, cfg, rnd, int(c), channels_last)
             for k, v in model.state_dict().items():
                 sums[k][sl[k]] += v.detach().double()
                 counts[k][sl[k]] += 1.0
@@ -137,8 +147,12 @@ def hetfl_layout(exp) -> bool:
     return training_memory_format(exp.cfg.train.memory_format, model, exp.device) is torch.channels_last
 
 
-def bare_loop(exp, rounds: int, channels_last: bool = False) -> tuple[float, dict[str, torch.Tensor]]:
-    """The same FedAvg rounds written as plainly as PyTorch allows (``channels_last``: see train_client)."""
+def bare_loop(exp, rounds: int, channels_last: bool = False, lean_rows: bool = False,
+              ) -> tuple[float, dict[str, torch.Tensor]]:
+    """The same FedAvg rounds written as plainly as PyTorch allows (``channels_last``: see train_client).
+
+    Plainly, a client's data is gathered (copied out of the training split) before it trains;
+    ``lean_rows`` gathers only each minibatch's rows instead, as hetfl does (see train_client's ``rows``)."""
     cfg, fed, ctx, algo = exp.cfg, exp.federation, exp.ctx, exp.algorithm
     torch.manual_seed(round_seed(cfg.seed, 0))
     model = ctx.model.build(ctx.info).to(exp.device)
@@ -152,10 +166,13 @@ def bare_loop(exp, rounds: int, channels_last: bool = False) -> tuple[float, dic
         sums, total = None, 0
         for c in clients:
             idx_c = torch.as_tensor(fed.train_idx[c], device=x_all.device)
-            x, y = x_all[idx_c], y_all[idx_c]
             model.load_state_dict(global_w)
-            train_client(model, x, y, cfg, rnd, int(c), channels_last)
-            n = len(y)
+            if lean_rows:
+                train_client(model, x_all, y_all, cfg, rnd, int(c), channels_last, rows=idx_c)
+            else:
+                x, y = x_all[idx_c], y_all[idx_c]
+                train_client(model, x, y, cfg, rnd, int(c), channels_last)
+            n = len(idx_c)
             state = model.state_dict()
             if sums is None:
                 sums = {k: v.detach().double() * n for k, v in state.items()}
@@ -194,6 +211,9 @@ def main() -> None:
     p.add_argument("--algorithm", default="fedavg", choices=("fedavg", "heterofl"))
     p.add_argument("--mix", default="a-b-c-d-e", help="heterofl: tiers, one letter each (a=1 ... e=1/16)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--plain-gather", action="store_true",
+                   help="the bare loop copies each client's data before training it (default: it gathers each "
+                        "minibatch's rows, as hetfl does, so the ratio is orchestration alone)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -205,8 +225,10 @@ def main() -> None:
     h_times, b_times = [], []
     for rep in range(args.repeats):
         th, wh = hetfl_run(cfg)
-        tb, wb = bare_loop_heterofl(exp, args.rounds, args.mix) if args.algorithm == "heterofl" else \
-            bare_loop(exp, args.rounds, channels_last=hetfl_layout(exp))  # orchestration only: same arithmetic
+        # orchestration only: the same arithmetic (layout) and the same data access (minibatch rows) as hetfl
+        lean = not args.plain_gather
+        tb, wb = bare_loop_heterofl(exp, args.rounds, args.mix, lean_rows=lean) if args.algorithm == "heterofl" \
+            else bare_loop(exp, args.rounds, channels_last=hetfl_layout(exp), lean_rows=lean)
         h_times.append(th)
         b_times.append(tb)
         same = all(torch.allclose(wh[k].float(), wb[k].float(), atol=1e-5) for k in wb)

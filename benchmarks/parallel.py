@@ -11,6 +11,9 @@ with torch's default intra-op threads and once with one thread; the faster of th
 reference.  It trains contiguous weights; hetfl trains the CNN with channels_last weights (its default
 ``train.memory_format = "auto"``), so on the compute workload the bare loop also runs once in that layout
 and the speedup against it is printed too (the share of the gain that is the layout, not the workers).
+hetfl gathers each minibatch's rows from the training split instead of copying a client's data first
+(hetfl.data.base.ClientSplit); a third bare loop, one thread, does the same with hetfl's layout, and the
+speedup against it is the workers' share alone (``vs the lean-rows bare loop``).
 hetfl runs through :func:`hetfl.runner.run` with ``--workers N --threads-per-worker 1`` (default N = 2),
 and on the overhead workload also with ``batched = true`` (each worker trains chunks of same-shape clients
 as one vmapped model); its round loop is timed as the runner records it (``time_s`` minus evaluation; the
@@ -86,7 +89,7 @@ def bench(args: argparse.Namespace, workload: str) -> dict[str, float]:
         for name, side_cfg in sides.items():
             seq[name] = hetfl_run(side_cfg.replace(workers=1))
     bare_loop(exp, 1)  # warm-up, untimed: the first round of a process pays one-time kernel set-up
-    bare_all, bare_one, bare_cl = [], [], []
+    bare_all, bare_one, bare_cl, bare_lean = [], [], [], []
     times: dict[str, list[float]] = {name: [] for name in sides}
     for rep in range(args.repeats):
         line = []
@@ -98,8 +101,12 @@ def bench(args: argparse.Namespace, workload: str) -> dict[str, float]:
         ta, _ = bare_loop(exp, args.rounds)
         with threads(1):
             t1, _ = bare_loop(exp, args.rounds)
+        with threads(1):  # the bare loop with hetfl's data access: each minibatch's rows, no copy per client
+            tl, _ = bare_loop(exp, args.rounds, channels_last=cl, lean_rows=True)
         bare_all.append(ta)
         bare_one.append(t1)
+        bare_lean.append(tl)
+        line.append(f"bare lean rows 1 thread {tl:.3f}s")
         if cl:  # the plain loop with hetfl's layout: how much of the gain is the layout, how much the workers
             tc, _ = bare_loop(exp, args.rounds, channels_last=True)
             bare_cl.append(tc)
@@ -109,14 +116,16 @@ def bench(args: argparse.Namespace, workload: str) -> dict[str, float]:
     per_round = 1e3 / args.rounds
     print(f"  bare_{default_threads}threads_ms_per_round={min(bare_all) * per_round:.1f} "
           f"bare_1thread_ms_per_round={min(bare_one) * per_round:.1f}"
-          + (f" bare_channels_last_ms_per_round={min(bare_cl) * per_round:.1f}" if bare_cl else ""))
+          + (f" bare_channels_last_ms_per_round={min(bare_cl) * per_round:.1f}" if bare_cl else "")
+          + f" bare_lean_rows_1thread_ms_per_round={min(bare_lean) * per_round:.1f}")
     out = {}
     for name in sides:
         key = workload if name == "workers" else f"{workload}_batched"
         out[key] = best_bare / min(times[name])
         print(f"  hetfl_{name}_ms_per_round={min(times[name]) * per_round:.1f} "
               f"(in process, 1 thread: {seq[name][0] * per_round:.1f})  speedup_{key}={out[key]:.3f}"
-              + (f"  vs the channels_last bare loop: {min(bare_cl) / min(times[name]):.3f}" if bare_cl else ""))
+              + (f"  vs the channels_last bare loop: {min(bare_cl) / min(times[name]):.3f}" if bare_cl else "")
+              + f"  vs the lean-rows bare loop (workers alone): {min(bare_lean) / min(times[name]):.3f}")
     return out
 
 
