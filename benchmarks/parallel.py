@@ -122,6 +122,10 @@ def bench(args: argparse.Namespace, workload: str) -> dict[str, float]:
     for name in sides:
         key = workload if name == "workers" else f"{workload}_batched"
         out[key] = best_bare / min(times[name])
+        # each repeat's sides ran back to back: their ratio is robust to a machine whose speed drifts
+        paired = sorted(min(a, b) / h for a, b, h in zip(bare_all, bare_one, times[name]))
+        print(f"  paired_speedup_{key}_median={paired[len(paired) // 2]:.3f} (per repeat: "
+              + " ".join(f"{r:.2f}" for r in paired) + ")")
         print(f"  hetfl_{name}_ms_per_round={min(times[name]) * per_round:.1f} "
               f"(in process, 1 thread: {seq[name][0] * per_round:.1f})  speedup_{key}={out[key]:.3f}"
               + (f"  vs the channels_last bare loop: {min(bare_cl) / min(times[name]):.3f}" if bare_cl else "")
