@@ -81,7 +81,7 @@ class ModelCache:
 class _StateSlots:
     """Where each entry of a module's state dict lives (submodule, attribute), to load weights with one
     ``copy_`` per tensor.  ``load_state_dict`` does the same copies but walks the module tree, checks and
-    calls hooks in Python on every call (~0.3 ms for the 2NN, a twentieth of its whole client update).
+    calls hooks in Python on every call (111 us for the 2NN against 51 us by plain copies, one thread).
     Only for modules without load hooks or custom ``_load_from_state_dict``; anything that is not an exact
     match (keys in order, shapes) goes to ``load_state_dict``, which raises its own errors."""
 
