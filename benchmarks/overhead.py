@@ -65,7 +65,13 @@ def make_config(args: argparse.Namespace):
 LEVELS = {"a": 1.0, "b": 0.5, "c": 0.25, "d": 0.125, "e": 0.0625}
 
 
-def train_client(model, x, y, cfg, rnd: int, c: int, channels_last: bool = False, rows=None) -> None:
+def client_data(x_all, y_all, idx_c, lean_rows: bool):
+    """``(x, y, rows)`` for train_client: a copy of the client's data (plain), or the whole split and the
+    client's rows in it (``lean_rows``)."""
+    return (x_all, y_all, idx_c) if lean_rows else (x_all[idx_c], y_all[idx_c], None)
+
+
+def train_client(model, x, y, rows, cfg, rnd: int, c: int, channels_last: bool = False) -> None:
     """One client's local SGD, written plainly: the same batches and seeds as hetfl's local_sgd.
 
     ``channels_last``: train with channels_last 4-D weights, as hetfl does for models that ask for it on
@@ -126,11 +132,7 @@ def bare_loop_heterofl(exp, rounds: int, mix: str, lean_rows: bool = False) -> t
             model, sl = models[rate], slices[rate]
             idx_c = torch.as_tensor(fed.train_idx[c], device=x_all.device)
             model.load_state_dict({k: global_w[k][sl[k]] for k in sl})
-            if lean_rows:
-                train_client(model, x_all, y_all, cfg, rnd, int(c), channels_last, rows=idx_c)
-            else:
-                x, y = x_all[idx_c], y_all[idx_c]
-                train_client(model, x, y, cfg, rnd, int(c), channels_last)
+            train_client(model, *client_data(x_all, y_all, idx_c, lean_rows), cfg, rnd, int(c), channels_last)
             for k, v in model.state_dict().items():
                 sums[k][sl[k]] += v.detach().double()
                 counts[k][sl[k]] += 1.0
@@ -167,11 +169,7 @@ def bare_loop(exp, rounds: int, channels_last: bool = False, lean_rows: bool = F
         for c in clients:
             idx_c = torch.as_tensor(fed.train_idx[c], device=x_all.device)
             model.load_state_dict(global_w)
-            if lean_rows:
-                train_client(model, x_all, y_all, cfg, rnd, int(c), channels_last, rows=idx_c)
-            else:
-                x, y = x_all[idx_c], y_all[idx_c]
-                train_client(model, x, y, cfg, rnd, int(c), channels_last)
+            train_client(model, *client_data(x_all, y_all, idx_c, lean_rows), cfg, rnd, int(c), channels_last)
             n = len(idx_c)
             state = model.state_dict()
             if sums is None:

@@ -48,7 +48,7 @@ class ClientSplit:
 
     It offers what a :class:`Split` offers.  :meth:`rows` gathers one minibatch straight from the
     larger split, so a client that trains a few steps on a large local dataset copies only the rows
-    it trains on (for MNIST's 600 samples per client, 1.9 MB per client and ~0.6 ms of a 2NN client's
+    it trains on (for MNIST's 600 samples per client, 1.9 MB per client and ~0.7 ms of a 2NN client's
     ~6 ms update, when it trains 5 steps of 10); ``x`` and ``y`` gather every row once, on first use,
     for code that needs the whole local dataset.  The rows are the same either way, so results are too.
     """
