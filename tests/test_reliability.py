@@ -129,7 +129,7 @@ def test_stragglers_miss_the_deadline_without_training(digits_cfg, monkeypatch):
                              "faults.deadline_s=60")
     honest = _honest(exp, sim, state)
     tasks = exp.algorithm.configure_round(state, 1, np.arange(5), exp.ctx)
-    plan = plan_round(tasks, 1, exp.ctx, exp.ctx.faults, sim.guard.costs.for_tasks(tasks))
+    plan = plan_round(tasks, 1, exp.ctx, exp.ctx.faults, sim.round.guard.costs.for_tasks(tasks))
     times = [p.time_s for p in plan.clients]
     assert max(times[:2]) < 60 < min(times[2:]) and [p.drop for p in plan.clients] == [None] * 2 + ["deadline"] * 3
     calls = _corrupt(monkeypatch, -1, lambda r: r)

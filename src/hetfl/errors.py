@@ -18,3 +18,10 @@ class ConfigError(HetflError):
 
 class DataError(HetflError):
     """A dataset could not be found, fetched, verified or parsed."""
+
+
+class ClientLost(RuntimeError):
+    """No usable reply came back from a client (no node holds it, no reply in time, an unreadable reply).
+
+    A round counts it as a failed client, like an exception raised by the client's own code, but a round
+    in which every client was lost is a transport fault, not a bug in the local update."""

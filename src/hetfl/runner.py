@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -186,8 +187,12 @@ def run(
     resume: str | Path | None = None,
     quiet: bool = False,
     config_path: str | Path | None = None,
+    engine: Callable[..., Any] | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) an experiment; returns the summary written to summary.json."""
+    """Run (or resume) an experiment; returns the summary written to summary.json.
+
+    ``engine``: a factory ``(algorithm, federation, ctx, device, cfg) -> engine`` to use instead of the
+    registered ``cfg.engine`` (a test's transport, a Flower simulation with a custom ClientApp)."""
     from hetfl.decentralized.torchrun import serve_if_worker
 
     served = serve_if_worker(cfg)  # a torchrun rank above 0 hosts nodes for rank 0, which writes every file
@@ -213,7 +218,8 @@ def run(
         run_dir = RunDir.create(out_dir or default_out_dir(cfg, config_path), cfg.to_toml())
         run_dir.write_json(PARTITION, exp.federation.summary.to_dict())
 
-    engine = ENGINES.get(cfg.engine, "engine")(exp.algorithm, exp.federation, exp.ctx, exp.device, cfg)
+    factory = engine if engine is not None else ENGINES.get(cfg.engine, "engine")
+    engine = factory(exp.algorithm, exp.federation, exp.ctx, exp.device, cfg)
     evaluator_cls = getattr(exp.algorithm, "evaluator_class", Evaluator)  # decentralized: one model per node
     evaluator = evaluator_cls(exp.federation, exp.ctx, cfg.eval, ModelCache(exp.ctx, exp.device), exp.device, cfg.seed)
     if ckpt is not None:

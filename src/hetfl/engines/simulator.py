@@ -3,53 +3,22 @@
 It keeps one reusable module per distinct :class:`~hetfl.algorithms.base.ModelRef` (no deepcopy
 per client), loads each task's weights with ``load_state_dict``, gathers the client's samples by
 index from the in-memory dataset, and hands results to the algorithm's aggregation as a stream,
-so only one client's update is alive beyond the running sum.  Every round goes through a
-:class:`~hetfl.reliability.guard.RoundGuard` (``[faults]``): planned dropouts and stragglers are not
-trained, a client's exception is recorded, and only validated results reach the aggregation.
+so only one client's update is alive beyond the running sum.  The round itself (sampling, ``[faults]``,
+validation, aggregation, accounting) is :class:`hetfl.rounds.Round`, the same for every engine; this
+engine is its transport (``execute``).
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterator
 
-import numpy as np
 import torch
 from torch import nn
 
-from hetfl.accounting import Accountant, TierLedger
-from hetfl.algorithms.base import Algorithm, ClientResult, ClientTask, Context, ModelRef, ServerState, nbytes
+from hetfl.algorithms.base import Algorithm, ClientResult, ClientTask, Context, ModelRef, ServerState
 from hetfl.data.federation import Federation
-from hetfl.reliability.guard import RoundGuard, skip_round
-
-
-@dataclass
-class RoundReport:
-    """What happened in one round, for metrics.jsonl."""
-
-    clients: list[int] = field(default_factory=list)
-    samples: int = 0
-    train_loss_sum: float = 0.0
-    bytes_down: int = 0
-    bytes_up: int = 0
-    train_time_s: float = 0.0
-    faults: dict[str, Any] | None = None  # per-round fault metrics (hetfl.reliability.guard), if guarded
-    tiers: TierLedger | None = None  # costs summed per capability tier (hetfl.accounting), tier.<label>.<field>
-    messages: list[str] = field(default_factory=list)  # lines for the progress console
-
-    def as_metrics(self) -> dict[str, Any]:
-        return {
-            "clients": len(self.clients),
-            "samples": self.samples,
-            "train_loss": self.train_loss_sum / self.samples if self.samples else float("nan"),
-            "bytes_down": self.bytes_down,
-            "bytes_up": self.bytes_up,
-            "train_time_s": round(self.train_time_s, 4),
-            **(self.faults or {}),
-            **(self.tiers.metrics() if self.tiers is not None else {}),
-        }
+from hetfl.engines.batched import make_batcher
+from hetfl.rounds import Outcome, Round, RoundReport, in_order
 
 
 class ModelCache:
@@ -127,11 +96,8 @@ class Simulator:
         self.ctx = ctx
         self.device = torch.device(device)
         self.models = ModelCache(ctx, self.device)
-        self.guard = RoundGuard(ctx, federation.dataset.train.x[:1])  # dropouts, deadlines, validation
-        self.accountant = Accountant(ctx, costs=self.guard.costs)  # per-tier costs in every round's metrics
+        self.round = Round(algorithm, ctx, self, federation.dataset.train.x[:1])  # the round, with [faults]
         # same-shape clients trained as one vmapped model (hetfl.engines.batched); None: sequential
-        from hetfl.engines.batched import make_batcher
-
         self.batcher = make_batcher(batched, algorithm, federation, ctx, self.device, self.models.get)
 
     def close(self) -> None:
@@ -145,46 +111,15 @@ class Simulator:
         data = self.federation.client_train(task.client_id)
         return self.algorithm.local_update(task, model, data, self.device)
 
-    def dispatch(self, tasks: list[ClientTask]) -> Iterator[tuple[ClientTask, Callable[[ClientTask], ClientResult]]]:
-        """``(task, run_client)`` pairs in task order; a client-parallel engine overrides this
-        (:class:`hetfl.engines.workers.ParallelSimulator`)."""
-        return ((task, self.run_client) for task in tasks)
+    def execute(self, tasks: list[ClientTask]) -> Iterator[tuple[ClientTask, Outcome]]:
+        """``(task, run_client)`` pairs in task order (the transport of :class:`hetfl.rounds.Round`); a
+        client-parallel engine overrides this (:class:`hetfl.engines.workers.ParallelSimulator`)."""
+        return in_order(tasks, self.run_client)
+
+    def plan(self, tasks: list[ClientTask]) -> None:
+        """Told which clients will run this round, before any does: the batcher groups same-shape ones."""
+        if self.batcher is not None:
+            self.batcher.plan(tasks)
 
     def run_round(self, state: ServerState, rnd: int) -> tuple[ServerState, RoundReport]:
-        algo, ctx = self.algorithm, self.ctx
-        rng = np.random.default_rng([ctx.seed, rnd, 0x73616D70])
-        clients = algo.sample_clients(state, rnd, ctx, rng)
-        tasks = algo.configure_round(state, rnd, clients, ctx)
-        report = RoundReport(tiers=self.accountant.ledger())
-        book = self.guard.begin(rnd, tasks)  # dropouts and stragglers are decided before anyone trains
-        if self.batcher is not None:
-            self.batcher.plan(book.to_run)
-        report.bytes_down = sum(nbytes(task.weights) for task in tasks)
-        costs = {id(task): self.accountant.cost(task) for task in tasks}
-        for task in tasks:
-            report.tiers.sent(costs[id(task)])
-
-        def stream() -> Iterator[ClientResult]:
-            for task, run_client in self.dispatch(book.to_run):
-                t0 = time.perf_counter()
-                res = book.run(task, run_client)  # None: it raised (recorded as a failure)
-                report.train_time_s += time.perf_counter() - t0
-                if res is None:
-                    continue
-                report.bytes_up += nbytes(task.weights)  # a valid result has the task's shapes and dtypes
-                report.tiers.trained(costs[id(task)])
-                if not book.accept(task, res):  # invalid: rejected with its reason
-                    continue
-                report.clients.append(res.client_id)
-                report.samples += res.num_samples
-                loss = res.metrics.get("train_loss", float("nan"))
-                if np.isfinite(loss):
-                    report.train_loss_sum += loss * res.num_samples
-                yield res
-
-        update = None if book.early_skip else algo.aggregate(state, rnd, stream(), ctx)
-        report.faults = book.finish()
-        report.messages = book.messages
-        if book.skipped:  # fewer than faults.min_clients accepted: the global model stays as it was
-            return skip_round(state), report
-        return algo.server_step(state, update, ctx), report
+        return self.round.run(state, rnd)

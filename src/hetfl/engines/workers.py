@@ -534,7 +534,7 @@ class WorkerPool:
     def _send(self, w: _Worker, job: _Job, unit: Sequence[ClientTask]) -> None:
         task = unit[0]
         layout = layout_of(task.weights)
-        k = len(unit)  # > 1: a chunk, its tasks share one weights dict (see ParallelSimulator.dispatch)
+        k = len(unit)  # > 1: a chunk, its tasks share one weights dict (see ParallelSimulator.execute)
         slot = w.slots.get((job.lane, layout, k))
         slot_new = None
         if slot is None:
@@ -777,7 +777,7 @@ class ParallelSimulator(Simulator):
         self._stream_s = 0.0
         self._note = note or f"{workers} worker processes x {threads_per_worker} thread(s)"
 
-    def dispatch(self, tasks: list[ClientTask]) -> Iterator[tuple[ClientTask, Callable[[ClientTask],
+    def execute(self, tasks: list[ClientTask]) -> Iterator[tuple[ClientTask, Callable[[ClientTask],
                                                                                       ClientResult]]]:
         t0 = time.perf_counter()
         try:

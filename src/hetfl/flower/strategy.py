@@ -8,8 +8,9 @@ and a real deployment (SuperLink + SuperNodes).  One hetfl round is:
    simulator: same RNG streams, same seeds);
 2. one ``train`` Message per task to the node that holds that client's partition, each carrying its
    own ModelRef (submodel shape), weights, local config and seed (:mod:`hetfl.flower.codec`);
-3. replies are pulled as they arrive and streamed to the algorithm's own ``aggregate`` in task order
-   (deterministic; a failed or missing client is skipped), then ``server_step``.
+3. replies are pulled as they arrive and handed back in task order (deterministic) as the transport of
+   :class:`hetfl.rounds.Round`: the round itself (fault plan, validation, ``min_clients``, aggregation,
+   accounting) is the one every engine runs, so ``[faults]`` behaves here as in the simulator.
 
 Before the first round a ``query`` round asks every node for its partition id and capability; the
 strategy keeps the reports (:attr:`HetflStrategy.capabilities`) and hands them to the algorithm as the
@@ -17,8 +18,9 @@ run's :class:`~hetfl.fleet.Fleet` (``ctx.fleet``: ``max_width``, ``speed``, ...)
 own report decides what it is asked to train.
 
 A ClientApp that raises, or a node that disappears (Flower answers ``NODE_UNAVAILABLE``, or no reply
-comes within ``round_timeout_s``) is logged and counted in the round's ``failed_clients``; the round
-aggregates the others as long as at least ``min_success_fraction`` of the sampled clients replied,
+comes within ``round_timeout_s``) is logged and counted in the round's ``failed_clients`` (and in
+``dropped_failure``, as any failed client); the round aggregates the others as long as at least
+``min_success_fraction`` of the clients sent a task replied,
 otherwise it raises :class:`~hetfl.errors.HetflError` (the run stops and can be resumed).
 """
 
@@ -36,11 +38,10 @@ import numpy as np
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from hetfl.accounting import Accountant
-from hetfl.algorithms.base import Algorithm, ClientResult, Context, ServerState, nbytes
-from hetfl.engines.simulator import RoundReport
-from hetfl.errors import HetflError
+from hetfl.algorithms.base import Algorithm, ClientResult, ClientTask, Context, ServerState
+from hetfl.errors import ClientLost, HetflError
 from hetfl.flower import codec
+from hetfl.rounds import Outcome, Round, RoundReport
 
 log = logging.getLogger("hetfl.flower")
 
@@ -73,16 +74,25 @@ class FlowerOptions:
 
 @dataclass
 class FlowerRoundReport(RoundReport):
-    """A RoundReport plus the clients that failed and the time nodes spent in their ClientApp."""
-
-    failed: dict[int, str] = field(default_factory=dict)
-    client_time_s: float = 0.0
+    """A RoundReport plus Flower's own columns: ``failed_clients`` and the time nodes spent in their
+    ClientApp (``client_time_s``)."""
 
     def as_metrics(self) -> dict[str, float | int]:
-        out = super().as_metrics()
-        out["failed_clients"] = len(self.failed)
-        out["client_time_s"] = round(self.client_time_s, 4)
-        return out
+        return {**super().as_metrics(), "failed_clients": len(self.failed)}
+
+
+def _remote_error(rep: Message) -> str:
+    """One line for a ClientApp's error: Flower's code and the reason's last line (the exception itself;
+    the lines before it are the remote traceback)."""
+    lines = [line.strip() for line in str(rep.error.reason).splitlines() if line.strip()]
+    return f"ClientApp error (code {rep.error.code}): {lines[-1] if lines else 'no reason given'}"
+
+
+def _raises(exc: BaseException) -> Outcome:
+    def outcome(task: ClientTask) -> ClientResult:
+        raise exc
+
+    return outcome
 
 
 class HetflStrategy:
@@ -105,7 +115,9 @@ class HetflStrategy:
         self._on_close = on_close
         self._alive = alive  # raises if the transport died (a crashed simulation), checked while waiting
         self._closed = False
-        self._accountant: Accountant | None = None  # per-tier costs; rebuilt when the query replaces ctx
+        self._round_logic: Round | None = None  # hetfl's round over this transport; rebuilt when ctx changes
+        self._round = 0
+        self._client_time_s = 0.0
 
     # ------------------------------------------------------------------ plumbing
     def _exchange(self, messages: list[Message], timeout_s: float, what: str = "round_timeout_s"
@@ -233,60 +245,58 @@ class HetflStrategy:
         return dataclasses.replace(ctx, fleet=dataclasses.replace(fleet, **changes))
 
     # ------------------------------------------------------------------ a round
-    def run_round(self, state: ServerState, rnd: int) -> tuple[ServerState, FlowerRoundReport]:
-        algo, ctx = self.algorithm, self.ctx
-        rng = np.random.default_rng([ctx.seed, rnd, 0x73616D70])  # the simulator's stream
-        clients = algo.sample_clients(state, rnd, ctx, rng)
-        tasks = algo.configure_round(state, rnd, clients, ctx)
-        if self._accountant is None or self._accountant.ctx is not ctx:
-            self._accountant = Accountant(ctx, costs=self._accountant.costs if self._accountant else None)
-        report = FlowerRoundReport(tiers=self._accountant.ledger())
-        costs = {}
+    def execute(self, tasks: list[ClientTask]) -> Iterator[tuple[ClientTask, Outcome]]:
+        """The transport of :class:`hetfl.rounds.Round`: one ``train`` Message per task to the node holding
+        that client, replies yielded in task order as outcomes (a lost or failed client's outcome raises)."""
+        algo = self.algorithm
+        group = str(self._round)
         sent, messages = [], []
         for task in tasks:
             node = self.node_of.get(task.client_id)
             if node is None:
-                report.failed[task.client_id] = "no Flower node holds this client's partition"
+                yield task, _raises(ClientLost("no Flower node holds this client's partition"))
                 continue
-            messages.append(Message(codec.encode_task(task, algo, self.run_record), node, "train", group_id=str(rnd)))
-            report.bytes_down += nbytes(task.weights)
-            costs[task.client_id] = self._accountant.cost(task)
-            report.tiers.sent(costs[task.client_id])
-            sent.append(task.client_id)
-        t0 = time.perf_counter()
+            messages.append(Message(codec.encode_task(task, algo, self.run_record), node, "train", group_id=group))
+            sent.append(task)
+        if not messages:
+            return
+        for task, rep in zip(sent, self._exchange(messages, self.options.round_timeout_s)):
+            if isinstance(rep, str):
+                yield task, _raises(ClientLost(rep))
+            elif rep.has_error():  # the ClientApp raised: the client's own failure
+                yield task, _raises(RuntimeError(_remote_error(rep)))
+            else:
+                yield task, self._decoded(rep)
 
-        def stream() -> Iterator[ClientResult]:
-            if not messages:
-                return
-            for cid, rep in zip(sent, self._exchange(messages, self.options.round_timeout_s)):
-                err = self._error(rep)
-                if err is None:
-                    try:
-                        res, client_time = codec.decode_result(rep.content)
-                    except Exception as exc:  # a malformed reply is a failed client, not a crashed server
-                        err = f"unreadable reply: {exc!r}"
-                if err is not None:
-                    report.failed[cid] = err
-                    log.warning("round %d: client %d failed: %s", rnd, cid, err)
-                    continue
-                report.bytes_up += nbytes(res.weights)
-                report.tiers.trained(costs[cid])
-                report.clients.append(res.client_id)
-                report.samples += res.num_samples
-                report.client_time_s += client_time
-                loss = res.metrics.get("train_loss", float("nan"))
-                if np.isfinite(loss):
-                    report.train_loss_sum += loss * res.num_samples
-                yield res
+    def _decoded(self, rep: Message) -> Outcome:
+        def outcome(task: ClientTask) -> ClientResult:
+            try:
+                res, client_time = codec.decode_result(rep.content)
+            except Exception as exc:  # a malformed reply is a lost client, not a crashed server
+                raise ClientLost(f"unreadable reply: {exc!r}") from exc
+            self._client_time_s += client_time
+            return res
 
-        update = algo.aggregate(state, rnd, stream(), ctx)
-        report.train_time_s = time.perf_counter() - t0
-        need = math.ceil(self.options.min_success_fraction * len(tasks) - 1e-9)
-        if len(report.clients) < need:
+        return outcome
+
+    def run_round(self, state: ServerState, rnd: int) -> tuple[ServerState, FlowerRoundReport]:
+        if self._round_logic is None or self._round_logic.ctx is not self.ctx:  # the query may replace ctx
+            self._round_logic = Round(self.algorithm, self.ctx, self)
+        self._round, self._client_time_s = rnd, 0.0
+        new_state, report = self._round_logic.run(state, rnd)
+        report = FlowerRoundReport(**{f.name: getattr(report, f.name) for f in dataclasses.fields(report)})
+        report.extra["client_time_s"] = round(self._client_time_s, 4)
+        for cid, why in sorted(report.failed.items()):
+            log.warning("round %d: client %d failed: %s", rnd, cid, why)
+        faults = report.faults or {}
+        planned = faults.get("dropped_deadline", 0) + faults.get("dropped_failure", 0) - len(report.failed)
+        asked = faults.get("clients_selected", 0) - planned  # clients the plan let train, i.e. sent a task
+        replied = asked - len(report.failed)
+        if replied < math.ceil(self.options.min_success_fraction * asked - 1e-9):
             detail = "; ".join(f"client {c}: {why}" for c, why in sorted(report.failed.items())[:5])
-            raise HetflError(f"round {rnd}: only {len(report.clients)} of {len(tasks)} clients replied, fewer than "
+            raise HetflError(f"round {rnd}: only {replied} of {asked} clients replied, fewer than "
                              f"min_success_fraction={self.options.min_success_fraction:g} requires ({detail})")
-        return algo.server_step(state, update, ctx), report
+        return new_state, report
 
     def close(self) -> None:
         if not self._closed:

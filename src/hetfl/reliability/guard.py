@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from hetfl.accounting import CostCache
+from hetfl.accounting import CostCache, example_input
 from hetfl.algorithms.base import ClientResult, ClientTask, Context, ServerState
+from hetfl.errors import ClientLost
 from hetfl.reliability import FaultsConfig
 from hetfl.reliability.plan import DROP_DEADLINE, DROP_DROPOUT, ClientPlan, client_tiers, plan_round
 from hetfl.reliability.validate import validate_result
@@ -47,10 +48,10 @@ def _reason(exc: BaseException) -> str:
 class RoundGuard:
     """Fault handling for every round of one run: the plan's inputs and the run-long warnings."""
 
-    def __init__(self, ctx: Context, example: torch.Tensor, faults: FaultsConfig | None = None) -> None:
+    def __init__(self, ctx: Context, example: torch.Tensor | None = None, faults: FaultsConfig | None = None) -> None:
         self.ctx = ctx
         self.faults = faults if faults is not None else (getattr(ctx, "faults", None) or FaultsConfig())
-        self.costs = CostCache(ctx.info, example)
+        self.costs = CostCache(ctx.info, example if example is not None else example_input(ctx.info))
         self.tiers = client_tiers(ctx)
         self.levels: tuple[float, ...] = ctx.fleet.levels if ctx.fleet is not None else (1.0,)
         self._warned_tiers: set[int] = set()
@@ -90,7 +91,7 @@ class RoundBook:
         except Exception as exc:
             if self.faults.fail_fast:
                 raise
-            if self._first_error is None:
+            if self._first_error is None and not isinstance(exc, ClientLost):  # a lost client is no bug
                 self._first_error = exc
             reason = _reason(exc)
             self.failed.append({"client": int(task.client_id), "reason": reason})
@@ -125,7 +126,7 @@ class RoundBook:
         if self.ran and len(self.failed) == self.ran and self._first_error is not None:
             raise ClientsFailedError(
                 f"round {self.rnd}: every client that trained ({self.ran}) raised an exception, the first "
-                f"{self.failed[0]['reason']}; this is a bug in the local update, not a simulated fault "
+                f"{_reason(self._first_error)}; this is a bug in the local update, not a simulated fault "
                 f"(simulate failures with faults.dropout)"
             ) from self._first_error
         f = self.faults

@@ -1,0 +1,148 @@
+"""One federated round, written once for every engine.
+
+A round is: sample the clients -> configure their tasks -> plan faults (dropouts, deadlines, per-tier
+participation; :mod:`hetfl.reliability`) -> the *transport* executes the tasks of the clients that run
+-> validate and accept each result -> the algorithm aggregates the accepted ones as a stream -> the
+server step (or a skipped round under ``faults.min_clients``) -> cost accounting and the metrics row.
+
+Engines only carry tasks to clients and results back.  A transport offers
+
+* ``execute(tasks) -> iterator of (task, outcome)`` where ``outcome(task)`` returns the client's
+  :class:`~hetfl.algorithms.base.ClientResult` or raises (the client failed).  Results may arrive in
+  any order; the in-process loop, the worker pool and Flower's Grid all yield them in task order, which
+  keeps aggregation deterministic;
+* optionally ``plan(tasks)``, told which clients will run before any of them does (the batcher groups
+  same-shape clients there).
+
+A transport-level loss (no node holds the client, no reply in time, an unreadable reply) raises
+:class:`ClientLost`: it counts as a failed client like an exception raised by the client's own code,
+but a round in which every client was *lost* is a network fault, not a bug, so it does not raise
+:class:`~hetfl.reliability.guard.ClientsFailedError`.
+
+Because every engine runs this one function, every ``[faults]`` option, accounting key and metrics key
+behaves the same on all of them (tests/test_engine_conformance.py).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from hetfl.accounting import Accountant, TierLedger
+from hetfl.algorithms.base import Algorithm, ClientResult, ClientTask, Context, ServerState, nbytes
+from hetfl.errors import ClientLost
+from hetfl.reliability.guard import RoundGuard, skip_round
+
+#: Third word of a round's sampling seed ``[run seed, round, SAMPLING_STREAM]`` ("samp").
+SAMPLING_STREAM = 0x73616D70
+
+Outcome = Callable[[ClientTask], ClientResult]
+
+
+def round_rng(seed: int, rnd: int) -> np.random.Generator:
+    """The generator a round samples its clients with: a pure function of (run seed, round)."""
+    return np.random.default_rng([seed, rnd, SAMPLING_STREAM])
+
+
+class Transport(Protocol):
+    def execute(self, tasks: list[ClientTask]) -> Iterator[tuple[ClientTask, Outcome]]: ...
+
+
+@dataclass
+class RoundReport:
+    """What happened in one round, for metrics.jsonl."""
+
+    clients: list[int] = field(default_factory=list)
+    samples: int = 0
+    train_loss_sum: float = 0.0
+    bytes_down: int = 0
+    bytes_up: int = 0
+    train_time_s: float = 0.0
+    faults: dict[str, Any] | None = None  # per-round fault metrics (hetfl.reliability.guard)
+    tiers: TierLedger | None = None  # costs summed per capability tier (hetfl.accounting), tier.<label>.<field>
+    messages: list[str] = field(default_factory=list)  # lines for the progress console
+    extra: dict[str, Any] = field(default_factory=dict)  # a transport's own columns (Flower: client_time_s)
+
+    @property
+    def failed(self) -> dict[int, str]:
+        """Clients that failed this round (raised, or were lost by the transport), with the reason."""
+        return {int(f["client"]): f["reason"] for f in (self.faults or {}).get("failed", [])}
+
+    def as_metrics(self) -> dict[str, Any]:
+        return {
+            "clients": len(self.clients),
+            "samples": self.samples,
+            "train_loss": self.train_loss_sum / self.samples if self.samples else float("nan"),
+            "bytes_down": self.bytes_down,
+            "bytes_up": self.bytes_up,
+            "train_time_s": round(self.train_time_s, 4),
+            **(self.faults or {}),
+            **(self.tiers.metrics() if self.tiers is not None else {}),
+            **self.extra,
+        }
+
+
+class Round:
+    """The round of one run: fault handling and cost accounting over any transport."""
+
+    def __init__(self, algorithm: Algorithm, ctx: Context, transport: Transport,
+                 example: torch.Tensor | None = None) -> None:
+        self.algorithm = algorithm
+        self.ctx = ctx
+        self.transport = transport
+        self.guard = RoundGuard(ctx, example)  # dropouts, deadlines, validation, min_clients
+        self.accountant = Accountant(ctx, costs=self.guard.costs)  # per-tier costs in every round's metrics
+
+    def run(self, state: ServerState, rnd: int) -> tuple[ServerState, RoundReport]:
+        algo, ctx = self.algorithm, self.ctx
+        clients = algo.sample_clients(state, rnd, ctx, round_rng(ctx.seed, rnd))
+        tasks = algo.configure_round(state, rnd, clients, ctx)
+        report = RoundReport(tiers=self.accountant.ledger())
+        book = self.guard.begin(rnd, tasks)  # dropouts and stragglers are decided before anyone trains
+        plan = getattr(self.transport, "plan", None)
+        if plan is not None:
+            plan(book.to_run)
+        report.bytes_down = sum(nbytes(task.weights) for task in tasks)
+        costs = {id(task): self.accountant.cost(task) for task in tasks}
+        for task in tasks:
+            report.tiers.sent(costs[id(task)])
+
+        def stream() -> Iterator[ClientResult]:
+            if not book.to_run:
+                return
+            for task, outcome in self.transport.execute(book.to_run):
+                t0 = time.perf_counter()
+                res = book.run(task, outcome)  # None: it raised or was lost (recorded as a failure)
+                report.train_time_s += time.perf_counter() - t0
+                if res is None:
+                    continue
+                report.bytes_up += nbytes(task.weights)  # a valid result has the task's shapes and dtypes
+                report.tiers.trained(costs[id(task)])
+                if not book.accept(task, res):  # invalid: rejected with its reason
+                    continue
+                report.clients.append(res.client_id)
+                report.samples += res.num_samples
+                loss = res.metrics.get("train_loss", float("nan"))
+                if np.isfinite(loss):
+                    report.train_loss_sum += loss * res.num_samples
+                yield res
+
+        update = None if book.early_skip else algo.aggregate(state, rnd, stream(), ctx)
+        report.faults = book.finish()
+        report.messages = book.messages
+        if book.skipped:  # fewer than faults.min_clients accepted: the global model stays as it was
+            return skip_round(state), report
+        return algo.server_step(state, update, ctx), report
+
+
+def in_order(tasks: Sequence[ClientTask], run_client: Outcome) -> Iterator[tuple[ClientTask, Outcome]]:
+    """The simplest transport's ``execute``: every client in this process, one after another."""
+    return ((task, run_client) for task in tasks)
+
+
+__all__ = ["ClientLost", "Outcome", "Round", "RoundReport", "SAMPLING_STREAM", "Transport", "in_order", "round_rng"]
