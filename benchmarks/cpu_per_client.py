@@ -26,9 +26,9 @@ import time
 
 import torch
 
-from hetfl.config import load_config
 from hetfl.engines.simulator import Simulator
 from hetfl.engines.workers import ParallelSimulator
+from hetfl.resolve import load_config
 from hetfl.runner import prepare
 
 

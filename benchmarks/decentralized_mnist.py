@@ -83,7 +83,7 @@ def run_cell(job: tuple[str, int, int, str, int, tuple[str, ...], tuple[str, ...
     import torch
 
     torch.set_num_threads(1)
-    from hetfl.config import load_config
+    from hetfl.resolve import load_config
     from hetfl.results import read_summary
     from hetfl.runner import run
 
@@ -109,8 +109,8 @@ def _weak_model_costs(rounds: int) -> dict[str, float]:
 
     from hetfl.accounting import model_cost
     from hetfl.algorithms.base import ModelRef, nbytes, weights_of
-    from hetfl.config import load_config
     from hetfl.data.base import DataInfo
+    from hetfl.resolve import load_config
 
     cfg = load_config(CONFIG)
     info = DataInfo((1, 28, 28), 10)

@@ -49,7 +49,7 @@ def run_one(job: tuple[str, int, int, str]) -> str:
     import torch
 
     torch.set_num_threads(1)
-    from hetfl.config import load_config
+    from hetfl.resolve import load_config
     from hetfl.runner import run_or_resume
 
     path, overrides, _ = ARMS[arm]

@@ -106,7 +106,8 @@ def load_data(partition_id: int, hetfl_config: str, batch_size: int, seed: int) 
     """This partition's training data (hetfl client ``partition_id``) in a shuffling DataLoader."""
     federation = _federations.get(hetfl_config)
     if federation is None:
-        from hetfl.config import config_from_dict, parse_toml
+        from hetfl.config import parse_toml
+        from hetfl.resolve import config_from_dict
         from hetfl.runner import prepare
 
         federation = prepare(config_from_dict(parse_toml(hetfl_config, "hetfl-config"))).federation

@@ -100,7 +100,7 @@ class FlowerReplyCounter(logging.Handler):
 
 
 def make_config(workload: str, quick: bool):
-    from hetfl.config import load_config
+    from hetfl.resolve import load_config
 
     base = json.loads(json.dumps(WORKLOADS[workload]))
     base.update({"name": f"flower-vs-sim-{workload}", "seed": 0, "checkpoint_every": 0, "workers": 1,  # in process

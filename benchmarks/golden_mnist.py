@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from hetfl.config import load_config  # noqa: E402
+from hetfl.resolve import load_config  # noqa: E402
 from test_golden import golden_record  # noqa: E402
 
 GOLDEN = ROOT / "tests" / "golden" / "mnist_demo_3rounds.json"

@@ -18,7 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
-from hetfl.config import load_config
+from hetfl.resolve import load_config
 from hetfl.results import read_metrics, read_summary
 from hetfl.runner import run
 

@@ -35,8 +35,9 @@ import torch
 import torch.nn.functional as F
 
 from hetfl.algorithms.base import round_seed
-from hetfl.config import load_config
+from hetfl.resolve import load_config
 from hetfl.results import read_metrics
+from hetfl.rounds import round_rng
 from hetfl.runner import prepare, run
 from hetfl.train import batch_indices
 
@@ -122,7 +123,7 @@ def bare_loop_heterofl(exp, rounds: int, mix: str, lean_rows: bool = False) -> t
     channels_last = hetfl_layout(exp)  # the same arithmetic as hetfl's submodels
     t0 = time.perf_counter()
     for rnd in range(1, rounds + 1):
-        rng = np.random.default_rng([cfg.seed, rnd, 0x73616D70])
+        rng = round_rng(cfg.seed, rnd)  # the sampling stream of hetfl.rounds
         clients = rng.choice(n, size=algo.clients_for(n), replace=False)
         clients.sort()
         sums = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in global_w.items()}
@@ -162,7 +163,7 @@ def bare_loop(exp, rounds: int, channels_last: bool = False, lean_rows: bool = F
     x_all, y_all = fed.train.x, fed.train.y
     t0 = time.perf_counter()
     for rnd in range(1, rounds + 1):
-        rng = np.random.default_rng([cfg.seed, rnd, 0x73616D70])
+        rng = round_rng(cfg.seed, rnd)  # the sampling stream of hetfl.rounds
         clients = rng.choice(fed.num_clients, size=algo.clients_for(fed.num_clients), replace=False)
         clients.sort()
         sums, total = None, 0

@@ -35,7 +35,8 @@ import argparse
 import torch
 from overhead import bare_loop, hetfl_layout, hetfl_run  # shared with overhead.py (benchmarks/ is on sys.path)
 
-from hetfl.config import RunConfig, load_config
+from hetfl.config import RunConfig
+from hetfl.resolve import load_config
 from hetfl.runner import prepare
 
 

@@ -112,11 +112,12 @@ class TimedAlgorithm:
 
 def profile(config: str, args: argparse.Namespace) -> tuple[dict[str, float], float, int]:
     import hetfl.runner as runner
-    from hetfl.config import load_config
     from hetfl.data.federation import Federation
-    from hetfl.engines.simulator import ModelCache, Simulator
+    from hetfl.engines.simulator import Simulator
     from hetfl.evaluation import Evaluator
+    from hetfl.model_cache import ModelCache
     from hetfl.reliability.guard import RoundBook, RoundGuard
+    from hetfl.resolve import load_config
     from hetfl.results import RunDir, read_metrics
 
     overrides = [f"rounds={args.rounds}", f"device={args.device}", "checkpoint_every=1", *args.set]

@@ -42,7 +42,7 @@ def rss_mb(field: str = "VmRSS") -> float:
 
 
 def make_config(args: argparse.Namespace, clients: int):
-    from hetfl.config import load_config
+    from hetfl.resolve import load_config
 
     base = {
         "name": f"scale-{clients}",

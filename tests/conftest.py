@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from hetfl.config import load_config
+from hetfl.resolve import load_config
 
 DIGITS = {
     "name": "t",

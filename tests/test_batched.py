@@ -10,10 +10,11 @@ import torch
 
 from hetfl.algorithms.base import ModelRef
 from hetfl.algorithms.fedavg import FedAvg
-from hetfl.config import TrainConfig, load_config
+from hetfl.config import TrainConfig
 from hetfl.data.base import DataInfo, Split
 from hetfl.engines.batched import batch_schedule, check_setting, make_batcher, module_qualifies, train_group
 from hetfl.errors import ConfigError
+from hetfl.resolve import load_config
 from hetfl.runner import prepare
 from hetfl.train import batch_indices, local_sgd
 
@@ -105,7 +106,7 @@ def test_auto_is_off_on_cpu_and_unsuitable_models_are_skipped():
 
 def test_groups_are_cut_into_fixed_chunks_in_task_order():
     from hetfl.engines.batched import MAX_GROUP, Batcher
-    from hetfl.engines.simulator import ModelCache
+    from hetfl.model_cache import ModelCache
 
     exp = prepare(_cfg(True, {"name": "iid"}, num_clients=40))
     models = ModelCache(exp.ctx, torch.device("cpu"))

@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from hetfl.config import RunConfig, config_from_dict, load_config, parse_override
+from hetfl.config import RunConfig, parse_override
 from hetfl.errors import ConfigError
+from hetfl.resolve import config_from_dict, load_config
 
 from .conftest import DIGITS
 

@@ -10,9 +10,9 @@ import time
 import pytest
 import torch
 
-from hetfl.config import load_config
 from hetfl.decentralized.torchrun import free_port
 from hetfl.errors import HetflError
+from hetfl.resolve import load_config
 from hetfl.results import read_metrics, strip_timing
 from hetfl.runner import run
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hetfl.config import load_config
 from hetfl.decentralized.protocol import node_key, relay_mean
 from hetfl.decentralized.topology import sample_topology
 from hetfl.engines import ENGINES
 from hetfl.errors import ConfigError
+from hetfl.resolve import load_config
 from hetfl.runner import prepare
 from tests.test_decentralized import BASE as DEC_BASE
 

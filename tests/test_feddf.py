@@ -10,11 +10,12 @@ import torch
 
 from hetfl.algorithms.base import ClientResult, ModelRef, weights_of
 from hetfl.algorithms.families import RunningMean, family_index, parse_families, resolve_families
-from hetfl.config import load_config
 from hetfl.data.base import DataInfo, Dataset, Split
 from hetfl.data.server import ServerDataSpec, draw_server_data
 from hetfl.errors import ConfigError
-from hetfl.runner import load_data, prepare, run
+from hetfl.experiment import load_data
+from hetfl.resolve import load_config
+from hetfl.runner import prepare, run
 
 FEDDF = {
     "name": "t-feddf",

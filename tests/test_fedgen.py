@@ -22,10 +22,10 @@ from hetfl.algorithms.fedgen import (
     privatize_counts,
     total_variation,
 )
-from hetfl.config import load_config
 from hetfl.data.base import DataInfo
 from hetfl.engines.simulator import Simulator
 from hetfl.errors import ConfigError
+from hetfl.resolve import load_config
 from hetfl.runner import prepare, run
 
 FEDGEN = {

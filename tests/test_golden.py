@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hetfl.config import load_config
+from hetfl.resolve import load_config
 from hetfl.runner import run
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -7,9 +7,10 @@ import torch
 
 from hetfl.algorithms.base import ModelRef
 from hetfl.data.base import DataInfo
-from hetfl.engines.simulator import ModelCache, Simulator
+from hetfl.engines.simulator import Simulator
 from hetfl.errors import ConfigError
 from hetfl.evaluation import Evaluator
+from hetfl.model_cache import ModelCache
 from hetfl.results import read_metrics
 from hetfl.runner import prepare, run
 

@@ -7,7 +7,7 @@ import torch
 
 from hetfl.algorithms.base import ModelRef
 from hetfl.data.base import DataInfo
-from hetfl.engines.simulator import ModelCache, _StateSlots
+from hetfl.model_cache import ModelCache, _StateSlots
 from hetfl.models import build_model
 
 

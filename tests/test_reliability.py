@@ -19,13 +19,14 @@ from hetfl.accounting import ModelCost
 from hetfl.algorithms.base import ClientResult, ClientTask
 from hetfl.algorithms.fedavg import FedAvg, average_weights
 from hetfl.cli import main
-from hetfl.config import TrainConfig, load_config
+from hetfl.config import TrainConfig
 from hetfl.engines.simulator import Simulator
 from hetfl.errors import ConfigError
 from hetfl.reliability import FaultsConfig
 from hetfl.reliability.guard import ClientsFailedError, fault_summary
 from hetfl.reliability.plan import dropout_draw, plan_round, planned_samples
 from hetfl.reliability.validate import all_finite, validate_result
+from hetfl.resolve import load_config
 from hetfl.results import METRICS, RunDir, read_metrics, strip_timing
 from hetfl.robust import robust_average, robust_reduce
 from hetfl.runner import prepare, run

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from hetfl.config import load_config
 from hetfl.engines.simulator import Simulator
 from hetfl.errors import ConfigError, DataError, HetflError
+from hetfl.resolve import load_config
 from hetfl.results import read_metrics, strip_timing
 from hetfl.runner import run, run_or_resume
 

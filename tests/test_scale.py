@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from hetfl.config import load_config
 from hetfl.data.base import DataInfo, Dataset, Split
 from hetfl.data.federation import ClientIndex, build_federation
 from hetfl.data.partition import partition
 from hetfl.engines.simulator import Simulator
 from hetfl.fleet import FleetConfig, build_fleet
+from hetfl.resolve import load_config
 from hetfl.runner import prepare
 
 

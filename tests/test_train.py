@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hetfl.config import TrainConfig, load_config
+from hetfl.config import TrainConfig
 from hetfl.data.base import DataInfo, Split
 from hetfl.errors import ConfigError
 from hetfl.models import build_model
+from hetfl.resolve import load_config
 from hetfl.train import local_sgd, training_memory_format
 
 INFO = DataInfo((1, 12, 12), 4)

@@ -12,11 +12,11 @@ import torch
 
 from hetfl.algorithms.fedavg import FedAvg
 from hetfl.cli import main
-from hetfl.config import load_config
 from hetfl.engines import ENGINES
 from hetfl.engines.simulator import Simulator
 from hetfl.engines.workers import ParallelSimulator, WorkerDiedError, resolve_workers
 from hetfl.errors import ConfigError
+from hetfl.resolve import load_config
 from hetfl.results import read_metrics
 from hetfl.runner import prepare, run
 

@@ -19,7 +19,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from hetfl.catalog import REGISTRIES
+from hetfl.config import apply_overrides, parse_toml
 from hetfl.errors import HetflError
+from hetfl.plot import plot_runs, summary_table
+from hetfl.registry import describe
+from hetfl.report import write_report
+from hetfl.resolve import config_from_dict, load_config
+from hetfl.results import CONFIG
+from hetfl.runner import run
+from hetfl.sweep import load_study, run_sweep
 
 EXIT_USER_ERROR = 2
 
@@ -69,9 +78,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from hetfl.config import apply_overrides, config_from_dict, load_config, parse_toml
-    from hetfl.results import CONFIG
-    from hetfl.runner import run
 
     overrides = list(args.overrides)
     if args.seed is not None:
@@ -119,8 +125,6 @@ def _toml_str(s: str) -> str:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from hetfl.catalog import REGISTRIES
-    from hetfl.registry import describe
 
     for kind, reg in REGISTRIES.items():
         print(f"{kind}:")
@@ -131,7 +135,6 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from hetfl.plot import plot_runs
 
     for path in plot_runs(args.runs, args.out):
         print(path)
@@ -139,14 +142,12 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_summary(args: argparse.Namespace) -> int:
-    from hetfl.plot import summary_table
 
     summary_table(args.runs)
     return 0
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from hetfl.sweep import load_study, run_sweep
 
     if args.workers is not None and args.workers < 1:
         raise HetflError(f"--workers must be >= 1, got {args.workers}")
@@ -156,7 +157,6 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from hetfl.report import write_report
 
     print(write_report(args.sweep, args.out))
     return 0

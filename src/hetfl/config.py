@@ -30,6 +30,10 @@ The layout of a config file::
 Registry-backed sections (``data``, ``data.partition``, ``model``, ``algorithm``) accept exactly the
 parameters that the chosen entry declares (keyword arguments of its factory or fields of its
 dataclass); anything else is an error that names the field and lists what is allowed.
+
+This module parses and types; it imports nothing of hetfl above it.  Resolving names against the
+registries (and the entries' own checks) is :mod:`hetfl.resolve`, one step that the CLI, the runner
+and sweeps call before anything is written.
 """
 
 from __future__ import annotations
@@ -44,10 +48,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from hetfl.decentralized.topology import GraphConfig
 from hetfl.errors import ConfigError
 from hetfl.fleet import FleetConfig
-from hetfl.reliability import FaultsConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -128,6 +130,91 @@ class EvalConfig:
     local: bool = True
     local_clients: int = 0
     bn_samples: int = 10000
+
+
+@dataclass(frozen=True)
+class FaultsConfig:
+    """``[faults]``: how clients misbehave (simulated) and how the server defends the global model.
+
+    * ``dropout``: probability that a selected client fails during a round (its update never arrives);
+      drawn per (seed, round, client), so runs and resumes are reproducible.
+    * ``deadline_s``: round deadline in simulated seconds (0 = none); a client whose simulated time
+      (compute + transfer, see :mod:`hetfl.reliability.plan`) exceeds it is dropped as a straggler.
+    * ``min_clients``: the round is aggregated only if at least this many updates were accepted;
+      otherwise it is skipped (global model unchanged) and logged.
+    * ``device_gflops``: sustained training throughput, in GFLOP/s, of a device of relative speed 1
+      (the fleet's ``speed`` scales it per client).
+    * ``max_update_norm``: reject an update whose L2 norm ``||w_new - w_task||`` over all floating
+      tensors exceeds this (0 = off).
+    * ``max_update_ratio``: reject an update with ``||w_new - w_task|| / ||w_task||`` above this (0 = off).
+    * ``fail_fast``: re-raise a client's exception instead of counting the client as failed.
+    """
+
+    dropout: float = 0.0
+    deadline_s: float = 0.0
+    min_clients: int = 1
+    device_gflops: float = 10.0
+    max_update_norm: float = 0.0
+    max_update_ratio: float = 0.0
+    fail_fast: bool = False
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, field: str, allowed: str) -> None:
+            if not ok:
+                raise ConfigError(f"faults.{field} must be {allowed}, got {getattr(self, field)!r}")
+
+        need(0.0 <= self.dropout < 1.0, "dropout", "a probability in [0, 1) (0 = no dropouts)")
+        need(self.deadline_s >= 0.0, "deadline_s", ">= 0 simulated seconds (0 = no deadline)")
+        need(self.min_clients >= 1, "min_clients", "an integer >= 1")
+        need(self.device_gflops > 0.0 and math.isfinite(self.device_gflops), "device_gflops",
+             "> 0 (GFLOP/s of a relative-speed-1 device)")
+        need(self.max_update_norm >= 0.0, "max_update_norm", ">= 0 (0 = no bound)")
+        need(self.max_update_ratio >= 0.0, "max_update_ratio", ">= 0 (0 = no bound)")
+
+
+MIXINGS = ("metropolis", "uniform")
+
+
+@dataclass(frozen=True)
+class GraphConfig:
+    """``[graph]``: the communication graph of decentralized algorithms (``dkd``, ``dpsgd``, ``isolated``).
+
+    * ``name``: a registered topology (``hetfl list``); ``degree`` (``regular``), ``p`` (``erdos_renyi``),
+      ``rows`` (``torus``/``grid``; 0 = the most square factorisation of the node count) and ``k``
+      (``capability``: stronger neighbours per node) are its parameters.
+    * ``resample``: draw a new graph every round (random topologies), else one graph for the whole run.
+    * ``mixing``: ``metropolis`` or ``uniform`` gossip weights.
+    * ``max_tries``: draws of a random graph before a disconnected result is an error.
+    * ``processes`` (torchrun engine, when hetfl starts the processes itself): OS processes, nodes
+      spread round-robin over them (0 = one process per node).  ``timeout_s`` bounds every wait of the
+      torchrun engine (process-group start, each send/receive/collective).
+    """
+
+    name: str = "ring"
+    degree: int = 4
+    p: float = 0.3
+    rows: int = 0
+    k: int = 2
+    resample: bool = False
+    mixing: str = "metropolis"
+    max_tries: int = 100
+    processes: int = 0
+    timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.degree >= 1, "degree", "must be >= 1"),
+            (0.0 < self.p <= 1.0, "p", "must be in (0, 1]"),
+            (self.rows >= 0, "rows", "must be >= 0 (0 = the most square grid)"),
+            (self.k >= 1, "k", "must be >= 1"),
+            (self.mixing in MIXINGS, "mixing", f"must be one of {', '.join(MIXINGS)}"),
+            (self.max_tries >= 1, "max_tries", "must be >= 1"),
+            (self.processes >= 0, "processes", "must be >= 0 (0 = one process per node)"),
+            (self.timeout_s > 0 and math.isfinite(self.timeout_s), "timeout_s", "must be > 0 seconds"),
+        ]
+        for ok, name, msg in checks:
+            if not ok:
+                raise ConfigError(f"graph.{name} {msg}, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)
@@ -243,7 +330,7 @@ def declared_params(obj: Any, skip: Sequence[str] = ()) -> dict[str, tuple[Any, 
     return out
 
 
-def _check_params(section: str, kind: str, entry_name: str, entry: Any, raw: Mapping[str, Any],
+def check_params(section: str, kind: str, entry_name: str, entry: Any, raw: Mapping[str, Any],
                   skip: Sequence[str], reserved: Sequence[str]) -> Params:
     declared = declared_params(entry, skip)
     out = {}
@@ -258,7 +345,7 @@ def _check_params(section: str, kind: str, entry_name: str, entry: Any, raw: Map
     return _params(out)
 
 
-def _build_fixed(cls: type, section: str, raw: Mapping[str, Any], extra_allowed: Sequence[str] = ()) -> Any:
+def build_fixed(cls: type, section: str, raw: Mapping[str, Any], extra_allowed: Sequence[str] = ()) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in fields(cls) if f.name not in ("params", "partition")]
     kwargs = {}
@@ -277,15 +364,12 @@ def _require(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
-def _validate_ranges(cfg: RunConfig) -> None:
+def validate_ranges(cfg: RunConfig) -> None:
     _require(cfg.rounds >= 1, f"rounds must be >= 1, got {cfg.rounds}")
     _require(cfg.checkpoint_every >= 0, f"checkpoint_every must be >= 0 (0 = only at the end), "
              f"got {cfg.checkpoint_every}")
     _require(cfg.seed >= 0, f"seed must be >= 0, got {cfg.seed}")
     _require(cfg.batched in ("auto", True, False), f'batched must be "auto", true or false, got {cfg.batched!r}')
-    from hetfl.engines import ENGINES
-
-    ENGINES.get(cfg.engine, "engine")
     _require(cfg.device == "cpu" or cfg.device.startswith("cuda"),
              f"device must be 'cpu' or 'cuda[:N]', got {cfg.device!r}")
     _require(cfg.workers == "auto" or cfg.workers >= 0,
@@ -329,71 +413,6 @@ def _validate_ranges(cfg: RunConfig) -> None:
 
 DATA_RESERVED = ("name", "data_dir", "num_clients", "local_test_fraction", "partition")
 MODEL_RESERVED = ("name", "width")
-
-
-def config_from_dict(raw: Mapping[str, Any]) -> RunConfig:
-    """Validate a nested dict (parsed TOML + overrides) into a :class:`RunConfig`."""
-    from hetfl import catalog
-
-    raw = dict(raw)
-    sections = {"data", "model", "algorithm", "train", "eval", "fleet", "faults", "graph"}
-    top = {k: v for k, v in raw.items() if k not in sections}
-    for key in sections:
-        if key in raw and not isinstance(raw[key], Mapping):
-            raise ConfigError(f"[{key}] must be a table (section), got {raw[key]!r}")
-    run_fields = [f.name for f in fields(RunConfig) if f.name not in sections]
-    for key in top:
-        if key not in run_fields:
-            raise ConfigError(f"unknown key {key}; allowed top-level keys: {', '.join(sorted(run_fields))}, "
-                              f"and sections [{'], ['.join(sorted(sections))}]")
-
-    # data + partition
-    data_raw = dict(raw.get("data", {}))
-    part_raw = data_raw.pop("partition", {"name": "iid"})
-    if not isinstance(part_raw, Mapping):
-        raise ConfigError(f"[data.partition] must be a table (section), got {part_raw!r}")
-    part_raw = dict(part_raw)
-    data_fixed = {k: data_raw.pop(k) for k in list(data_raw) if k in DATA_RESERVED}
-    data_name = check_value("data.name", data_fixed.get("name", DataConfig.name), str)
-    dataset = catalog.DATASETS.get(data_name, "data.name")
-    data_params = _check_params("data", "dataset", data_name, dataset, data_raw,
-                                skip=("data_dir", "seed"), reserved=DATA_RESERVED)
-    part_name = check_value("data.partition.name", part_raw.pop("name", "iid"), str)
-    partitioner = catalog.PARTITIONERS.get(part_name, "data.partition.name")
-    part_params = _check_params("data.partition", "partitioner", part_name, partitioner, part_raw,
-                                skip=(), reserved=("name",))
-    partitioner(**dict(part_params))  # runs the partitioner's own range checks now
-    data = _build_fixed(DataConfig, "data", data_fixed)
-    data = dataclasses.replace(data, params=data_params, partition=Component(part_name, part_params))
-
-    # model
-    model_raw = dict(raw.get("model", {}))
-    model_fixed = {k: model_raw.pop(k) for k in list(model_raw) if k in MODEL_RESERVED}
-    model_name = check_value("model.name", model_fixed.get("name", ModelConfig.name), str)
-    model_fn = catalog.MODELS.get(model_name, "model.name")
-    model_params = _check_params("model", "model", model_name, model_fn, model_raw,
-                                 skip=("width",), reserved=MODEL_RESERVED)
-    model = dataclasses.replace(_build_fixed(ModelConfig, "model", model_fixed), params=model_params)
-
-    # algorithm
-    algo_raw = dict(raw.get("algorithm", {}))
-    algo_name = check_value("algorithm.name", algo_raw.pop("name", AlgorithmConfig.name), str)
-    algo_cls = catalog.ALGORITHMS.get(algo_name, "algorithm.name")
-    algo_params = _check_params("algorithm", "algorithm", algo_name, algo_cls, algo_raw,
-                                skip=(), reserved=("name",))
-    algo_cls(**dict(algo_params))  # the algorithm's own range checks
-    algorithm = AlgorithmConfig(algo_name, algo_params)
-
-    train = _build_fixed(TrainConfig, "train", raw.get("train", {}))
-    ev = _build_fixed(EvalConfig, "eval", raw.get("eval", {}))
-    fleet = _build_fixed(FleetConfig, "fleet", raw.get("fleet", {}))
-    faults = _build_fixed(FaultsConfig, "faults", raw.get("faults", {}))
-    graph = _build_fixed(GraphConfig, "graph", raw.get("graph", {}))
-    run = _build_fixed(RunConfig, "", top)
-    cfg = dataclasses.replace(run, data=data, model=model, algorithm=algorithm, train=train, eval=ev, fleet=fleet,
-                              faults=faults, graph=graph)
-    _validate_ranges(cfg)
-    return cfg
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
@@ -482,13 +501,14 @@ def _deepcopy_tables(raw: Mapping[str, Any]) -> dict[str, Any]:
     return {k: _deepcopy_tables(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
-                base: Mapping[str, Any] | None = None) -> RunConfig:
-    """Read a TOML file (or start from ``base`` / the defaults), apply ``--set`` overrides, validate."""
+def read_config(path: str | Path | None = None, overrides: Sequence[str] = (),
+                base: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The nested dict of a TOML file (or of ``base`` / the defaults) with ``--set`` overrides applied;
+    :func:`hetfl.resolve.load_config` validates it into a :class:`RunConfig`."""
     raw: dict[str, Any] = dict(base or {})
     if path is not None:
         raw = read_toml(path)
-    return config_from_dict(apply_overrides(raw, overrides))
+    return apply_overrides(raw, overrides)
 
 
 def _toml_value(v: Any) -> str:

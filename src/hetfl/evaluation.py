@@ -15,7 +15,7 @@ from hetfl.algorithms.base import Algorithm, Context, ServerState
 from hetfl.config import EvalConfig
 from hetfl.data.base import Split
 from hetfl.data.federation import Federation
-from hetfl.engines.simulator import ModelCache
+from hetfl.model_cache import ModelCache
 from hetfl.train import evaluate
 
 

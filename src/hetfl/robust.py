@@ -24,6 +24,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from hetfl.errors import ConfigError
+
 METHODS = ("median", "trimmed_mean")
 
 __all__ = ["METHODS", "check_method", "robust_average", "robust_reduce"]
@@ -32,7 +34,6 @@ __all__ = ["METHODS", "check_method", "robust_average", "robust_reduce"]
 def check_method(method: str, trim: float, where: str = "algorithm") -> None:
     """Config check of ``{where}.aggregator`` (``"mean"`` or one of :data:`METHODS`) and ``{where}.trim``;
     raises :class:`~hetfl.errors.ConfigError` naming the field, the value and what is allowed."""
-    from hetfl.errors import ConfigError
 
     if method not in ("mean", *METHODS):
         raise ConfigError(f"{where}.aggregator must be one of 'mean', {', '.join(map(repr, METHODS))}, got {method!r}")

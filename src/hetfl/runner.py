@@ -13,7 +13,6 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -21,103 +20,28 @@ from typing import Any
 import numpy as np
 import torch
 
-from hetfl import catalog
 from hetfl.accounting import tier_totals
-from hetfl.algorithms.base import Algorithm, Context, ModelRef, ServerState
-from hetfl.config import RunConfig, config_from_dict, parse_toml
-from hetfl.data.base import Dataset
-from hetfl.data.federation import Federation, build_federation
-from hetfl.data.partition import check_groups, make_partitioner
-from hetfl.data.server import draw_server_data
+from hetfl.algorithms.base import ServerState
+from hetfl.config import RunConfig, parse_toml
+from hetfl.decentralized.engine import NodeEvaluator
+from hetfl.decentralized.torchrun import serve_if_worker
 from hetfl.engines import ENGINES
-from hetfl.engines.simulator import ModelCache
 from hetfl.errors import ConfigError, HetflError
 from hetfl.evaluation import Evaluator
-from hetfl.fleet import build_fleet
+from hetfl.experiment import Experiment, resolve_device  # noqa: F401  (re-exported)
+from hetfl.experiment import prepare as build_experiment
+from hetfl.model_cache import ModelCache
 from hetfl.progress import RunProgress
-from hetfl.reliability import check_min_clients
 from hetfl.reliability.guard import fault_summary
-from hetfl.results import CONFIG, PARTITION, RunDir
-
-
-@dataclass
-class Experiment:
-    cfg: RunConfig
-    dataset: Dataset
-    federation: Federation
-    algorithm: Algorithm
-    ctx: Context
-    device: torch.device
-
-
-def resolve_device(name: str) -> torch.device:
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {name!r} was asked for but this machine has no CUDA device "
-                              f"(torch {torch.__version__}); use --device cpu")
-        dev = torch.device(name)
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) exist")
-        return dev
-    return torch.device("cpu")
-
-
-def load_data(cfg: RunConfig) -> Dataset:
-    from hetfl.data.datasets import load_dataset
-
-    return load_dataset(cfg.data.name, data_dir=cfg.data.data_dir, seed=cfg.seed, **dict(cfg.data.params))
+from hetfl.resolve import config_from_dict
+from hetfl.results import CONFIG, PARTITION, RunDir, atomic_write_text, read_summary
 
 
 def prepare(cfg: RunConfig) -> Experiment:
-    """Load data, partition it, check the model builds and runs; no files are written."""
-    device = resolve_device(cfg.device)
-    dataset = load_data(cfg)
-    algo_cls = catalog.ALGORITHMS.get(cfg.algorithm.name, "algorithm.name")
-    algorithm = algo_cls(**dict(cfg.algorithm.params))
-    # server-side data (e.g. FedDF's transfer set) leaves the training split before anything is partitioned
-    dataset, server_data = draw_server_data(dataset, algorithm.server_data_spec(), cfg.seed, cfg.data.data_dir)
-    part = make_partitioner({"name": cfg.data.partition.name, **cfg.data.partition.kwargs})
-    groups = dataset.groups
-    check_groups(part, groups, cfg.data.name)
-    labels = dataset.train.y.numpy()
-    num_clients = cfg.data.num_clients if cfg.data.num_clients > 0 else None
-    if num_clients is not None and num_clients > len(labels):
-        raise ConfigError(f"data.num_clients={num_clients} exceeds the {len(labels)} training samples "
-                          f"of dataset {cfg.data.name!r}")
-    rng = np.random.default_rng([cfg.seed, 0x70617274])
-    parts = part(labels, num_clients, rng, groups)
-    federation = build_federation(dataset, parts, local_test_fraction=cfg.data.local_test_fraction,
-                                  seed=cfg.seed, device=device)
-    model_ref = ModelRef(cfg.model.name, cfg.model.width, cfg.model.params)
-    _check_model(model_ref, dataset)
-    fleet = build_fleet(cfg.fleet, federation.num_clients, cfg.seed, sizes=federation.sizes)
-    ctx = Context(info=dataset.info, model=model_ref, train=cfg.train, client_sizes=federation.sizes,
-                  seed=cfg.seed, rounds=cfg.rounds, fleet=fleet, faults=cfg.faults,
-                  server_data=None if server_data is None else server_data.to(device))
-    for ref in algorithm.model_refs(ctx):
-        if ref != model_ref:
-            _check_model(ref, dataset)
-    check_min_clients(cfg.faults, algorithm.clients_for(federation.num_clients))
-    if getattr(algorithm, "decentralized", False):  # no server: nodes on the [graph] (hetfl.decentralized)
-        algorithm.check_setup(ctx, cfg.graph)
-    return Experiment(cfg, dataset, federation, algorithm, ctx, device)
-
-
-def _check_model(ref: ModelRef, dataset: Dataset) -> None:
-    """Build the model and run two samples through it, so a mismatch fails before any file is written."""
-    try:
-        model = ref.build(dataset.info)
-        with torch.no_grad():
-            model.eval()
-            out = model(dataset.train.x[:2])
-    except HetflError:
-        raise
-    except (RuntimeError, ValueError, TypeError) as exc:
-        raise ConfigError(f"model {str(ref)!r} cannot run on dataset {dataset.name!r} "
-                          f"(input shape {dataset.info.input_shape}): {exc}") from None
-    if out.shape != (min(2, len(dataset.train)), dataset.info.num_classes):
-        raise ConfigError(f"model {str(ref)!r} outputs shape {tuple(out.shape)} on {dataset.name!r}; "
-                          f"expected (batch, {dataset.info.num_classes})")
+    """:func:`hetfl.experiment.prepare` after checking the engine name: everything a run needs, built and
+    checked before any file is written."""
+    ENGINES.get(cfg.engine, "engine")  # an unknown engine fails before anything is loaded or written
+    return build_experiment(cfg)
 
 
 def default_out_dir(cfg: RunConfig, config_path: str | Path | None) -> Path:
@@ -167,7 +91,6 @@ def run_or_resume(cfg: RunConfig, run_dir: str | Path, *, quiet: bool = True) ->
     """Bring ``run_dir`` to ``cfg.rounds`` rounds: ``"reused"`` if it already holds a complete run of that
     many rounds, ``"resumed"`` if it holds an interrupted or shorter one (continued from its checkpoint),
     ``"done"`` after a fresh run.  What benchmark scripts use to make re-running them cheap."""
-    from hetfl.results import read_summary
 
     run_dir = Path(run_dir)
     summary = read_summary(run_dir)
@@ -193,9 +116,8 @@ def run(
 
     ``engine``: a factory ``(algorithm, federation, ctx, device, cfg) -> engine`` to use instead of the
     registered ``cfg.engine`` (a test's transport, a Flower simulation with a custom ClientApp)."""
-    from hetfl.decentralized.torchrun import serve_if_worker
 
-    served = serve_if_worker(cfg)  # a torchrun rank above 0 hosts nodes for rank 0, which writes every file
+    served = serve_if_worker(cfg, prepare)  # a torchrun rank above 0 hosts nodes for rank 0, which writes every file
     if served is not None:
         return served
     ckpt = None
@@ -208,8 +130,6 @@ def run(
         if not (run_dir.path / PARTITION).is_file():  # killed between creating the directory and writing it
             run_dir.write_json(PARTITION, exp.federation.summary.to_dict())
         if cfg.rounds != saved.rounds:
-            from hetfl.results import atomic_write_text
-
             atomic_write_text(run_dir.path / CONFIG, cfg.to_toml())
     else:
         if cfg is None:
@@ -220,7 +140,7 @@ def run(
 
     factory = engine if engine is not None else ENGINES.get(cfg.engine, "engine")
     engine = factory(exp.algorithm, exp.federation, exp.ctx, exp.device, cfg)
-    evaluator_cls = getattr(exp.algorithm, "evaluator_class", Evaluator)  # decentralized: one model per node
+    evaluator_cls = NodeEvaluator if exp.algorithm.decentralized else Evaluator  # decentralized: one model per node
     evaluator = evaluator_cls(exp.federation, exp.ctx, cfg.eval, ModelCache(exp.ctx, exp.device), exp.device, cfg.seed)
     if ckpt is not None:
         state = ServerState.from_dict(ckpt["state"])

@@ -54,16 +54,20 @@ from typing import Any
 
 import numpy as np
 
+from hetfl import catalog
 from hetfl.config import (
     RunConfig,
     apply_overrides,
-    config_from_dict,
     dump_toml,
     parse_toml,
     read_toml,
 )
 from hetfl.errors import ConfigError, HetflError
+from hetfl.fleet import build_fleet
+from hetfl.hetero.sampling import UniformWidth, plan_round
+from hetfl.resolve import config_from_dict
 from hetfl.results import CONFIG, PARTITION, atomic_write_text, read_metrics, read_summary, write_json
+from hetfl.runner import run
 
 STUDY_FILE = "study.toml"
 RESULTS_CSV = "results.csv"
@@ -229,7 +233,6 @@ def _init_worker() -> None:
 
 def run_cell(job: dict[str, Any]) -> dict[str, Any]:
     """Run (or resume) one cell; never raises: failures come back as ``{"error": ...}``."""
-    from hetfl.runner import run
 
     t0 = time.perf_counter()
     out: dict[str, Any] = {"cell": job["cell"], "error": None}
@@ -366,7 +369,6 @@ def _last5(values: list[float]) -> float | None:
 
 
 def _algorithm(cfg: RunConfig) -> Any:
-    from hetfl import catalog
 
     return catalog.ALGORITHMS.get(cfg.algorithm.name, "algorithm.name")(**dict(cfg.algorithm.params))
 
@@ -375,8 +377,6 @@ def _fleet_shares(run_dir: Path, cfg: RunConfig, ordered: bool = False) -> tuple
     """Share of clients whose maximum (deployed) width is each level: the fleet rebuilt from the run's config
     and its partition's client sizes (the same fleet the run used).  Also, for FjORD's per-minibatch draws
     (``ordered``), the expected share of training steps below the client's maximum (its ``width_q``)."""
-    from hetfl.fleet import build_fleet
-    from hetfl.hetero.sampling import UniformWidth, plan_round
 
     part = json.loads((run_dir / PARTITION).read_text(encoding="utf-8"))
     sizes = np.asarray(part["sizes"])

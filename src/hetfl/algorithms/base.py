@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from hetfl.data.base import DataInfo, Split
 from hetfl.data.server import ServerData, ServerDataSpec
 from hetfl.errors import ConfigError
 from hetfl.fleet import Fleet
+from hetfl.models import build_model
 from hetfl.reliability import FaultsConfig
 
 Weights = dict[str, torch.Tensor]
@@ -44,8 +45,6 @@ class ModelRef:
     params: Params = ()
 
     def build(self, info: DataInfo) -> nn.Module:
-        from hetfl.models import build_model
-
         return build_model(self.name, info, width=self.width, **dict(self.params))
 
     def __str__(self) -> str:
@@ -148,6 +147,9 @@ class Algorithm:
     Subclasses are frozen dataclasses whose fields are their hyperparameters (the ``[algorithm]``
     section of a config), registered in :data:`hetfl.algorithms.ALGORITHMS`.
     """
+
+    #: no server: nodes on a graph (hetfl.decentralized); engines and the runner branch on this
+    decentralized: ClassVar[bool] = False
 
     clients_per_round: int = 10
     fraction: float = 0.0

@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hetfl.accounting import model_cost
 from hetfl.algorithms.base import (
     Algorithm,
     ClientResult,
@@ -64,7 +65,7 @@ from hetfl.algorithms.base import (
     round_seed,
     weights_of,
 )
-from hetfl.algorithms.families import RunningMean, resolve_families
+from hetfl.algorithms.families import RunningMean, parse_families, resolve_families
 from hetfl.algorithms.registry import ALGORITHMS
 from hetfl.config import TrainConfig
 from hetfl.data.base import DataInfo
@@ -74,6 +75,7 @@ from hetfl.errors import ConfigError, HetflError
 from hetfl.hetero import group_sizes, spec_for, submodel_ref
 from hetfl.hetero.extract import OverlapAverage, extract
 from hetfl.hetero.policy import Prefix, Selection
+from hetfl.model_cache import ModelCache
 from hetfl.reliability import FaultsConfig
 from hetfl.train import local_sgd
 
@@ -213,16 +215,7 @@ class GraphAlgorithm(Algorithm):
             if not ok:
                 raise ConfigError(f"algorithm.{name} {msg}, got {getattr(self, name)!r}")
         if self.families:
-            from hetfl.algorithms.families import parse_families
-
             parse_families(self.families)
-
-    @property
-    def evaluator_class(self) -> type:
-        """The runner evaluates every node's model (see :class:`hetfl.decentralized.engine.NodeEvaluator`)."""
-        from hetfl.decentralized.engine import NodeEvaluator
-
-        return NodeEvaluator
 
     # ---------------------------------------------------------------- layout and checks
     def layout(self, ctx: Context) -> Layout:
@@ -511,8 +504,6 @@ class NodeHost:
 
     def __init__(self, algorithm: GraphAlgorithm, federation: Any, ctx: Context, device: torch.device,
                  graph: GraphConfig, nodes: Sequence[int], transport: Transport) -> None:
-        from hetfl.engines.simulator import ModelCache
-
         self.algorithm = algorithm
         self.federation = federation
         self.ctx = ctx
@@ -567,8 +558,6 @@ class NodeHost:
     def forward_flops(self, ref: ModelRef) -> int:
         """Forward FLOPs per sample of ``ref`` (counted once per model)."""
         if ref not in self._costs:
-            from hetfl.accounting import model_cost
-
             module = self.models.get(ref)
             self._costs[ref] = model_cost(module, self.federation.train.x[:1].to(self.device)).forward_flops
         return self._costs[ref]

@@ -12,7 +12,7 @@ then a :class:`~hetfl.errors.ConfigError` names the parameters) and computes its
 * ``uniform`` (max-degree): ``w_ij = 1 / (1 + d_max)`` on edges, ``w_ii = 1 - d_i / (1 + d_max)``.
 
 Both are symmetric and doubly stochastic.  This module imports nothing heavy (``networkx`` is imported
-when a graph is drawn), so the config can import :class:`GraphConfig`.
+when a graph is drawn), and :class:`~hetfl.config.GraphConfig` (``[graph]``) lives with the config.
 """
 
 from __future__ import annotations
@@ -24,56 +24,13 @@ from typing import Any
 
 import numpy as np
 
+from hetfl.config import MIXINGS, GraphConfig
 from hetfl.errors import ConfigError
 from hetfl.registry import Registry
 
 TOPOLOGIES: Registry = Registry("topology")
-MIXINGS = ("metropolis", "uniform")
 
 TopologyFn = Callable[[int, "GraphConfig", np.ndarray, int], Any]
-
-
-@dataclass(frozen=True)
-class GraphConfig:
-    """``[graph]``: the communication graph of decentralized algorithms (``dkd``, ``dpsgd``, ``isolated``).
-
-    * ``name``: a registered topology (``hetfl list``); ``degree`` (``regular``), ``p`` (``erdos_renyi``),
-      ``rows`` (``torus``/``grid``; 0 = the most square factorisation of the node count) and ``k``
-      (``capability``: stronger neighbours per node) are its parameters.
-    * ``resample``: draw a new graph every round (random topologies), else one graph for the whole run.
-    * ``mixing``: ``metropolis`` or ``uniform`` gossip weights.
-    * ``max_tries``: draws of a random graph before a disconnected result is an error.
-    * ``processes`` (torchrun engine, when hetfl starts the processes itself): OS processes, nodes
-      spread round-robin over them (0 = one process per node).  ``timeout_s`` bounds every wait of the
-      torchrun engine (process-group start, each send/receive/collective).
-    """
-
-    name: str = "ring"
-    degree: int = 4
-    p: float = 0.3
-    rows: int = 0
-    k: int = 2
-    resample: bool = False
-    mixing: str = "metropolis"
-    max_tries: int = 100
-    processes: int = 0
-    timeout_s: float = 600.0
-
-    def __post_init__(self) -> None:
-        TOPOLOGIES.get(self.name, "graph.name")
-        checks = [
-            (self.degree >= 1, "degree", "must be >= 1"),
-            (0.0 < self.p <= 1.0, "p", "must be in (0, 1]"),
-            (self.rows >= 0, "rows", "must be >= 0 (0 = the most square grid)"),
-            (self.k >= 1, "k", "must be >= 1"),
-            (self.mixing in MIXINGS, "mixing", f"must be one of {', '.join(MIXINGS)}"),
-            (self.max_tries >= 1, "max_tries", "must be >= 1"),
-            (self.processes >= 0, "processes", "must be >= 0 (0 = one process per node)"),
-            (self.timeout_s > 0 and math.isfinite(self.timeout_s), "timeout_s", "must be > 0 seconds"),
-        ]
-        for ok, name, msg in checks:
-            if not ok:
-                raise ConfigError(f"graph.{name} {msg}, got {getattr(self, name)!r}")
 
 
 # --------------------------------------------------------------------------------------------------

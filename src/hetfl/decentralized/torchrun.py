@@ -34,9 +34,11 @@ from typing import Any
 import torch
 
 from hetfl.algorithms.base import Context, ModelRef, ServerState, Weights
+from hetfl.config import parse_toml
 from hetfl.decentralized.engine import GraphReport, LonelyLog, models_of, require_decentralized, state_of
 from hetfl.decentralized.protocol import NodeHost, round_report
 from hetfl.errors import ConfigError, HetflError
+from hetfl.resolve import config_from_dict
 
 ENV_TIMEOUT = "HETFL_DIST_TIMEOUT"
 GRACE_S = 10.0
@@ -184,7 +186,7 @@ class TorchrunEngine:
                        ENV_TIMEOUT: str(cfg.graph.timeout_s), "HETFL_SPAWNED": "1"}
                 for r in range(1, world):
                     self.procs.append(subprocess.Popen(
-                        [sys.executable, "-m", "hetfl.decentralized.torchrun"],
+                        [sys.executable, "-m", "hetfl.torchrun_worker"],
                         env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.DEVNULL))
                 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=world,
                                         timeout=timeout)
@@ -276,12 +278,12 @@ class TorchrunEngine:
 # --------------------------------------------------------------------------------------------------
 
 
-def serve(cfg: Any = None) -> dict[str, Any]:
-    """Serve this rank's nodes until rank 0 says stop; returns a small summary (rank 0 writes every file)."""
+def serve(cfg: Any, prepare: Callable[[Any], Any]) -> dict[str, Any]:
+    """Serve this rank's nodes until rank 0 says stop; returns a small summary (rank 0 writes every file).
+    ``prepare``: :func:`hetfl.runner.prepare`, passed in by the layer above (the runner, or the worker
+    entry point :mod:`hetfl.torchrun_worker`) so that this engine does not import the runner."""
     import torch.distributed as dist
 
-    from hetfl.config import config_from_dict, parse_toml
-    from hetfl.runner import prepare
 
     launched = launched_rank()
     if launched is None:
@@ -324,14 +326,9 @@ def serve(cfg: Any = None) -> dict[str, Any]:
             "rounds_completed": rounds, "test_accuracy": None, "wall_time_s": time.perf_counter() - t_start}
 
 
-def serve_if_worker(cfg: Any) -> dict[str, Any] | None:
+def serve_if_worker(cfg: Any, prepare: Callable[[Any], Any]) -> dict[str, Any] | None:
     """In a torchrun rank above 0 running the torchrun engine: serve and return its summary; else None."""
     launched = launched_rank()
     if launched is None or launched[0] == 0 or (cfg is not None and cfg.engine != "torchrun"):
         return None
-    return serve(cfg)
-
-
-if __name__ == "__main__":  # a worker started by TorchrunEngine
-    serve()
-    sys.exit(0)
+    return serve(cfg, prepare)

@@ -34,10 +34,12 @@ from torch import nn
 
 from hetfl import packed
 from hetfl.algorithms.base import Algorithm, ClientResult, ClientTask, Context, ModelRef
+from hetfl.algorithms.fedavg import FedAvg
 from hetfl.config import TrainConfig
+from hetfl.data.base import Split
 from hetfl.data.federation import Federation
 from hetfl.errors import ConfigError
-from hetfl.train import SGD, batch_indices
+from hetfl.train import SGD, batch_indices, local_sgd
 
 SETTINGS = ("auto", True, False)
 
@@ -52,7 +54,6 @@ def check_setting(value: Any) -> bool | str:
 
 def algorithm_qualifies(algorithm: Algorithm) -> bool:
     """True if the algorithm's client update is exactly FedAvg's plain local SGD."""
-    from hetfl.algorithms.fedavg import FedAvg
 
     return isinstance(algorithm, FedAvg) and type(algorithm).local_update is FedAvg.local_update
 
@@ -232,8 +233,6 @@ class Batcher:
 def microbenchmark(module: nn.Module, ref_weights: dict[str, torch.Tensor], example: torch.Tensor,
                    num_classes: int, cfg: TrainConfig, k: int, device: torch.device, repeats: int = 3) -> dict:
     """Seconds for ``k`` clients x a few steps, sequential (plain SGD loop) vs batched, on random data."""
-    from hetfl.data.base import Split
-    from hetfl.train import local_sgd
 
     steps = 4
     cfg = TrainConfig(epochs=1, steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,

@@ -57,9 +57,12 @@ import numpy as np
 import torch
 
 from hetfl import packed
+from hetfl.accounting import model_cost
 from hetfl.algorithms.base import Algorithm, ClientResult, ClientTask, Context
-from hetfl.engines.simulator import ModelCache, Simulator
+from hetfl.engines.batched import train_tasks
+from hetfl.engines.simulator import Simulator
 from hetfl.errors import ConfigError, HetflError
+from hetfl.model_cache import ModelCache
 from hetfl.train import SGD
 
 START_TIMEOUT_S = 120.0  # a worker must report ready within this (forkserver imports torch: seconds)
@@ -98,7 +101,6 @@ _FLOPS_PER_S = 3e10  # one core with vectorised kernels (the FedAvg CNN trains a
 
 def estimate_round_s(algorithm: Algorithm, ctx: Context) -> float:
     """Seconds one round of client training takes on one core, estimated from the model's FLOPs."""
-    from hetfl.accounting import model_cost
 
     t = ctx.train
     clients = algorithm.clients_for(ctx.num_clients)
@@ -314,7 +316,6 @@ def _worker_main(conn: Any, algorithm: Algorithm, federation: Any, ctx: Context,
 
 def _train_chunk(metas: list[tuple], weights: Views, out: Views, models: ModelCache, federation: Any) -> list[tuple]:
     """Train a chunk of clients batched, their results straight into the chunk's result buffer."""
-    from hetfl.engines.batched import train_tasks
 
     layout = layout_of(weights)
     tasks = [ClientTask(cid, ref, weights, train, cseed, extra) for cid, ref, train, cseed, extra in metas]

@@ -28,7 +28,10 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from hetfl.config import parse_toml
+from hetfl.experiment import prepare
 from hetfl.flower import codec
+from hetfl.resolve import config_from_dict
 
 CAPABILITY_KEYS = ("max-width", "speed", "memory-gb", "bandwidth-mbps", "device-name")
 
@@ -52,8 +55,6 @@ def partition_id(context: Context) -> int:
 
 def _experiment(run: ConfigRecord, context: Context) -> Any:
     """The run's prepared data (dataset, partition, federation), loaded once per process."""
-    from hetfl.config import config_from_dict, parse_toml
-    from hetfl.runner import prepare
 
     device = str(_node_value(context, "device", run.get("device", "cpu")))
     data_dir = str(_node_value(context, "data-dir", ""))

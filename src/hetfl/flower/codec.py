@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from hetfl.algorithms import ALGORITHMS
 from hetfl.algorithms.base import Algorithm, ClientResult, ClientTask, ModelRef, Weights
 from hetfl.config import TrainConfig
 
@@ -150,7 +151,6 @@ def _get_extra(content: RecordDict) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------- algorithm
 def algorithm_name(algorithm: Algorithm) -> str:
-    from hetfl.algorithms import ALGORITHMS
 
     for name, cls in ALGORITHMS.items():
         if type(algorithm) is cls:
@@ -165,7 +165,6 @@ def algorithm_params(algorithm: Algorithm) -> str:
 
 
 def build_algorithm(name: str, params_json: str) -> Algorithm:
-    from hetfl.algorithms import ALGORITHMS
 
     return ALGORITHMS.get(name, "algorithm.name")(**json.loads(params_json))
 

@@ -27,6 +27,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from hetfl.flower.engine import use_grid
 from hetfl.flower.strategy import FlowerOptions
+from hetfl.resolve import load_config
+from hetfl.runner import run
 
 log = logging.getLogger("hetfl.flower")
 
@@ -35,8 +37,6 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: FlowerContext) -> None:
-    from hetfl.config import load_config
-    from hetfl.runner import run
 
     rc = dict(context.run_config)
     if not rc.get("config"):
