@@ -49,15 +49,15 @@ def simulator(algorithm: Algorithm, federation: Federation, ctx: Context, device
 @ENGINES.register("flower")
 def flower(algorithm: Algorithm, federation: Federation, ctx: Context, device: torch.device, cfg: RunConfig) -> Any:
     """Flower's simulation engine (Ray), or the SuperNodes of a deployment inside a hetfl ServerApp."""
+    try:
+        import flwr  # noqa: F401  (optional dependency: Flower)
+    except ImportError:
+        raise HetflError("engine 'flower' needs Flower: pip install 'hetfl[flower]'") from None
     if algorithm.decentralized:
         raise ConfigError("engine 'flower' needs a server algorithm; decentralized algorithms run on engine "
                           "'simulator' (in-process) or 'torchrun'")
-    try:
-        from hetfl.flower import make_engine  # optional dependency: Flower
-    except ImportError as exc:
-        if (exc.name or "").split(".")[0] not in ("flwr", "ray"):
-            raise
-        raise HetflError("engine 'flower' needs Flower: pip install 'hetfl[flower]'") from None
+    from hetfl.flower import make_engine  # imports Flower, so only when chosen
+
     return make_engine(algorithm, federation, ctx, device, cfg)
 
 
