@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from hetfl.data.base import Dataset, Split
+from hetfl.data.datasets import DATASETS, load_dataset
 from hetfl.errors import ConfigError
 
 BUILTIN_SOURCES = ("heldout", "noise")
@@ -72,8 +73,6 @@ def _resize_images(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 def _other_dataset(dataset: Dataset, spec: ServerDataSpec, seed: int, data_dir: str | None,
                    rng: np.random.Generator) -> torch.Tensor:
-    from hetfl.data.datasets import DATASETS, load_dataset
-
     if spec.source == dataset.name:
         raise ConfigError(f"{spec.where}={spec.source!r} is the run's own dataset; use 'heldout' to take a "
                           f"held-out slice of it (removed from the clients' pool)")
