@@ -29,6 +29,7 @@ from hetfl.errors import ConfigError, DataError
 from hetfl.hetero import group_sizes, spec_for
 from hetfl.hetero.extract import extract
 from hetfl.hetero.policy import Prefix
+from hetfl.runner import run
 
 
 @pytest.fixture(autouse=True)
@@ -483,3 +484,14 @@ def test_models_trace_and_run_submodels_at_cifar_and_femnist_shapes(name: str, p
     sub.load_state_dict(sub_weights)
     out = sub.eval()(torch.zeros(2, *info.input_shape))
     assert out.shape == (2, info.num_classes)
+
+
+def test_crop_flip_resumed_run_equals_uninterrupted(tmp_path: Path, digits_cfg) -> None:
+    """The crops come from (seed, round, client): a run resumed after round 2 trains round 3 as one that never
+    stopped (digits are 1x8x8 images, so crop_flip applies)."""
+    straight = run(digits_cfg("rounds=3", 'train.augment="crop_flip"'), tmp_path / "a", quiet=True)
+    run(digits_cfg("rounds=2", 'train.augment="crop_flip"'), tmp_path / "b", quiet=True)
+    resumed = run(digits_cfg("rounds=3", 'train.augment="crop_flip"'), resume=tmp_path / "b", quiet=True)
+    assert resumed["test_accuracy"] == straight["test_accuracy"]
+    plain = run(digits_cfg("rounds=3"), tmp_path / "c", quiet=True)
+    assert plain["test_loss"] != straight["test_loss"]  # augmentation did change the training
