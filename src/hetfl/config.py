@@ -84,6 +84,7 @@ class Component:
 class DataConfig:
     name: str = "digits"
     data_dir: str | None = None
+    verify: bool = True  # check data files against their published checksums (false: warn and go on)
     num_clients: int = 10
     local_test_fraction: float = 0.0
     partition: Component = Component("iid")
@@ -104,6 +105,7 @@ class AlgorithmConfig:
 
 
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
+AUGMENTATIONS = ("none", "crop_flip")
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,9 @@ class TrainConfig:
     # layout of 4-D weights while training: "auto" (channels_last on the CPU for models that declare it
     # faster, e.g. FedAvg's CNN; see hetfl.train.training_memory_format), "contiguous", "channels_last"
     memory_format: str = "auto"
+    # train-time augmentation of image minibatches: "none", or "crop_flip" (4-pixel padded random crop +
+    # horizontal flip, seeded per (seed, round, client); hetfl.data.augment)
+    augment: str = "none"
 
 
 @dataclass(frozen=True)
@@ -400,6 +405,8 @@ def validate_ranges(cfg: RunConfig) -> None:
     _require(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {t.grad_clip}")
     _require(t.memory_format in MEMORY_FORMATS,
              f"train.memory_format must be one of {', '.join(map(repr, MEMORY_FORMATS))}, got {t.memory_format!r}")
+    _require(t.augment in AUGMENTATIONS,
+             f"train.augment must be one of {', '.join(map(repr, AUGMENTATIONS))}, got {t.augment!r}")
     e = cfg.eval
     _require(e.every >= 1, f"eval.every must be >= 1, got {e.every}")
     _require(e.batch_size >= 1, f"eval.batch_size must be >= 1, got {e.batch_size}")
@@ -411,7 +418,7 @@ def validate_ranges(cfg: RunConfig) -> None:
 # dict <-> config
 # --------------------------------------------------------------------------------------------------
 
-DATA_RESERVED = ("name", "data_dir", "num_clients", "local_test_fraction", "partition")
+DATA_RESERVED = ("name", "data_dir", "verify", "num_clients", "local_test_fraction", "partition")
 MODEL_RESERVED = ("name", "width")
 
 

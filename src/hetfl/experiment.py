@@ -13,6 +13,7 @@ import torch
 from hetfl.algorithms import ALGORITHMS
 from hetfl.algorithms.base import Algorithm, Context, ModelRef
 from hetfl.config import RunConfig
+from hetfl.data.augment import check_augment
 from hetfl.data.base import Dataset
 from hetfl.data.datasets import load_dataset
 from hetfl.data.federation import Federation, build_federation
@@ -47,13 +48,15 @@ def resolve_device(name: str) -> torch.device:
 
 def load_data(cfg: RunConfig) -> Dataset:
 
-    return load_dataset(cfg.data.name, data_dir=cfg.data.data_dir, seed=cfg.seed, **dict(cfg.data.params))
+    return load_dataset(cfg.data.name, data_dir=cfg.data.data_dir, seed=cfg.seed, verify=cfg.data.verify,
+                        **dict(cfg.data.params))
 
 
 def prepare(cfg: RunConfig) -> Experiment:
     """Load data, partition it, check the model builds and runs; no files are written."""
     device = resolve_device(cfg.device)
     dataset = load_data(cfg)
+    check_augment(cfg.train.augment, dataset.info.input_shape)
     algo_cls = ALGORITHMS.get(cfg.algorithm.name, "algorithm.name")
     algorithm = algo_cls(**dict(cfg.algorithm.params))
     # server-side data (e.g. FedDF's transfer set) leaves the training split before anything is partitioned

@@ -67,7 +67,7 @@ def config_from_dict(raw: Mapping[str, Any]) -> RunConfig:
     data_name = check_value("data.name", data_fixed.get("name", DataConfig.name), str)
     dataset = DATASETS.get(data_name, "data.name")
     data_params = check_params("data", "dataset", data_name, dataset, data_raw,
-                                skip=("data_dir", "seed"), reserved=DATA_RESERVED)
+                                skip=("data_dir", "seed", "verify"), reserved=DATA_RESERVED)
     part_name = check_value("data.partition.name", part_raw.pop("name", "iid"), str)
     partitioner = PARTITIONERS.get(part_name, "data.partition.name")
     part_params = check_params("data.partition", "partitioner", part_name, partitioner, part_raw,

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hetfl.config import TrainConfig
+from hetfl.data.augment import make_augment
 from hetfl.data.base import ClientSplit, Split
 from hetfl.models.registry import PREFERS_CHANNELS_LAST
 
@@ -121,15 +122,16 @@ def local_sgd(
     if fmt is not torch.contiguous_format:  # 4-D weights only; back to contiguous below, whatever happens
         model.to(memory_format=fmt)
         try:
-            return _sgd_loop(model, data, cfg, gen, forward, loss_fn, loss_terms)
+            return _sgd_loop(model, data, cfg, gen, forward, loss_fn, loss_terms, seed)
         finally:
             model.to(memory_format=torch.contiguous_format)
-    return _sgd_loop(model, data, cfg, gen, forward, loss_fn, loss_terms)
+    return _sgd_loop(model, data, cfg, gen, forward, loss_fn, loss_terms, seed)
 
 
 def _sgd_loop(model: nn.Module, data: Split | ClientSplit, cfg: TrainConfig, gen: torch.Generator, forward: Forward,
-              loss_fn: LossFn | None, loss_terms: Sequence[LossTerm]) -> TrainStats:
+              loss_fn: LossFn | None, loss_terms: Sequence[LossTerm], seed: int = 0) -> TrainStats:
     n = len(data)
+    augment = make_augment(cfg.augment, seed)  # its own generator: the batch order is the same either way
     params = [p for p in model.parameters() if p.requires_grad]
     opt = SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     loss_fn = loss_fn or F.cross_entropy
@@ -139,6 +141,8 @@ def _sgd_loop(model: nn.Module, data: Split | ClientSplit, cfg: TrainConfig, gen
     index_device = None if device.type == "cpu" else device  # one index transfer per pass, not per batch
     for idx in batch_indices(n, cfg.batch_size, cfg.epochs, cfg.steps, gen, index_device):
         xb, yb = data.rows(idx)  # a client's data gathers only the rows of this minibatch
+        if augment is not None:
+            xb = augment(xb)
         logits = forward(model, xb)
         loss = loss_fn(logits, yb)
         for term in loss_terms:

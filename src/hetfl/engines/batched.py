@@ -277,6 +277,8 @@ def make_batcher(setting: bool | str, algorithm: Algorithm, federation: Federati
     setting = check_setting(setting)
     if setting is False or not algorithm_qualifies(algorithm):
         return None
+    if ctx.train.augment != "none":  # the vmapped loop does not augment: clients train one by one
+        return None
     if setting == "auto":
         if device.type != "cuda":
             return None
