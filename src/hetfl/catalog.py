@@ -23,3 +23,18 @@ REGISTRIES: dict[str, Registry] = {
 }
 
 __all__ = ["ALGORITHMS", "DATASETS", "ENGINES", "MODELS", "PARTITIONERS", "REGISTRIES"]
+
+
+def entry_keys(section: str, name: str) -> set[str] | None:
+    """The keys the registry entry ``name`` declares in config section ``section`` (None: no such entry)."""
+    from hetfl.config import declared_params
+
+    registry, skip = {
+        "data": (DATASETS, ("data_dir", "seed")),
+        "data.partition": (PARTITIONERS, ()),
+        "model": (MODELS, ("width",)),
+        "algorithm": (ALGORITHMS, ()),
+    }[section]
+    if name not in registry:
+        return None
+    return set(declared_params(registry.get(name), skip))

@@ -87,12 +87,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         overrides.append(f"workers={w if w.isdigit() else _toml_str(w)}")
     if args.threads_per_worker is not None:
         overrides.append(f"threads_per_worker={args.threads_per_worker}")
+    notes: list[str] = []
     if args.resume:
         if args.out:
             raise HetflError("--out and --resume exclude each other: a resumed run stays in its directory")
         saved = Path(args.resume) / CONFIG
         if args.config:
-            cfg = load_config(args.config, overrides)
+            cfg = load_config(args.config, overrides, notes=notes)
         elif saved.is_file():
             cfg = config_from_dict(apply_overrides(parse_toml(saved.read_text(), str(saved)), overrides))
         else:
@@ -100,7 +101,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         if not args.config:
             raise HetflError("hetfl run needs a CONFIG file (e.g. configs/digits_fedavg.toml) or --resume DIR")
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, overrides, notes=notes)
+    for note in notes:
+        print(f"hetfl run: {note}", file=sys.stderr)
     summary = run(cfg, args.out, resume=args.resume, quiet=args.quiet, config_path=args.config)
     acc = summary.get("test_accuracy")
     acc_text = f"{acc:.4f}" if isinstance(acc, float) else "n/a"

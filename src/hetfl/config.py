@@ -39,7 +39,7 @@ import math
 import sys
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -464,8 +464,29 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+#: Sections whose ``name`` chooses a registry entry: the keys every entry shares (the rest are the entry's own).
+ENTRY_SECTIONS: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("data",): DATA_RESERVED,
+    ("data", "partition"): ("name",),
+    ("model",): MODEL_RESERVED,
+    ("algorithm",): ("name",),
+}
+
+#: ``entry_keys(section, name)``: the keys the entry ``name`` of ``section`` declares (None = unknown name).
+EntryKeys = Callable[[str, str], "Collection[str] | None"]
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], *, entry_keys: EntryKeys | None = None,
+                    notes: list[str] | None = None) -> dict[str, Any]:
+    """``raw`` with the ``--set`` overrides applied, in order.
+
+    ``--set SECTION.name=NEW`` on a registry-backed section (:data:`ENTRY_SECTIONS`) that changes the name
+    drops the old entry's parameters that ``NEW`` does not declare (``entry_keys`` says which it declares;
+    without it nothing is dropped); one line per such change is appended to ``notes``.  Keys given by an
+    earlier ``--set`` are kept (an explicit key the new entry lacks is still the user's error to see).
+    """
     out = _deepcopy_tables(raw)
+    given: set[tuple[str, ...]] = set()
     for item in overrides:
         path, value = parse_override(item)
         node = out
@@ -474,7 +495,20 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
             if not isinstance(child, dict):
                 raise ConfigError(f"--set {item!r}: {part} is a value, not a section")
             node = child
+        section = tuple(path[:-1])
+        if (path[-1] == "name" and section in ENTRY_SECTIONS and entry_keys is not None and isinstance(value, str)
+                and node.get("name") != value):
+            declared = entry_keys(".".join(section), value)
+            if declared is not None:
+                keep = set(ENTRY_SECTIONS[section]) | set(declared)
+                dropped = [k for k in node if k not in keep and (*section, k) not in given]
+                for k in dropped:
+                    del node[k]
+                if dropped and notes is not None:
+                    notes.append(f"{'.'.join(section)}.name={value} drops {', '.join(sorted(dropped))} "
+                                 f"({'it does' if len(dropped) == 1 else 'they do'} not apply to {value!r})")
         node[path[-1]] = value
+        given.add(tuple(path))
     return out
 
 
@@ -483,12 +517,32 @@ def _deepcopy_tables(raw: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
-                base: Mapping[str, Any] | None = None) -> RunConfig:
-    """Read a TOML file (or start from ``base`` / the defaults), apply ``--set`` overrides, validate."""
+                base: Mapping[str, Any] | None = None, *, notes: list[str] | None = None) -> RunConfig:
+    """Read a TOML file (or start from ``base`` / the defaults), apply ``--set`` overrides, validate.
+
+    A config file must name its dataset, model and algorithm (in the file or by ``--set``); ``notes``
+    collects one line per parameter set dropped because ``--set SECTION.name=...`` changed the entry.
+    """
+    from hetfl.catalog import entry_keys
+
     raw: dict[str, Any] = dict(base or {})
     if path is not None:
         raw = read_toml(path)
-    return config_from_dict(apply_overrides(raw, overrides))
+    raw = apply_overrides(raw, overrides, entry_keys=entry_keys, notes=notes)
+    if path is not None:
+        require_names(raw, str(path))
+    return config_from_dict(raw)
+
+
+def require_names(raw: Mapping[str, Any], source: str) -> None:
+    """A config file names at least ``data.name``, ``model.name`` and ``algorithm.name`` (no silent defaults)."""
+    missing = [f"{section}.name" for section in ("data", "model", "algorithm")
+               if not isinstance(raw.get(section), Mapping) or "name" not in raw[section]]
+    if missing:
+        what = "is empty" if not raw else f"does not set {', '.join(missing)}"
+        raise ConfigError(f"config {source} {what}: a config names at least its dataset, model and algorithm, "
+                          f'e.g. [data] name = "digits", [model] name = "mlp", [algorithm] name = "fedavg" '
+                          f"(see configs/ and `hetfl list`)")
 
 
 def _toml_value(v: Any) -> str:
