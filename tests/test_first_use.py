@@ -71,3 +71,89 @@ def test_names_may_come_from_set(tmp_path):
     path.write_text("rounds = 1\n")
     cfg = load_config(path, ["data.name=digits", "model.name=mlp", "algorithm.name=fedavg"])
     assert (cfg.data.name, cfg.model.name, cfg.algorithm.name) == ("digits", "mlp", "fedavg")
+
+
+# ------------------------------------------------------------------ the command line (issue 20 item 6)
+def _tiny_run(path: Path, rounds: int = 1, every: int = 1) -> Path:
+    assert main(["run", str(ROOT / "configs/digits_fedavg.toml"), "--out", str(path), "--quiet",
+                 "--set", f"rounds={rounds}", "--set", "data.num_clients=3", "--set", f"eval.every={every}"]) == 0
+    return path
+
+
+def test_summary_and_plot_without_arguments_read_runs_star(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["summary"]) == 2
+    assert "no run directory under" in capsys.readouterr().err
+    _tiny_run(tmp_path / "runs" / "a")
+    _tiny_run(tmp_path / "runs" / "b")
+    capsys.readouterr()
+    assert main(["summary"]) == 0
+    out = capsys.readouterr()
+    assert "using runs/* (2 run directories)" in out.err
+    assert "runs/a" in out.out and "runs/b" in out.out
+    assert main(["plot", "--out", "plots"]) == 0
+    assert "using runs/*" in capsys.readouterr().err and (tmp_path / "plots" / "accuracy.png").is_file()
+
+
+def test_a_run_with_one_evaluation_point_is_drawn(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from hetfl.plot import plot_runs
+
+    run = _tiny_run(tmp_path / "one", rounds=1)
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", figures.append)
+    plot_runs([run], tmp_path / "plots")
+    monkeypatch.setattr(plt, "close", close)
+    lines = [line for fig in figures for ax in fig.axes for line in ax.get_lines()]
+    assert lines and all(len(line.get_xdata()) == 1 for line in lines)
+    assert all(line.get_marker() not in (None, "", "None", " ") for line in lines)
+    for fig in figures:
+        plt.close(fig)
+
+
+def test_no_abbreviations_and_a_misspelt_option_names_the_right_one(capsys):
+    config = str(ROOT / "configs/digits_fedavg.toml")
+    with pytest.raises(SystemExit) as exc:
+        main(["run", config, "--worker", "2", "--dry-run"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: hetfl run" in err and "did you mean --workers?" in err
+    with pytest.raises(SystemExit):
+        main(["run", config, "--sed", "1"])
+    err = capsys.readouterr().err
+    assert "usage: hetfl run" in err and "did you mean --seed?" in err
+
+
+def test_list_descriptions_are_whole_sentences(capsys):
+    assert main(["list"]) == 0
+    entries = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    assert any(line.split()[0] == "simulator" for line in entries)
+    for line in entries:
+        assert line.rstrip().endswith((".", ")")), line
+
+
+def test_quiet_and_workers_zero_are_documented():
+    import contextlib
+    import io
+
+    from hetfl.cli import _parser
+
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text), pytest.raises(SystemExit):
+        _parser().parse_args(["run", "--help"])
+    helptext = " ".join(text.getvalue().split())
+    assert "0 also means auto" in helptext and "only the final line" in helptext
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert "`--workers 0`" in readme and "`--quiet`" in readme
+
+
+def test_dry_run_validates_without_writing(tmp_path, capsys):
+    assert main(["run", str(ROOT / "configs/mnist_fedavg.toml"), "--out", str(tmp_path / "r"), "--dry-run"]) == 0
+    assert "valid (dataset mnist" in capsys.readouterr().out and not (tmp_path / "r").exists()
+    assert main(["run", str(ROOT / "configs/mnist_fedavg.toml"), "--set", "rounds=0", "--dry-run"]) == 2
+    run = _tiny_run(tmp_path / "run")
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in run.iterdir())
+    assert main(["run", "--resume", str(run), "--set", "rounds=5", "--dry-run"]) == 0
+    assert main(["run", "--resume", str(run), "--set", "seed=5", "--dry-run"]) == 2
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in run.iterdir()) == before
