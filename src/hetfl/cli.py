@@ -18,6 +18,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from hetfl.errors import HetflError
 
@@ -76,10 +77,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def run_config(args: argparse.Namespace) -> Any:
+    """The RunConfig that ``hetfl run ARGS`` would run (None: --resume of a folder that is not a run);
+    one line on stderr per parameter dropped by a ``--set SECTION.name=...`` switch."""
     from hetfl.config import apply_overrides, config_from_dict, load_config, parse_toml
     from hetfl.results import CONFIG
-    from hetfl.runner import run
 
     overrides = list(args.overrides)
     if args.seed is not None:
@@ -112,6 +114,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, overrides, notes=notes)
     for note in notes:
         print(f"hetfl run: {note}", file=sys.stderr)
+    return cfg
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from hetfl.runner import run
+
+    cfg = run_config(args)
     if args.dry_run:
         return _dry_run(cfg, args)
     summary = run(cfg, args.out, resume=args.resume, quiet=args.quiet, config_path=args.config)
@@ -127,7 +136,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dry_run(cfg: object, args: argparse.Namespace) -> int:
+def _dry_run(cfg: Any, args: argparse.Namespace) -> int:
     from hetfl.results import RunDir
     from hetfl.runner import _merge_resume
 
@@ -139,11 +148,11 @@ def _dry_run(cfg: object, args: argparse.Namespace) -> int:
         if not (run_dir.path / CONFIG).is_file():
             raise HetflError(f"{args.resume!r} is not a hetfl run directory (no {CONFIG}); nothing to resume")
         saved = config_from_dict(parse_toml((run_dir.path / CONFIG).read_text(), str(run_dir.path / CONFIG)))
-        cfg = _merge_resume(saved, cfg)  # type: ignore[arg-type]
+        cfg = _merge_resume(saved, cfg)
     what = f"--resume {args.resume}" if args.resume else args.config
-    print(f"{what}: valid (dataset {cfg.data.name}, partition {cfg.data.partition.name}, "  # type: ignore[attr-defined]
-          f"model {cfg.model.name}, algorithm {cfg.algorithm.name}, {cfg.rounds} rounds, "  # type: ignore[attr-defined]
-          f"engine {cfg.engine}); --dry-run: nothing trained or written")  # type: ignore[attr-defined]
+    print(f"{what}: valid (dataset {cfg.data.name}, partition {cfg.data.partition.name}, "
+          f"model {cfg.model.name}, algorithm {cfg.algorithm.name}, {cfg.rounds} rounds, "
+          f"engine {cfg.engine}); --dry-run: nothing trained or written")
     return 0
 
 
