@@ -157,3 +157,25 @@ def test_dry_run_validates_without_writing(tmp_path, capsys):
     assert main(["run", "--resume", str(run), "--set", "rounds=5", "--dry-run"]) == 0
     assert main(["run", "--resume", str(run), "--set", "seed=5", "--dry-run"]) == 2
     assert sorted((p.name, p.stat().st_mtime_ns) for p in run.iterdir()) == before
+
+
+# ------------------------------------------------------------------ summary.json during a run (issue 20 item 4)
+def test_summary_json_follows_every_checkpoint(tmp_path, monkeypatch, digits_cfg):
+    import json
+
+    from hetfl import runner
+
+    seen = []
+    update = runner.RunProgress.update
+
+    def spy(self, rnd, metrics):
+        seen.append((rnd, json.loads((tmp_path / "r" / "summary.json").read_text())))
+        update(self, rnd, metrics)
+
+    monkeypatch.setattr(runner.RunProgress, "update", spy)
+    runner.run(digits_cfg("rounds=4", "checkpoint_every=2"), tmp_path / "r", quiet=True)
+    got = [(rnd, s["status"], s["rounds_completed"]) for rnd, s in seen]
+    assert got[1] == (2, "running", 2) and got[0][2] == 0  # round 1: no checkpoint yet, nothing to resume from
+    assert seen[1][1]["test_accuracy"] is not None
+    assert got[2][2] == 2 and got[3] == (4, "running", 4)
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["status"] == "complete"

@@ -227,7 +227,8 @@ def run(
     t_start = time.perf_counter() - elapsed
     status = "running"
     # until this run ends, summary.json must not claim an earlier "complete" (a kill -9 leaves "running")
-    run_dir.write_summary({**summarize_metrics(run_dir.metrics(), elapsed, cfg, status), "run_dir": str(run_dir.path)})
+    rows = run_dir.metrics()
+    run_dir.write_summary({**summarize_metrics(rows, elapsed, cfg, status), "run_dir": str(run_dir.path)})
     label = cfg.name or f"{cfg.algorithm.name}/{cfg.model.name}/{cfg.data.name}"
     try:
         with RunProgress(cfg.rounds, start, label=label, quiet=quiet) as bar:
@@ -248,10 +249,14 @@ def run(
                 if not row.get("skipped") and not math.isfinite(row.get("train_loss", 0.0) or 0.0):
                     bar.log(f"round {rnd}: training loss is not finite (diverged?); lower train.lr")
                 run_dir.append_metrics(row)
+                rows.append(row)
                 if rnd == cfg.rounds or (cfg.checkpoint_every and rnd % cfg.checkpoint_every == 0):
                     run_dir.save_checkpoint({"round": rnd, "state": state.to_dict(),
                                              "elapsed_s": now - t_start, "seed": cfg.seed,
                                              "torch_rng": torch.get_rng_state()})
+                    # summary.json follows the checkpoint (atomically): rounds_completed, accuracy so far
+                    run_dir.write_summary({**summarize_metrics(rows, now - t_start, cfg, status),
+                                           "run_dir": str(run_dir.path)})
                 bar.update(rnd, row)
         status = "complete"
     except KeyboardInterrupt:
