@@ -254,3 +254,47 @@ def test_localhost_deployment_matches_the_simulator(tmp_path, digits_cfg, no_lef
     for k in sim:
         assert torch.allclose(sim[k], dep[k], atol=1e-6), k
     assert [r["clients"] for r in read_metrics(tmp_path / "deploy")] == [2, 2]
+
+
+def _path_without_flower() -> str:
+    """PATH without this interpreter's scripts directory and without any other folder holding Flower (pyenv shims)."""
+    import sysconfig
+
+    own = {os.path.realpath(sysconfig.get_path("scripts")), os.path.realpath(os.path.dirname(sys.executable))}
+    keep = [d for d in os.environ.get("PATH", "").split(os.pathsep)
+            if d and os.path.realpath(d) not in own and not os.path.exists(os.path.join(d, "flower-superexec"))]
+    return os.pathsep.join(keep or ["/usr/bin", "/bin"])
+
+
+def _example():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("flower_localhost", ROOT / "examples" / "flower_localhost.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_missing_flower_executable_is_one_message_naming_it_and_the_extra():
+    example = _example()
+    with pytest.raises(FileNotFoundError, match=r"flower-nothing is not installed .* pip install 'hetfl\[flower\]'"):
+        example.flower_executable("flower-nothing")
+    env = example.child_env({"PATH": "/usr/bin:/bin"})
+    assert env["PATH"].split(os.pathsep)[0] == str(example.interpreter_bin_dirs()[0])
+
+
+@needs_flwr
+def test_localhost_deployment_finds_flower_without_it_on_path(tmp_path, digits_cfg, no_leftovers):
+    """The SuperLink/SuperNodes start flower-superexec, flwr-serverapp, flwr-clientapp by name: a caller's PATH
+    without this interpreter's scripts directory (a venv not activated, python called by its full path) still works."""
+    config = tmp_path / "base.toml"
+    config.write_text(digits_cfg().to_toml())
+    overrides = ["rounds=1", "seed=1", 'data.partition={name="iid"}', "data.local_test_fraction=0.0",
+                 'algorithm={name="fedavg", clients_per_round=2}', 'model={name="mlp", hidden="16"}']
+    cmd = [sys.executable, str(ROOT / "examples" / "flower_localhost.py"), "--nodes", "2", "--config", str(config),
+           "--out", str(tmp_path / "deploy"), "--timeout", "240", *[a for o in overrides for a in ("--set", o)]]
+    env = {**os.environ, "PATH": _path_without_flower()}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=360, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "process groups left: 0" in proc.stdout
+    assert [r["clients"] for r in read_metrics(tmp_path / "deploy")] == [2]
