@@ -232,8 +232,10 @@ def run(
     label = cfg.name or f"{cfg.algorithm.name}/{cfg.model.name}/{cfg.data.name}"
     try:
         with RunProgress(cfg.rounds, start, label=label, quiet=quiet) as bar:
+            evaluator.progress = bar.eval_step  # evaluation shows as its own step (per model: width, family, ...)
             for rnd in range(start + 1, cfg.rounds + 1):
                 t0 = time.perf_counter()
+                bar.phase(rnd, "training")
                 state, report = engine.run_round(state, rnd)
                 for message in getattr(report, "messages", ()):  # failed/rejected clients, skipped rounds
                     bar.log(f"round {rnd}: {message}")
@@ -241,6 +243,7 @@ def run(
                 row.update(exp.algorithm.round_metrics(state))
                 if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
                     t1 = time.perf_counter()
+                    bar.phase(rnd, "evaluating")
                     row.update(evaluator(exp.algorithm, state))
                     row["eval_time_s"] = round(time.perf_counter() - t1, 4)
                 now = time.perf_counter()
