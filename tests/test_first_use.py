@@ -179,3 +179,50 @@ def test_summary_json_follows_every_checkpoint(tmp_path, monkeypatch, digits_cfg
     assert seen[1][1]["test_accuracy"] is not None
     assert got[2][2] == 2 and got[3] == (4, "running", 4)
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["status"] == "complete"
+
+
+# ------------------------------------------------------------------ evaluation shows as its own step (issue 20 item 3)
+def test_evaluation_is_its_own_step_with_its_own_progress(tmp_path, monkeypatch, digits_cfg):
+    import io
+
+    from rich.console import Console
+
+    from hetfl import progress, runner
+
+    steps, phases = [], []
+    eval_step, phase = progress.RunProgress.eval_step, progress.RunProgress.phase
+
+    def spy_step(self, done, total, label):
+        eval_step(self, done, total, label)
+        task = next(t for t in self._progress.tasks if t.description.strip() == "evaluation")
+        steps.append((done, total, label, task.completed, task.total, task.visible))
+
+    monkeypatch.setattr(progress.RunProgress, "eval_step", spy_step)
+    monkeypatch.setattr(progress.RunProgress, "phase", lambda self, *a: (phases.append(a), phase(self, *a))[1])
+    monkeypatch.setattr(progress, "Console", lambda **kw: Console(file=io.StringIO(), force_terminal=True))
+    cfg = digits_cfg("rounds=2", "eval.every=2", "eval.bn_samples=64", "data.local_test_fraction=0",
+                     'algorithm={name="heterofl", clients_per_round=2}', 'fleet.source="tiers"',
+                     'fleet.mix="a-b-c"', 'model={name="mlp", hidden="16"}')
+    runner.run(cfg, tmp_path / "r", quiet=False)
+    assert phases == [(1, "training"), (2, "training"), (2, "evaluating")]
+    n = len(steps) - 1
+    assert n >= 3  # the global model and one per width
+    assert [s[:2] for s in steps] == [(i, n) for i in range(n + 1)]
+    assert all(s[3:] == (s[0], n, True) for s in steps[:-1]) and steps[-1][3:] == (n, n, False)
+
+
+def test_auto_workers_shows_no_estimated_time(digits_cfg, monkeypatch):
+    """The FLOPs estimate decides workers=auto; shown as seconds it was far off (48 s vs 2.5 s measured)."""
+    import re
+
+    import torch
+
+    from hetfl.engines import workers
+    from hetfl.runner import prepare
+
+    monkeypatch.setattr(workers, "available_cores", lambda: 4)
+    exp = prepare(digits_cfg())
+    for floor in (0.0, 1e9):  # goes parallel / stays in process
+        monkeypatch.setattr(workers, "AUTO_MIN_ROUND_S", floor)
+        _, why = workers.resolve_workers("auto", 1, exp.algorithm, exp.ctx, torch.device("cpu"))
+        assert why.startswith("auto:") and not re.search(r"\d\s*(ms|s)\b", why), why
