@@ -226,3 +226,27 @@ def test_auto_workers_shows_no_estimated_time(digits_cfg, monkeypatch):
         monkeypatch.setattr(workers, "AUTO_MIN_ROUND_S", floor)
         _, why = workers.resolve_workers("auto", 1, exp.algorithm, exp.ctx, torch.device("cpu"))
         assert why.startswith("auto:") and not re.search(r"\d\s*(ms|s)\b", why), why
+
+
+# ------------------------------------------------------------------ the resolved config marks what does nothing
+def test_resolved_config_marks_inert_keys_and_reads_back(tmp_path):
+    from hetfl.config import parse_toml
+
+    out = tmp_path / "r"
+    assert main(["run", str(ROOT / "configs/digits_fedavg.toml"), "--out", str(out), "--quiet", "--set", "rounds=1",
+                 "--set", "data.local_test_fraction=0"]) == 0
+    text = (out / "config.toml").read_text()
+    lines = {line.split(" = ")[0]: line for line in text.splitlines() if " = " in line}
+    assert '# inert: fleet.source = "uniform"' in lines["mix"] and "# inert" in lines["assignment"]
+    assert "# inert: data.local_test_fraction = 0" in lines["local"]
+    assert "# inert" not in lines["rounds"] and "# inert" not in lines["source"]
+    cfg = load_config(ROOT / "configs/digits_fedavg.toml", ["rounds=1", "data.local_test_fraction=0"])
+    from hetfl.config import config_from_dict
+
+    assert config_from_dict(parse_toml(text)) == cfg
+    heterofl = tmp_path / "h"
+    assert main(["run", str(ROOT / "configs/digits_fedavg.toml"), "--out", str(heterofl), "--quiet",
+                 "--set", "rounds=1", "--set", 'fleet.source="tiers"', "--set", "data.local_test_fraction=0.2"]) == 0
+    text = (heterofl / "config.toml").read_text()
+    assert "# inert" not in next(line for line in text.splitlines() if line.startswith("mix = "))
+    assert "# inert" not in next(line for line in text.splitlines() if line.startswith("local = "))

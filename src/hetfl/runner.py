@@ -36,7 +36,7 @@ from hetfl.fleet import build_fleet
 from hetfl.progress import RunProgress
 from hetfl.reliability import check_min_clients
 from hetfl.reliability.guard import fault_summary
-from hetfl.results import CONFIG, PARTITION, RunDir
+from hetfl.results import CONFIG, PARTITION, RunDir, config_text
 
 
 @dataclass
@@ -205,12 +205,12 @@ def run(
         if cfg.rounds != saved.rounds:
             from hetfl.results import atomic_write_text
 
-            atomic_write_text(run_dir.path / CONFIG, cfg.to_toml())
+            atomic_write_text(run_dir.path / CONFIG, config_text(cfg))
     else:
         if cfg is None:
             raise HetflError("no config given")
         exp = prepare(cfg)
-        run_dir = RunDir.create(out_dir or default_out_dir(cfg, config_path), cfg.to_toml())
+        run_dir = RunDir.create(out_dir or default_out_dir(cfg, config_path), config_text(cfg))
         run_dir.write_json(PARTITION, exp.federation.summary.to_dict())
 
     engine = ENGINES.get(cfg.engine, "engine")(exp.algorithm, exp.federation, exp.ctx, exp.device, cfg)
