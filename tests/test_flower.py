@@ -237,7 +237,11 @@ def test_failed_and_lost_clients_are_reported_and_the_others_aggregated(digits_c
 # ------------------------------------------------------------------------------------- a real deployment
 @needs_flwr
 def test_localhost_deployment_matches_the_simulator(tmp_path, digits_cfg, no_leftovers):
-    """SuperLink + 2 SuperNodes + `flwr run`, through examples/flower_localhost.py; same model as the simulator."""
+    """SuperLink + 2 SuperNodes + `flwr run`, through examples/flower_localhost.py; same model as the simulator.
+
+    Started with a PATH that holds no Flower (not this interpreter's scripts directory, no pyenv shims): the
+    SuperLink and SuperNodes start flower-superexec, flwr-serverapp, flwr-clientapp by name, and must find this
+    interpreter's (a venv not activated, python called by its full path)."""
     from hetfl.runner import run
 
     overrides = ["rounds=2", "seed=1", 'data.partition={name="iid"}', "data.local_test_fraction=0.0",
@@ -246,7 +250,8 @@ def test_localhost_deployment_matches_the_simulator(tmp_path, digits_cfg, no_lef
     config.write_text(digits_cfg().to_toml())
     cmd = [sys.executable, str(ROOT / "examples" / "flower_localhost.py"), "--nodes", "2", "--config", str(config),
            "--out", str(tmp_path / "deploy"), "--timeout", "300", *[a for o in overrides for a in ("--set", o)]]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420)
+    env = {**os.environ, "PATH": _path_without_flower()}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "process groups left: 0" in proc.stdout
     run(digits_cfg(*overrides, "data.num_clients=2"), tmp_path / "sim", quiet=True)
@@ -281,20 +286,3 @@ def test_a_missing_flower_executable_is_one_message_naming_it_and_the_extra():
         example.flower_executable("flower-nothing")
     env = example.child_env({"PATH": "/usr/bin:/bin"})
     assert env["PATH"].split(os.pathsep)[0] == str(example.interpreter_bin_dirs()[0])
-
-
-@needs_flwr
-def test_localhost_deployment_finds_flower_without_it_on_path(tmp_path, digits_cfg, no_leftovers):
-    """The SuperLink/SuperNodes start flower-superexec, flwr-serverapp, flwr-clientapp by name: a caller's PATH
-    without this interpreter's scripts directory (a venv not activated, python called by its full path) still works."""
-    config = tmp_path / "base.toml"
-    config.write_text(digits_cfg().to_toml())
-    overrides = ["rounds=1", "seed=1", 'data.partition={name="iid"}', "data.local_test_fraction=0.0",
-                 'algorithm={name="fedavg", clients_per_round=2}', 'model={name="mlp", hidden="16"}']
-    cmd = [sys.executable, str(ROOT / "examples" / "flower_localhost.py"), "--nodes", "2", "--config", str(config),
-           "--out", str(tmp_path / "deploy"), "--timeout", "240", *[a for o in overrides for a in ("--set", o)]]
-    env = {**os.environ, "PATH": _path_without_flower()}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=360, env=env)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "process groups left: 0" in proc.stdout
-    assert [r["clients"] for r in read_metrics(tmp_path / "deploy")] == [2]
