@@ -536,8 +536,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
 
 def require_names(raw: Mapping[str, Any], source: str) -> None:
     """A config file names at least ``data.name``, ``model.name`` and ``algorithm.name`` (no silent defaults)."""
-    missing = [f"{section}.name" for section in ("data", "model", "algorithm")
-               if not isinstance(raw.get(section), Mapping) or "name" not in raw[section]]
+    missing = [f"{section}.name" for section in ("data", "model", "algorithm")  # a non-table: config_from_dict says
+               if section not in raw or (isinstance(raw[section], Mapping) and "name" not in raw[section])]
     if missing:
         what = "is empty" if not raw else f"does not set {', '.join(missing)}"
         raise ConfigError(f"config {source} {what}: a config names at least its dataset, model and algorithm, "
