@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from hetfl.config import load_config  # noqa: E402
+from hetfl.resolve import load_config  # noqa: E402
 from hetfl.results import read_metrics, strip_timing  # noqa: E402
 from hetfl.runner import run  # noqa: E402
 

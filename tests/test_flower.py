@@ -237,7 +237,11 @@ def test_failed_and_lost_clients_are_reported_and_the_others_aggregated(digits_c
 # ------------------------------------------------------------------------------------- a real deployment
 @needs_flwr
 def test_localhost_deployment_matches_the_simulator(tmp_path, digits_cfg, no_leftovers):
-    """SuperLink + 2 SuperNodes + `flwr run`, through examples/flower_localhost.py; same model as the simulator."""
+    """SuperLink + 2 SuperNodes + `flwr run`, through examples/flower_localhost.py; same model as the simulator.
+
+    Started with a PATH that holds no Flower (not this interpreter's scripts directory, no pyenv shims): the
+    SuperLink and SuperNodes start flower-superexec, flwr-serverapp, flwr-clientapp by name, and must find this
+    interpreter's (a venv not activated, python called by its full path)."""
     from hetfl.runner import run
 
     overrides = ["rounds=2", "seed=1", 'data.partition={name="iid"}', "data.local_test_fraction=0.0",
@@ -246,7 +250,8 @@ def test_localhost_deployment_matches_the_simulator(tmp_path, digits_cfg, no_lef
     config.write_text(digits_cfg().to_toml())
     cmd = [sys.executable, str(ROOT / "examples" / "flower_localhost.py"), "--nodes", "2", "--config", str(config),
            "--out", str(tmp_path / "deploy"), "--timeout", "300", *[a for o in overrides for a in ("--set", o)]]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420)
+    env = {**os.environ, "PATH": _path_without_flower()}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "process groups left: 0" in proc.stdout
     run(digits_cfg(*overrides, "data.num_clients=2"), tmp_path / "sim", quiet=True)
@@ -254,3 +259,30 @@ def test_localhost_deployment_matches_the_simulator(tmp_path, digits_cfg, no_lef
     for k in sim:
         assert torch.allclose(sim[k], dep[k], atol=1e-6), k
     assert [r["clients"] for r in read_metrics(tmp_path / "deploy")] == [2, 2]
+
+
+def _path_without_flower() -> str:
+    """PATH without this interpreter's scripts directory and without any other folder holding Flower (pyenv shims)."""
+    import sysconfig
+
+    own = {os.path.realpath(sysconfig.get_path("scripts")), os.path.realpath(os.path.dirname(sys.executable))}
+    keep = [d for d in os.environ.get("PATH", "").split(os.pathsep)
+            if d and os.path.realpath(d) not in own and not os.path.exists(os.path.join(d, "flower-superexec"))]
+    return os.pathsep.join(keep or ["/usr/bin", "/bin"])
+
+
+def _example():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("flower_localhost", ROOT / "examples" / "flower_localhost.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_missing_flower_executable_is_one_message_naming_it_and_the_extra():
+    example = _example()
+    with pytest.raises(FileNotFoundError, match=r"flower-nothing is not installed .* pip install 'hetfl\[flower\]'"):
+        example.flower_executable("flower-nothing")
+    env = example.child_env({"PATH": "/usr/bin:/bin"})
+    assert env["PATH"].split(os.pathsep)[0] == str(example.interpreter_bin_dirs()[0])

@@ -23,3 +23,4 @@ REGISTRIES: dict[str, Registry] = {
 }
 
 __all__ = ["ALGORITHMS", "DATASETS", "ENGINES", "MODELS", "PARTITIONERS", "REGISTRIES"]
+

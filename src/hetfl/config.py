@@ -43,7 +43,7 @@ import math
 import sys
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -490,8 +490,29 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+#: Sections whose ``name`` chooses a registry entry: the keys every entry shares (the rest are the entry's own).
+ENTRY_SECTIONS: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("data",): DATA_RESERVED,
+    ("data", "partition"): ("name",),
+    ("model",): MODEL_RESERVED,
+    ("algorithm",): ("name",),
+}
+
+#: ``entry_keys(section, name)``: the keys the entry ``name`` of ``section`` declares (None = unknown name).
+EntryKeys = Callable[[str, str], "Collection[str] | None"]
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], *, entry_keys: EntryKeys | None = None,
+                    notes: list[str] | None = None) -> dict[str, Any]:
+    """``raw`` with the ``--set`` overrides applied, in order.
+
+    ``--set SECTION.name=NEW`` on a registry-backed section (:data:`ENTRY_SECTIONS`) that changes the name
+    drops the old entry's parameters that ``NEW`` does not declare (``entry_keys`` says which it declares;
+    without it nothing is dropped); one line per such change is appended to ``notes``.  Keys given by an
+    earlier ``--set`` are kept (an explicit key the new entry lacks is still the user's error to see).
+    """
     out = _deepcopy_tables(raw)
+    given: set[tuple[str, ...]] = set()
     for item in overrides:
         path, value = parse_override(item)
         node = out
@@ -500,7 +521,20 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
             if not isinstance(child, dict):
                 raise ConfigError(f"--set {item!r}: {part} is a value, not a section")
             node = child
+        section = tuple(path[:-1])
+        if (path[-1] == "name" and section in ENTRY_SECTIONS and entry_keys is not None and isinstance(value, str)
+                and node.get("name") != value):
+            declared = entry_keys(".".join(section), value)
+            if declared is not None:
+                keep = set(ENTRY_SECTIONS[section]) | set(declared)
+                dropped = [k for k in node if k not in keep and (*section, k) not in given]
+                for k in dropped:
+                    del node[k]
+                if dropped and notes is not None:
+                    notes.append(f"{'.'.join(section)}.name={value} drops {', '.join(sorted(dropped))} "
+                                 f"({'it does' if len(dropped) == 1 else 'they do'} not apply to {value!r})")
         node[path[-1]] = value
+        given.add(tuple(path))
     return out
 
 
@@ -509,13 +543,29 @@ def _deepcopy_tables(raw: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def read_config(path: str | Path | None = None, overrides: Sequence[str] = (),
-                base: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The nested dict of a TOML file (or of ``base`` / the defaults) with ``--set`` overrides applied;
-    :func:`hetfl.resolve.load_config` validates it into a :class:`RunConfig`."""
+                base: Mapping[str, Any] | None = None, *, entry_keys: EntryKeys | None = None,
+                notes: list[str] | None = None) -> dict[str, Any]:
+    """The nested dict of a TOML file (or of ``base`` / the defaults) with ``--set`` overrides applied
+    (``entry_keys`` / ``notes``: see :func:`apply_overrides`); a file must name its dataset, model and
+    algorithm.  :func:`hetfl.resolve.load_config` validates the result into a :class:`RunConfig`."""
     raw: dict[str, Any] = dict(base or {})
     if path is not None:
         raw = read_toml(path)
-    return apply_overrides(raw, overrides)
+    raw = apply_overrides(raw, overrides, entry_keys=entry_keys, notes=notes)
+    if path is not None:
+        require_names(raw, str(path))
+    return raw
+
+
+def require_names(raw: Mapping[str, Any], source: str) -> None:
+    """A config file names at least ``data.name``, ``model.name`` and ``algorithm.name`` (no silent defaults)."""
+    missing = [f"{section}.name" for section in ("data", "model", "algorithm")  # a non-table: config_from_dict says
+               if section not in raw or (isinstance(raw[section], Mapping) and "name" not in raw[section])]
+    if missing:
+        what = "is empty" if not raw else f"does not set {', '.join(missing)}"
+        raise ConfigError(f"config {source} {what}: a config names at least its dataset, model and algorithm, "
+                          f'e.g. [data] name = "digits", [model] name = "mlp", [algorithm] name = "fedavg" '
+                          f"(see configs/ and `hetfl list`)")
 
 
 def _toml_value(v: Any) -> str:

@@ -6,6 +6,7 @@ per-sample correctness by client (``np.bincount``), instead of one small pass pe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,6 +52,8 @@ class Evaluator:
         self.federation = federation
         self.seed = seed
         self._calib: Split | None = None
+        #: called as ``progress(done, total, label)`` around every evaluated model (the console's evaluation step)
+        self.progress: Callable[[int, int, str], None] | None = None
 
     def calibration_data(self) -> Split:
         """Up to ``eval.bn_samples`` client training samples (seeded): the static-BN statistics pass."""
@@ -77,7 +80,10 @@ class Evaluator:
 
     def __call__(self, algorithm: Algorithm, state: ServerState) -> dict[str, float]:
         out: dict[str, float] = {}
-        for label, target in algorithm.eval_targets(state, self.ctx).items():
+        targets = algorithm.eval_targets(state, self.ctx)
+        for done, (label, target) in enumerate(targets.items()):
+            if self.progress is not None:
+                self.progress(done, len(targets), label)
             model = self.models.loaded(target.model, target.weights)
             if target.calibrate_bn:
                 out["bn_calibration_samples"] = recalibrate_bn(model, self.calibration_data(), self.cfg.batch_size)
@@ -98,6 +104,8 @@ class Evaluator:
                 members = np.isin(self.local.clients, target.clients)
                 if members.any():
                     out[f"tier_acc.{label}"] = float(acc[members].mean())
+        if self.progress is not None:
+            self.progress(len(targets), len(targets), "")
         return out
 
 

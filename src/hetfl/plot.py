@@ -47,8 +47,10 @@ def plot_runs(dirs: Sequence[str | Path], out: str | Path | None = None) -> list
                     xs_r.append(r["round"])
                     xs_b.append(total / 2**20)
                     ys.append(r[metric])
-            ax_r.plot(xs_r, ys, label=_label(path))
-            ax_b.plot(xs_b, ys, label=_label(path))
+            # markers: a run with a single evaluation point is a point, not an invisible zero-length line
+            style = {"marker": "o", "markersize": 3 if len(ys) > 30 else 4}
+            ax_r.plot(xs_r, ys, label=_label(path), **style)
+            ax_b.plot(xs_b, ys, label=_label(path), **style)
         ax_r.set_xlabel("round")
         ax_b.set_xlabel("cumulative bytes up+down (MiB)")
         for ax in (ax_r, ax_b):

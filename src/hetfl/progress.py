@@ -24,6 +24,8 @@ class RunProgress:
         self.total = total
         self.start = start
         self.label = label
+        self._eval_task = None
+        self._last = ""  # the last round's accuracy/loss text
 
     def __enter__(self) -> RunProgress:
         if not self.quiet:
@@ -45,6 +47,27 @@ class RunProgress:
                                                  status="")
         return self
 
+    def phase(self, rnd: int, text: str) -> None:
+        """What the current round is doing now ("training", "evaluating"): shown next to the round count."""
+        if self._progress is not None:
+            self._progress.update(self._task, status=f"round {rnd}: {text}  {self._last}".rstrip())
+
+    def eval_step(self, done: int, total: int, label: str) -> None:
+        """Evaluation as its own step with its own bar: ``done`` of ``total`` models evaluated, ``label`` next.
+
+        Evaluating several models (one per width, each with a BatchNorm statistics pass) can take longer than
+        training a round; without this the round bar looks frozen."""
+        if self._progress is None:
+            return
+        if self._eval_task is None:
+            self._eval_task = self._progress.add_task("  evaluation", total=total, completed=done, status="")
+        what = f"model {label!r}" if label not in ("", "global") else ("global model" if label else "done")
+        self._progress.update(self._eval_task, total=total, completed=done, visible=done < total,
+                              status=f"{what} ({min(done + 1, total)}/{total})" if done < total else "done")
+        if done == 0:
+            self._progress.reset(self._eval_task, total=total, completed=0, visible=True,
+                                 status=f"{what} (1/{total})")
+
     def update(self, rnd: int, metrics: dict[str, float]) -> None:
         if self._progress is None:
             return
@@ -53,8 +76,9 @@ class RunProgress:
             parts.append(f"acc {metrics['test_accuracy']:.4f}")
         if "train_loss" in metrics and metrics["train_loss"] == metrics["train_loss"]:
             parts.append(f"loss {metrics['train_loss']:.4f}")
-        fields = {"status": "  ".join(parts)} if parts else {}
-        self._progress.update(self._task, completed=rnd, **fields)
+        if parts:
+            self._last = "  ".join(parts)
+        self._progress.update(self._task, completed=rnd, status=self._last)
 
     def log(self, message: str) -> None:
         if self._progress is not None:

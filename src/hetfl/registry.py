@@ -64,6 +64,7 @@ class Registry(Generic[T]):
 
 
 def describe(obj: Any) -> str:
-    """First line of an entry's docstring, for `hetfl list`."""
+    """The first paragraph of an entry's docstring on one line, for `hetfl list` (a sentence, not its first line)."""
     doc = (getattr(obj, "__doc__", None) or "").strip()
-    return doc.splitlines()[0] if doc else ""
+    first = doc.split("\n\n")[0] if doc else ""
+    return " ".join(first.split()).replace("``", "")

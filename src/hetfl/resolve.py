@@ -32,6 +32,7 @@ from hetfl.config import (
     build_fixed,
     check_params,
     check_value,
+    declared_params,
     read_config,
     validate_ranges,
 )
@@ -107,7 +108,23 @@ def config_from_dict(raw: Mapping[str, Any]) -> RunConfig:
     return cfg
 
 
+def entry_keys(section: str, name: str) -> set[str] | None:
+    """The keys the registry entry ``name`` declares in config section ``section`` (None: no such entry);
+    what ``--set SECTION.name=NEW`` keeps of the old entry's parameters."""
+    registry, skip = {
+        "data": (DATASETS, ("data_dir", "seed", "verify")),
+        "data.partition": (PARTITIONERS, ()),
+        "model": (MODELS, ("width",)),
+        "algorithm": (ALGORITHMS, ()),
+    }[section]
+    if name not in registry:
+        return None
+    return set(declared_params(registry.get(name), skip))
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
-                base: Mapping[str, Any] | None = None) -> RunConfig:
-    """Read a TOML file (or start from ``base`` / the defaults), apply ``--set`` overrides, validate."""
-    return config_from_dict(read_config(path, overrides, base))
+                base: Mapping[str, Any] | None = None, *, notes: list[str] | None = None) -> RunConfig:
+    """Read a TOML file (or start from ``base`` / the defaults), apply ``--set`` overrides, resolve and
+    validate.  A config file must name its dataset, model and algorithm; ``notes`` collects one line per
+    parameter set dropped because ``--set SECTION.name=...`` changed the entry."""
+    return config_from_dict(read_config(path, overrides, base, entry_keys=entry_keys, notes=notes))

@@ -221,6 +221,38 @@ class RunDir:
         return read_summary(self.path)
 
 
+def inert_keys(cfg: Any) -> dict[str, str]:
+    """Keys of a resolved config that change nothing in this run, with why (``"section.key" -> reason``)."""
+    out: dict[str, str] = {}
+    source = cfg.fleet.source
+    if source == "uniform":
+        for key in ("mix", "assignment"):
+            out[f"fleet.{key}"] = 'fleet.source = "uniform": every client trains the full model'
+    if source != "phones":
+        out["fleet.budget_quantile"] = 'used only with fleet.source = "phones"'
+    if cfg.data.local_test_fraction == 0:
+        for key in ("local", "local_clients"):
+            out[f"eval.{key}"] = "data.local_test_fraction = 0: clients hold no local test split"
+    return out
+
+
+def config_text(cfg: Any) -> str:
+    """The resolved config as written to a run's config.toml: every key, those that do nothing in this run
+    marked ``# inert: why`` (a comment: the file reads back to the same config)."""
+    inert = inert_keys(cfg)
+    lines, section = [], ""
+    for line in cfg.to_toml().splitlines():
+        if line.startswith("["):
+            section = line.strip("[]")
+        elif " = " in line:
+            key = line.split(" = ", 1)[0]
+            why = inert.get(f"{section}.{key}" if section else key)
+            if why:
+                line = f"{line}  # inert: {why}"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
 def strip_timing(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """Metrics rows without the wall-clock fields (what must match between identical runs)."""
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]

@@ -34,7 +34,7 @@ from hetfl.model_cache import ModelCache
 from hetfl.progress import RunProgress
 from hetfl.reliability.guard import fault_summary
 from hetfl.resolve import config_from_dict
-from hetfl.results import CONFIG, PARTITION, RunDir, atomic_write_text, read_summary
+from hetfl.results import CONFIG, PARTITION, RunDir, atomic_write_text, config_text, read_summary
 
 
 def prepare(cfg: RunConfig) -> Experiment:
@@ -130,12 +130,12 @@ def run(
         if not (run_dir.path / PARTITION).is_file():  # killed between creating the directory and writing it
             run_dir.write_json(PARTITION, exp.federation.summary.to_dict())
         if cfg.rounds != saved.rounds:
-            atomic_write_text(run_dir.path / CONFIG, cfg.to_toml())
+            atomic_write_text(run_dir.path / CONFIG, config_text(cfg))
     else:
         if cfg is None:
             raise HetflError("no config given")
         exp = prepare(cfg)
-        run_dir = RunDir.create(out_dir or default_out_dir(cfg, config_path), cfg.to_toml())
+        run_dir = RunDir.create(out_dir or default_out_dir(cfg, config_path), config_text(cfg))
         run_dir.write_json(PARTITION, exp.federation.summary.to_dict())
 
     factory = engine if engine is not None else ENGINES.get(cfg.engine, "engine")
@@ -153,12 +153,15 @@ def run(
     t_start = time.perf_counter() - elapsed
     status = "running"
     # until this run ends, summary.json must not claim an earlier "complete" (a kill -9 leaves "running")
-    run_dir.write_summary({**summarize_metrics(run_dir.metrics(), elapsed, cfg, status), "run_dir": str(run_dir.path)})
+    rows = run_dir.metrics()
+    run_dir.write_summary({**summarize_metrics(rows, elapsed, cfg, status), "run_dir": str(run_dir.path)})
     label = cfg.name or f"{cfg.algorithm.name}/{cfg.model.name}/{cfg.data.name}"
     try:
         with RunProgress(cfg.rounds, start, label=label, quiet=quiet) as bar:
+            evaluator.progress = bar.eval_step  # evaluation shows as its own step (per model: width, family, ...)
             for rnd in range(start + 1, cfg.rounds + 1):
                 t0 = time.perf_counter()
+                bar.phase(rnd, "training")
                 state, report = engine.run_round(state, rnd)
                 for message in getattr(report, "messages", ()):  # failed/rejected clients, skipped rounds
                     bar.log(f"round {rnd}: {message}")
@@ -166,6 +169,7 @@ def run(
                 row.update(exp.algorithm.round_metrics(state))
                 if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
                     t1 = time.perf_counter()
+                    bar.phase(rnd, "evaluating")
                     row.update(evaluator(exp.algorithm, state))
                     row["eval_time_s"] = round(time.perf_counter() - t1, 4)
                 now = time.perf_counter()
@@ -174,10 +178,14 @@ def run(
                 if not row.get("skipped") and not math.isfinite(row.get("train_loss", 0.0) or 0.0):
                     bar.log(f"round {rnd}: training loss is not finite (diverged?); lower train.lr")
                 run_dir.append_metrics(row)
+                rows.append(row)
                 if rnd == cfg.rounds or (cfg.checkpoint_every and rnd % cfg.checkpoint_every == 0):
                     run_dir.save_checkpoint({"round": rnd, "state": state.to_dict(),
                                              "elapsed_s": now - t_start, "seed": cfg.seed,
                                              "torch_rng": torch.get_rng_state()})
+                    # summary.json follows the checkpoint (atomically): rounds_completed, accuracy so far
+                    run_dir.write_summary({**summarize_metrics(rows, now - t_start, cfg, status),
+                                           "run_dir": str(run_dir.path)})
                 bar.update(rnd, row)
         status = "complete"
     except KeyboardInterrupt:

@@ -151,8 +151,10 @@ def resolve_workers(setting: int | str, threads_per_worker: int, algorithm: Algo
         return 1, f"auto: {available_cores()} core(s), {clients} client(s) per round"
     est = estimate_round_s(algorithm, ctx)
     if est < AUTO_MIN_ROUND_S:
-        return 1, f"auto: ~{est * 1e3:.0f} ms of client work per round is too little to pay for processes"
-    return n, f"auto: ~{est:.2g} s of client work per round on {available_cores()} cores"
+        # the FLOPs estimate only decides; it is no time to show (off by 20x on a busy CPU: 48 s shown, 2.5 s measured)
+        return 1, "auto: a round's client work (estimated from the model's FLOPs) is too little to pay for processes"
+    return n, f"auto: a round's client work (estimated from the model's FLOPs) pays for processes on " \
+              f"{available_cores()} cores"
 
 
 def _can_fork() -> bool:
