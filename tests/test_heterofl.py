@@ -200,3 +200,33 @@ def test_narrow_mlp_submodel_is_usable_by_default_and_collapses_with_forced_scal
     with pytest.warns(UserWarning, match="mis-scaled at evaluation"):
         forced = narrow_accuracy('algorithm={name="heterofl", clients_per_round=6, scaler=true}')
     assert forced < 0.2  # chance is 0.1
+
+
+@pytest.mark.parametrize("rate", [0.5, 0.25, 0.125, 0.0625])
+def test_scaler_scales_the_normalised_convs_and_never_the_classifier(rate):
+    """HeteroFL's Scaler sits between a sliced conv and its norm (the first conv included) and never on the
+    output layer: on the static-BN conv net the training logits keep their scale (issue 22: they were x 1/rate)."""
+    from hetfl.algorithms.heterofl import Scaler, scaler_layers
+    from hetfl.hetero import spec_for, submodel_ref
+
+    ref = submodel_ref(ModelRef("heterofl_conv"), rate)
+    model = ref.build(IMAGE)
+    modules = list(model.named_children())
+    normalised = {name for (name, m), (_, nxt) in zip(modules, modules[1:])
+                  if isinstance(m, torch.nn.Conv2d) and isinstance(nxt, torch.nn.BatchNorm2d)}
+    layers = scaler_layers(spec_for(ref, IMAGE))
+    assert set(layers) == normalised == {"conv1", "conv2", "conv3", "conv4"} and "fc" not in layers
+
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    model.train()
+    plain = model(x)
+    seen = []
+    with Scaler(model, layers, rate) as scaler:
+        hooks = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: seen.append(n)) for n in layers]
+        scaled = model(x)
+        for h in hooks:
+            h.remove()
+    assert len(scaler.handles) == len(layers) and seen == list(layers)
+    # BatchNorm in training mode normalises the scaled conv outputs (up to its eps): the logits keep their scale
+    assert torch.allclose(scaled, plain, rtol=1e-2, atol=1e-2)
+    assert not torch.allclose(scaled, plain / rate, rtol=0.1, atol=0.1)

@@ -67,14 +67,8 @@ def masked_cross_entropy(mask: torch.Tensor):
 
 
 class Scaler:
-    """HeteroFL's Scaler as forward hooks: in training mode, the outputs of the Linear/Conv layers whose
-    input channels are sliced are divided by ``rate``, compensating for the fewer summands.
-
-    HeteroFL scales every hidden conv, each followed by a norm in its models, where the two are
-    equivalent (batch statistics cancel a constant factor).  Without norms, scaling a layer whose
-    fan-in is complete (the first layer) only amplifies activations by 1/rate and diverges, so hetfl
-    scales exactly the layers whose fan-in is sliced (including the classifier).
-    """
+    """HeteroFL's Scaler as forward hooks: in training mode, the outputs of ``module_names`` are divided
+    by ``rate`` (see :func:`scaler_layers` for which layers)."""
 
     def __init__(self, model: nn.Module, module_names: Sequence[str], rate: float) -> None:
         self.handles = []
@@ -95,6 +89,18 @@ class Scaler:
     def __exit__(self, *exc: object) -> None:
         for h in self.handles:
             h.remove()
+
+
+def scaler_layers(spec) -> tuple[str, ...]:
+    """The layers whose training output the Scaler divides by the rate, as HeteroFL places it.
+
+    HeteroFL puts the Scaler between a sliced parametric layer and the normalisation after it (every such
+    conv, the first one included) and never on the output layer.  In a model with normalisation layers
+    these are the hidden Linear/Conv layers read directly by a norm.  A model without norms has no such
+    place; there the Scaler acts where the norm would be, after every hidden Linear/Conv (HeteroFL's
+    configuration without norms), still never on the output layer.
+    """
+    return spec.normalised if spec.has_norms else spec.hidden_outputs
 
 
 def scaler_absorbed(model: nn.Module, static_bn: bool) -> bool:
@@ -373,7 +379,7 @@ class HeteroFL(Algorithm):
 
     @staticmethod
     def _hidden_modules(task: ClientTask) -> tuple[str, ...]:
-        return spec_for(task.model, info_from_plain(task.extra["info"])).sliced_fanin
+        return scaler_layers(spec_for(task.model, info_from_plain(task.extra["info"])))
 
     def _ordered_forward(self, task: ClientTask, model: nn.Module):
         widths = tuple(sorted(float(w) for w in task.extra.get("widths", [1.0])))
