@@ -108,9 +108,10 @@ def _weak_model_costs(rounds: int) -> dict[str, float]:
     import torch
 
     from hetfl.accounting import model_cost
-    from hetfl.algorithms.base import ModelRef, nbytes, weights_of
+    from hetfl.algorithms.base import nbytes, weights_of
     from hetfl.config import load_config
     from hetfl.data.base import DataInfo
+    from hetfl.models import ModelRef
 
     cfg = load_config(CONFIG)
     info = DataInfo((1, 28, 28), 10)

@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from hetfl.algorithms.base import ModelRef, nbytes, round_seed, weights_of
+from hetfl.algorithms.base import nbytes, round_seed, weights_of
 from hetfl.config import load_config
 from hetfl.decentralized.engine import InProcessEngine
 from hetfl.decentralized.protocol import cut, node_key
 from hetfl.decentralized.topology import TOPOLOGIES, GraphConfig, mixing_matrix, sample_topology, spectral_gap
 from hetfl.engines import ENGINES
 from hetfl.errors import ConfigError
+from hetfl.models import ModelRef
 from hetfl.results import read_metrics, read_summary, strip_timing
 from hetfl.runner import prepare, run
 from hetfl.train import local_sgd

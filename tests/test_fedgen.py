@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from hetfl.algorithms.base import ModelRef
 from hetfl.algorithms.fedgen import (
     FedGen,
     FedGenUpdate,
@@ -26,6 +25,7 @@ from hetfl.config import load_config
 from hetfl.data.base import DataInfo
 from hetfl.engines.simulator import Simulator
 from hetfl.errors import ConfigError
+from hetfl.models import ModelRef
 from hetfl.runner import prepare, run
 
 FEDGEN = {

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hetfl.algorithms.base import ModelRef
 from hetfl.data.base import DataInfo
 from hetfl.engines.simulator import ModelCache, Simulator
 from hetfl.errors import ConfigError
 from hetfl.evaluation import Evaluator
+from hetfl.models import ModelRef
 from hetfl.results import read_metrics
 from hetfl.runner import prepare, run
 

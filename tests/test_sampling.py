@@ -177,11 +177,12 @@ def test_size_correlation_reassigns_devices_by_data_size(source, mix):
 
 def test_overlap_average_accepts_a_full_width_update_after_a_narrow_one():
     """Width policies and size correlation put narrow clients before full-width ones in a round's stream."""
-    from hetfl.algorithms.base import ModelRef, weights_of
+    from hetfl.algorithms.base import weights_of
     from hetfl.data.base import DataInfo
     from hetfl.hetero import group_sizes, spec_for
     from hetfl.hetero.extract import OverlapAverage, extract
     from hetfl.hetero.policy import Prefix
+    from hetfl.models import ModelRef
 
     info, ref = DataInfo((64,), 10), ModelRef("mlp", 1.0, (("hidden", "8"),))
     spec = spec_for(ref, info)

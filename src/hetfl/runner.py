@@ -22,7 +22,7 @@ import torch
 
 from hetfl import catalog
 from hetfl.accounting import tier_totals
-from hetfl.algorithms.base import Algorithm, Context, ModelRef, ServerState
+from hetfl.algorithms.base import Algorithm, Context, ServerState
 from hetfl.config import RunConfig, config_from_dict, parse_toml
 from hetfl.data.base import Dataset
 from hetfl.data.federation import Federation, build_federation
@@ -33,6 +33,7 @@ from hetfl.engines.simulator import ModelCache
 from hetfl.errors import ConfigError, HetflError
 from hetfl.evaluation import Evaluator
 from hetfl.fleet import build_fleet
+from hetfl.models import ModelRef
 from hetfl.progress import RunProgress
 from hetfl.reliability import check_min_clients
 from hetfl.reliability.guard import fault_summary

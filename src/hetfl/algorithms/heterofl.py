@@ -33,7 +33,6 @@ from hetfl.algorithms.base import (
     ClientTask,
     Context,
     EvalTarget,
-    ModelRef,
     ServerState,
     Weights,
     round_seed,
@@ -47,6 +46,7 @@ from hetfl.hetero import group_sizes, spec_for, submodel_ref
 from hetfl.hetero.extract import OverlapAverage, extract, param_indices, scatter_full
 from hetfl.hetero.policy import POLICIES, Prefix, Selection, make_policy
 from hetfl.hetero.sampling import WidthPlan, WidthPolicy, level_label, make_width_policy, plan_round
+from hetfl.models import ModelRef
 from hetfl.robust import check_method, robust_reduce
 from hetfl.train import local_sgd
 

@@ -57,7 +57,6 @@ from hetfl.algorithms.base import (
     ClientTask,
     Context,
     EvalTarget,
-    ModelRef,
     ServerState,
     Weights,
     nbytes,
@@ -74,6 +73,7 @@ from hetfl.errors import ConfigError, HetflError
 from hetfl.hetero import group_sizes, spec_for, submodel_ref
 from hetfl.hetero.extract import OverlapAverage, extract
 from hetfl.hetero.policy import Prefix, Selection
+from hetfl.models import ModelRef
 from hetfl.reliability import FaultsConfig
 from hetfl.train import local_sgd
 

@@ -33,10 +33,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from hetfl import packed
-from hetfl.algorithms.base import Algorithm, ClientResult, ClientTask, Context, ModelRef
+from hetfl.algorithms.base import Algorithm, ClientResult, ClientTask, Context
 from hetfl.config import TrainConfig
 from hetfl.data.federation import Federation
 from hetfl.errors import ConfigError
+from hetfl.models import ModelRef
 from hetfl.train import SGD, batch_indices
 
 SETTINGS = ("auto", True, False)

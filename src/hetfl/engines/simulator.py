@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from hetfl.accounting import Accountant, TierLedger
-from hetfl.algorithms.base import Algorithm, ClientResult, ClientTask, Context, ModelRef, ServerState, nbytes
+from hetfl.algorithms.base import Algorithm, ClientResult, ClientTask, Context, ServerState, nbytes
 from hetfl.data.federation import Federation
+from hetfl.models import ModelRef
 from hetfl.reliability.guard import RoundGuard, skip_round
 
 

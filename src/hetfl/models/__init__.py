@@ -5,6 +5,7 @@ Registered: ``mlp``, ``cnn``, ``heterofl_conv``, ``resnet`` (image or feature in
 """
 
 from hetfl.models import cnn, lstm, mlp, resnet, transformer  # noqa: F401  (registers the families)
+from hetfl.models.ref import ModelRef
 from hetfl.models.registry import (
     MODELS,
     build_model,
@@ -14,4 +15,4 @@ from hetfl.models.registry import (
     scaled,
 )
 
-__all__ = ["MODELS", "build_model", "check_width", "count_parameters", "model_params", "scaled"]
+__all__ = ["MODELS", "ModelRef", "build_model", "check_width", "count_parameters", "model_params", "scaled"]
