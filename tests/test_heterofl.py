@@ -77,12 +77,12 @@ def test_fjord_self_distillation_trains_and_differs(digits_cfg):
 def test_bad_submodel_configs(digits_cfg):
     from hetfl.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="algorithm.policy must be one of prefix, random, rolling"):
-        digits_cfg('algorithm={name="heterofl", policy="zigzag"}')
+    with pytest.raises(ConfigError, match="algorithm.index_policy must be one of prefix, random, rolling"):
+        digits_cfg('algorithm={name="heterofl", index_policy="zigzag"}')
     with pytest.raises(ConfigError, match="needs nested submodels"):
-        digits_cfg('algorithm={name="fjord", policy="random"}')
-    with pytest.raises(ConfigError, match="algorithm.stride must be >= 1"):
-        digits_cfg('algorithm={name="fedrolex", stride=0}')
+        digits_cfg('algorithm={name="fjord", index_policy="random"}')
+    with pytest.raises(ConfigError, match="stride must be >= 1"):
+        digits_cfg('algorithm={name="fedrolex", index_policy="rolling(stride=0)"}')
     with pytest.raises(ConfigError, match="self_distill needs algorithm.ordered"):
         digits_cfg('algorithm={name="heterofl", self_distill=true}')
 
@@ -206,8 +206,8 @@ def test_narrow_mlp_submodel_is_usable_by_default_and_collapses_with_forced_scal
 def test_scaler_scales_the_normalised_convs_and_never_the_classifier(rate):
     """HeteroFL's Scaler sits between a sliced conv and its norm (the first conv included) and never on the
     output layer: on the static-BN conv net the training logits keep their scale (issue 22: they were x 1/rate)."""
-    from hetfl.algorithms.heterofl import Scaler, scaler_layers
     from hetfl.hetero import spec_for, submodel_ref
+    from hetfl.hetero.scaler import Scaler, scaler_layers
 
     ref = submodel_ref(ModelRef("heterofl_conv"), rate)
     model = ref.build(IMAGE)
@@ -230,3 +230,60 @@ def test_scaler_scales_the_normalised_convs_and_never_the_classifier(rate):
     # BatchNorm in training mode normalises the scaled conv outputs (up to its eps): the logits keep their scale
     assert torch.allclose(scaled, plain, rtol=1e-2, atol=1e-2)
     assert not torch.allclose(scaled, plain / rate, rtol=0.1, atol=0.1)
+
+
+@pytest.mark.parametrize(("old", "hint"), [
+    ('policy="rolling"', 'renamed to algorithm.index_policy (e.g. index_policy = "rolling")'),
+    ("stride=2", 'now a parameter of the rolling index policy: index_policy = "rolling(stride=1)"'),
+    ('width_policy="coverage"', 'renamed to algorithm.width_schedule (e.g. width_schedule = "coverage")'),
+    ("width_q=0.25", 'now a parameter of the mixture schedule: width_schedule = "mixture(q=0.5)"'),
+    ('width_target="deploy"', 'now a parameter of the coverage schedule: width_schedule = "coverage(target=equal)"'),
+    ("width_val_size=100", 'now a parameter of the adaptive schedule: width_schedule = "adaptive(val_size=500)"'),
+    ("width_ema=0.3", 'now a parameter of the adaptive schedule: width_schedule = "adaptive(ema=0.5)"'),
+])
+def test_old_config_names_are_refused_naming_the_new_one(digits_cfg, old, hint):
+    key = old.split("=")[0]
+    with pytest.raises(ConfigError) as err:
+        digits_cfg(f'algorithm={{name="fedrolex", {old}}}')
+    assert str(err.value) == f"algorithm.{key} is no longer accepted for algorithm 'fedrolex': {hint}"
+
+
+def test_index_policy_and_width_schedule_with_parameters_are_config_strings(digits_cfg):
+    cfg = digits_cfg('algorithm={name="heterofl", index_policy="rolling(stride=3)", '
+                     'width_schedule="coverage(target=0.5,0.3,0.2)"}')
+    algo = prepare(cfg).algorithm
+    assert algo.channels.stride == 3 and algo.widths.schedule.target == "0.5,0.3,0.2"
+    with pytest.raises(ConfigError, match="index policy 'rolling' has no parameter 'step'; its parameters: stride"):
+        digits_cfg('algorithm={name="heterofl", index_policy="rolling(step=3)"}')
+    with pytest.raises(ConfigError, match="mixture parameter q must be float"):
+        digits_cfg('algorithm={name="heterofl", width_schedule="mixture(q=often)"}')
+
+
+def test_a_new_index_policy_with_a_parameter_is_one_registered_class(digits_cfg):
+    """No algorithm field, config key or factory to edit: the class and its registration are all it takes."""
+    from dataclasses import dataclass
+
+    import numpy as np
+
+    from hetfl.hetero.policy import INDEX_POLICIES, IndexPolicy
+
+    @INDEX_POLICIES.register("shifted")
+    @dataclass(frozen=True)
+    class Shifted(IndexPolicy):
+        """A prefix window moved by ``offset`` channels."""
+
+        offset: int = 0
+
+        def choose(self, group, n_units, *, rnd, client, seed):
+            return (np.arange(n_units) + self.offset) % group.units
+
+    try:
+        cfg = digits_cfg('fleet.source="tiers"', 'fleet.mix="a-c"', "data.num_clients=4",
+                         'model={name="mlp", hidden="16"}',
+                         'algorithm={name="heterofl", clients_per_round=4, index_policy="shifted(offset=2)"}')
+        exp = prepare(cfg)
+        state = exp.algorithm.init_state(exp.ctx)
+        narrow = [t for t in exp.algorithm.configure_round(state, 1, [0, 1, 2, 3], exp.ctx) if t.extra["rate"] < 1]
+        assert narrow and torch.equal(narrow[0].weights["fc1.weight"], state.models["global"]["fc1.weight"][2:6])
+    finally:
+        INDEX_POLICIES._entries.pop("shifted")
