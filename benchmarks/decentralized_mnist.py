@@ -108,8 +108,9 @@ def _weak_model_costs(rounds: int) -> dict[str, float]:
     import torch
 
     from hetfl.accounting import model_cost
-    from hetfl.algorithms.base import ModelRef, nbytes, weights_of
+    from hetfl.algorithms.base import nbytes, weights_of
     from hetfl.data.base import DataInfo
+    from hetfl.models import ModelRef
     from hetfl.resolve import load_config
 
     cfg = load_config(CONFIG)

@@ -43,13 +43,14 @@ def measure(args: tuple[str, int, int, int, int, str, str]) -> dict[str, float]:
     import torch
 
     torch.set_num_threads(1)
-    from hetfl.algorithms.base import ClientResult, Context, ModelRef, round_seed
+    from hetfl.algorithms.base import ClientResult, Context, round_seed
     from hetfl.algorithms.feddf import FedDF
     from hetfl.config import TrainConfig
     from hetfl.data.base import DataInfo, Split
     from hetfl.data.server import ServerData
     from hetfl.distill import PeakMemory, nbytes_of
     from hetfl.fleet import FleetConfig, build_fleet
+    from hetfl.models import ModelRef
 
     info = DataInfo((1, 28, 28), 10)
     dev = torch.device(device)

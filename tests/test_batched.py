@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from hetfl.algorithms.base import ModelRef
 from hetfl.algorithms.fedavg import FedAvg
 from hetfl.config import TrainConfig
 from hetfl.data.base import DataInfo, Split
 from hetfl.engines.batched import batch_schedule, check_setting, make_batcher, module_qualifies, train_group
 from hetfl.errors import ConfigError
+from hetfl.models import ModelRef
 from hetfl.resolve import load_config
 from hetfl.runner import prepare
 from hetfl.train import batch_indices, local_sgd

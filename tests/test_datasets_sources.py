@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 
-from hetfl.algorithms.base import ModelRef
 from hetfl.cli import main
 from hetfl.data import cifar as C
 from hetfl.data import fashion_mnist as FM
@@ -29,6 +28,7 @@ from hetfl.errors import ConfigError, DataError
 from hetfl.hetero import group_sizes, spec_for
 from hetfl.hetero.extract import extract
 from hetfl.hetero.policy import Prefix
+from hetfl.models import ModelRef
 from hetfl.runner import run
 
 

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from hetfl.algorithms.base import ModelRef, nbytes, round_seed, weights_of
+from hetfl.algorithms.base import nbytes, round_seed, weights_of
 from hetfl.decentralized.engine import InProcessEngine
 from hetfl.decentralized.protocol import cut, node_key
 from hetfl.decentralized.topology import TOPOLOGIES, GraphConfig, mixing_matrix, sample_topology, spectral_gap
 from hetfl.engines import ENGINES
 from hetfl.errors import ConfigError
+from hetfl.models import ModelRef
 from hetfl.resolve import load_config
 from hetfl.results import read_metrics, read_summary, strip_timing
 from hetfl.runner import prepare, run

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from hetfl.algorithms.base import ClientResult, ModelRef, weights_of
+from hetfl.algorithms.base import ClientResult, weights_of
 from hetfl.algorithms.families import RunningMean, family_index, parse_families, resolve_families
 from hetfl.data.base import DataInfo, Dataset, Split
 from hetfl.data.server import ServerDataSpec, draw_server_data
 from hetfl.errors import ConfigError
 from hetfl.experiment import load_data
+from hetfl.models import ModelRef
 from hetfl.resolve import load_config
 from hetfl.runner import prepare, run
 

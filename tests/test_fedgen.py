@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from hetfl.algorithms.base import ModelRef
 from hetfl.algorithms.fedgen import (
     FedGen,
     FedGenUpdate,
@@ -25,6 +24,7 @@ from hetfl.algorithms.fedgen import (
 from hetfl.data.base import DataInfo
 from hetfl.engines.simulator import Simulator
 from hetfl.errors import ConfigError
+from hetfl.models import ModelRef
 from hetfl.resolve import load_config
 from hetfl.runner import prepare, run
 

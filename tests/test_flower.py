@@ -18,11 +18,12 @@ import pytest
 import torch
 
 from hetfl.algorithms import ALGORITHMS
-from hetfl.algorithms.base import ClientResult, ClientTask, ModelRef
+from hetfl.algorithms.base import ClientResult, ClientTask
 from hetfl.config import TrainConfig
 from hetfl.engines import ENGINES
 from hetfl.engines.simulator import Simulator
 from hetfl.errors import HetflError
+from hetfl.models import ModelRef
 from hetfl.results import read_metrics
 from hetfl.runner import prepare
 

@@ -45,7 +45,7 @@ CASES: dict[str, tuple[str, ...]] = {
     "fedavg": (),
     "fedavg_faults": ('faults.dropout=0.3', 'faults.min_clients=1'),
     "heterofl": (*TIERS, 'algorithm={name="heterofl", clients_per_round=4}'),
-    "heterofl_coverage": (*TIERS, 'algorithm={name="heterofl", clients_per_round=4, width_policy="coverage"}'),
+    "heterofl_coverage": (*TIERS, 'algorithm={name="heterofl", clients_per_round=4, width_schedule="coverage"}'),
     "fedrolex": (*TIERS, 'algorithm={name="fedrolex", clients_per_round=4}'),
     "feddropout": (*TIERS, 'algorithm={name="feddropout", clients_per_round=4}'),
     "fjord": (*TIERS, 'algorithm={name="fjord", clients_per_round=4}'),

@@ -9,14 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from hetfl.algorithms.base import ModelRef
 from hetfl.data.base import DataInfo
 from hetfl.errors import ConfigError
 from hetfl.hetero import example_input, group_sizes, spec_for, submodel_ref
 from hetfl.hetero.extract import OverlapAverage, extract
 from hetfl.hetero.policy import Prefix, RandomSubset, Rolling
 from hetfl.hetero.spec import WidthSpecError, derive_spec
-from hetfl.models import count_parameters
+from hetfl.models import ModelRef, count_parameters
 
 IMG = DataInfo((1, 12, 12), 10)
 TOK = DataInfo((16,), 30, 30)

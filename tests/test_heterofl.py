@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hetfl.algorithms.base import ModelRef
 from hetfl.data.base import DataInfo
 from hetfl.engines.simulator import Simulator
 from hetfl.errors import ConfigError
 from hetfl.evaluation import Evaluator
 from hetfl.model_cache import ModelCache
+from hetfl.models import ModelRef
 from hetfl.results import read_metrics
 from hetfl.runner import prepare, run
 
@@ -78,12 +78,12 @@ def test_fjord_self_distillation_trains_and_differs(digits_cfg):
 def test_bad_submodel_configs(digits_cfg):
     from hetfl.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="algorithm.policy must be one of prefix, random, rolling"):
-        digits_cfg('algorithm={name="heterofl", policy="zigzag"}')
+    with pytest.raises(ConfigError, match="algorithm.index_policy must be one of prefix, random, rolling"):
+        digits_cfg('algorithm={name="heterofl", index_policy="zigzag"}')
     with pytest.raises(ConfigError, match="needs nested submodels"):
-        digits_cfg('algorithm={name="fjord", policy="random"}')
-    with pytest.raises(ConfigError, match="algorithm.stride must be >= 1"):
-        digits_cfg('algorithm={name="fedrolex", stride=0}')
+        digits_cfg('algorithm={name="fjord", index_policy="random"}')
+    with pytest.raises(ConfigError, match="stride must be >= 1"):
+        digits_cfg('algorithm={name="fedrolex", index_policy="rolling(stride=0)"}')
     with pytest.raises(ConfigError, match="self_distill needs algorithm.ordered"):
         digits_cfg('algorithm={name="heterofl", self_distill=true}')
 
@@ -201,3 +201,90 @@ def test_narrow_mlp_submodel_is_usable_by_default_and_collapses_with_forced_scal
     with pytest.warns(UserWarning, match="mis-scaled at evaluation"):
         forced = narrow_accuracy('algorithm={name="heterofl", clients_per_round=6, scaler=true}')
     assert forced < 0.2  # chance is 0.1
+
+
+@pytest.mark.parametrize("rate", [0.5, 0.25, 0.125, 0.0625])
+def test_scaler_scales_the_normalised_convs_and_never_the_classifier(rate):
+    """HeteroFL's Scaler sits between a sliced conv and its norm (the first conv included) and never on the
+    output layer: on the static-BN conv net the training logits keep their scale (issue 22: they were x 1/rate)."""
+    from hetfl.hetero import spec_for, submodel_ref
+    from hetfl.hetero.scaler import Scaler, scaler_layers
+
+    ref = submodel_ref(ModelRef("heterofl_conv"), rate)
+    model = ref.build(IMAGE)
+    modules = list(model.named_children())
+    normalised = {name for (name, m), (_, nxt) in zip(modules, modules[1:])
+                  if isinstance(m, torch.nn.Conv2d) and isinstance(nxt, torch.nn.BatchNorm2d)}
+    layers = scaler_layers(spec_for(ref, IMAGE))
+    assert set(layers) == normalised == {"conv1", "conv2", "conv3", "conv4"} and "fc" not in layers
+
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    model.train()
+    plain = model(x)
+    seen = []
+    with Scaler(model, layers, rate) as scaler:
+        hooks = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: seen.append(n)) for n in layers]
+        scaled = model(x)
+        for h in hooks:
+            h.remove()
+    assert len(scaler.handles) == len(layers) and seen == list(layers)
+    # BatchNorm in training mode normalises the scaled conv outputs (up to its eps): the logits keep their scale
+    assert torch.allclose(scaled, plain, rtol=1e-2, atol=1e-2)
+    assert not torch.allclose(scaled, plain / rate, rtol=0.1, atol=0.1)
+
+
+@pytest.mark.parametrize(("old", "hint"), [
+    ('policy="rolling"', 'renamed to algorithm.index_policy (e.g. index_policy = "rolling")'),
+    ("stride=2", 'now a parameter of the rolling index policy: index_policy = "rolling(stride=1)"'),
+    ('width_policy="coverage"', 'renamed to algorithm.width_schedule (e.g. width_schedule = "coverage")'),
+    ("width_q=0.25", 'now a parameter of the mixture schedule: width_schedule = "mixture(q=0.5)"'),
+    ('width_target="deploy"', 'now a parameter of the coverage schedule: width_schedule = "coverage(target=equal)"'),
+    ("width_val_size=100", 'now a parameter of the adaptive schedule: width_schedule = "adaptive(val_size=500)"'),
+    ("width_ema=0.3", 'now a parameter of the adaptive schedule: width_schedule = "adaptive(ema=0.5)"'),
+])
+def test_old_config_names_are_refused_naming_the_new_one(digits_cfg, old, hint):
+    key = old.split("=")[0]
+    with pytest.raises(ConfigError) as err:
+        digits_cfg(f'algorithm={{name="fedrolex", {old}}}')
+    assert str(err.value) == f"algorithm.{key} is no longer accepted for algorithm 'fedrolex': {hint}"
+
+
+def test_index_policy_and_width_schedule_with_parameters_are_config_strings(digits_cfg):
+    cfg = digits_cfg('algorithm={name="heterofl", index_policy="rolling(stride=3)", '
+                     'width_schedule="coverage(target=0.5,0.3,0.2)"}')
+    algo = prepare(cfg).algorithm
+    assert algo.channels.stride == 3 and algo.widths.schedule.target == "0.5,0.3,0.2"
+    with pytest.raises(ConfigError, match="index policy 'rolling' has no parameter 'step'; its parameters: stride"):
+        digits_cfg('algorithm={name="heterofl", index_policy="rolling(step=3)"}')
+    with pytest.raises(ConfigError, match="mixture parameter q must be float"):
+        digits_cfg('algorithm={name="heterofl", width_schedule="mixture(q=often)"}')
+
+
+def test_a_new_index_policy_with_a_parameter_is_one_registered_class(digits_cfg):
+    """No algorithm field, config key or factory to edit: the class and its registration are all it takes."""
+    from dataclasses import dataclass
+
+    import numpy as np
+
+    from hetfl.hetero.policy import INDEX_POLICIES, IndexPolicy
+
+    @INDEX_POLICIES.register("shifted")
+    @dataclass(frozen=True)
+    class Shifted(IndexPolicy):
+        """A prefix window moved by ``offset`` channels."""
+
+        offset: int = 0
+
+        def choose(self, group, n_units, *, rnd, client, seed):
+            return (np.arange(n_units) + self.offset) % group.units
+
+    try:
+        cfg = digits_cfg('fleet.source="tiers"', 'fleet.mix="a-c"', "data.num_clients=4",
+                         'model={name="mlp", hidden="16"}',
+                         'algorithm={name="heterofl", clients_per_round=4, index_policy="shifted(offset=2)"}')
+        exp = prepare(cfg)
+        state = exp.algorithm.init_state(exp.ctx)
+        narrow = [t for t in exp.algorithm.configure_round(state, 1, [0, 1, 2, 3], exp.ctx) if t.extra["rate"] < 1]
+        assert narrow and torch.equal(narrow[0].weights["fc1.weight"], state.models["global"]["fc1.weight"][2:6])
+    finally:
+        INDEX_POLICIES._entries.pop("shifted")

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hetfl.algorithms.base import ModelRef
 from hetfl.data.base import DataInfo
 from hetfl.model_cache import ModelCache, _StateSlots
-from hetfl.models import build_model
+from hetfl.models import ModelRef, build_model
 
 
 class _Ctx:

@@ -106,8 +106,9 @@ def test_a_clone_remembers_its_span_and_forgets_it_when_changed(tmp_path):
 
 
 def test_validation_of_packed_results_checks_the_tensors_not_the_gaps():
-    from hetfl.algorithms.base import ClientTask, ModelRef
+    from hetfl.algorithms.base import ClientTask
     from hetfl.config import TrainConfig
+    from hetfl.models import ModelRef
     from hetfl.reliability.validate import validate_result
 
     task = ClientTask(0, ModelRef("mlp"), _weights(0), TrainConfig(), 0)

@@ -11,10 +11,10 @@ from scipy import stats
 from hetfl.errors import ConfigError
 from hetfl.fleet import FleetConfig, build_fleet
 from hetfl.hetero.sampling import (
-    WIDTH_POLICIES,
+    WIDTH_SCHEDULES,
     AdaptiveWidth,
     allocate,
-    make_width_policy,
+    make_width_schedule,
     plan_round,
 )
 from hetfl.results import read_metrics, strip_timing
@@ -41,7 +41,7 @@ FLEET = np.repeat(np.asarray(LEVELS), 1000)
 @pytest.mark.parametrize("name,params", [("uniform", {}), ("mixture", {"q": 0.3}), ("mixture", {"q": 1.0}),
                                          ("coverage", {"target": "0.1,0.2,0.3,0.4"}), ("adaptive", {})])
 def test_draws_follow_each_policys_distribution(name, params):
-    policy = make_width_policy(name, **params)
+    policy = make_width_schedule(name, **params)
     buffers = {"width_loss": torch.tensor([0.2, 0.4, 0.8, 1.6], dtype=torch.float64)} if name == "adaptive" else {}
     plan = _plan(policy, FLEET, buffers=buffers, rnd=3, seed=7)
     draws = _draws(plan, range(len(FLEET)))
@@ -55,23 +55,23 @@ def test_draws_follow_each_policys_distribution(name, params):
 
 
 def test_rules_of_each_policy():
-    tiers = _plan(make_width_policy("uniform"), FLEET).probs
+    tiers = _plan(make_width_schedule("uniform"), FLEET).probs
     assert np.allclose(tiers[0], 0.25) and np.allclose(tiers[1], [0, 1 / 3, 1 / 3, 1 / 3]) and tiers[3, 3] == 1
-    mix = _plan(make_width_policy("mixture", q=0.3), FLEET).probs
+    mix = _plan(make_width_schedule("mixture", q=0.3), FLEET).probs
     assert np.allclose(mix[0], [0.7, 0.1, 0.1, 0.1]) and np.allclose(mix[2], [0, 0, 0.7, 0.3]) and mix[3, 3] == 1
-    assert np.array_equal(_plan(make_width_policy("mixture", q=0.0), FLEET).probs, np.eye(4))
-    plan = _plan(make_width_policy("max"), FLEET)
+    assert np.array_equal(_plan(make_width_schedule("mixture", q=0.0), FLEET).probs, np.eye(4))
+    plan = _plan(make_width_schedule("max"), FLEET)
     assert [plan.rate(c) for c in (0, 1500, 3999)] == [1.0, 0.5, 0.125] and plan.expected_q() == 0.0
     # expected width_q of mixture(q): every tier but the narrowest steps down with probability q
-    assert _plan(make_width_policy("mixture", q=0.4), FLEET).expected_q() == pytest.approx(0.4 * 3 / 4)
+    assert _plan(make_width_schedule("mixture", q=0.4), FLEET).expected_q() == pytest.approx(0.4 * 3 / 4)
 
 
 def test_draws_are_pure_in_seed_round_client():
-    plan = _plan(make_width_policy("uniform"), FLEET, rnd=5, seed=1)
-    again = _plan(make_width_policy("uniform"), FLEET, rnd=5, seed=1)
+    plan = _plan(make_width_schedule("uniform"), FLEET, rnd=5, seed=1)
+    again = _plan(make_width_schedule("uniform"), FLEET, rnd=5, seed=1)
     clients = [3, 17, 2500, 999]
     assert [plan.rate(c) for c in clients] == [again.rate(c) for c in reversed(clients)][::-1]
-    other_round = _plan(make_width_policy("uniform"), FLEET, rnd=6, seed=1)
+    other_round = _plan(make_width_schedule("uniform"), FLEET, rnd=6, seed=1)
     assert _draws(plan, range(1000)).tolist() != _draws(other_round, range(1000)).tolist()
 
 
@@ -85,17 +85,17 @@ def test_coverage_matches_feasible_targets_and_caps_infeasible_ones():
     assert np.allclose(shares, [0.05, 0.95 / 3, 0.95 / 3, 0.95 / 3])
     assert probs[0, 0] == 1.0 and np.allclose(probs.sum(axis=1), 1)
     # feasible: a strong-heavy fleet steps strong clients down exactly as far as needed
-    plan = _plan(make_width_policy("coverage"), FLEET, samples=np.repeat([50.0, 30, 10, 10], 1000))
+    plan = _plan(make_width_schedule("coverage"), FLEET, samples=np.repeat([50.0, 30, 10, 10], 1000))
     assert np.allclose(plan.expected_shares(), 0.25)
     assert plan.probs[3, 3] == 1.0 and plan.probs[2, 2] == 1.0  # weak tiers keep their maximum
-    deploy = _plan(make_width_policy("coverage", target="deploy"), FLEET, samples=np.repeat([4.0, 3, 2, 1], 1000))
+    deploy = _plan(make_width_schedule("coverage", target="deploy"), FLEET, samples=np.repeat([4.0, 3, 2, 1], 1000))
     assert np.allclose(deploy.expected_shares(), 0.25)
     # a target that wants only the full width: nobody can step *up*, so every tier keeps its maximum
     assert np.array_equal(allocate(np.array([5.0, 61, 28, 6]), np.array([1.0, 0, 0, 0])), np.eye(4))
 
 
 def test_adaptive_target_and_state():
-    policy = make_width_policy("adaptive", ema=0.5)
+    policy = make_width_schedule("adaptive", ema=0.5)
     assert isinstance(policy, AdaptiveWidth)
     fixed = np.repeat(np.asarray(LEVELS), [100, 100, 100, 700])  # 70 % of devices run the narrowest width
     plan = _plan(policy, fixed, buffers={"width_loss": torch.tensor([1.0, 1.0, 1.0, 1.0])})
@@ -106,26 +106,27 @@ def test_adaptive_target_and_state():
 
 
 def test_bad_policy_configs(digits_cfg):
-    with pytest.raises(ConfigError, match="unknown width policy 'often'"):
-        digits_cfg('algorithm={name="heterofl", width_policy="often"}')
-    with pytest.raises(ConfigError, match=r"width_q must be in \[0, 1\]"):
-        digits_cfg('algorithm={name="heterofl", width_policy="mixture", width_q=1.5}')
-    with pytest.raises(ConfigError, match="width_target"):
-        digits_cfg('algorithm={name="heterofl", width_policy="coverage", width_target="a,b"}')
+    with pytest.raises(ConfigError, match="unknown width schedule 'often'"):
+        digits_cfg('algorithm={name="heterofl", width_schedule="often"}')
+    with pytest.raises(ConfigError, match=r"q must be in \[0, 1\]"):
+        digits_cfg('algorithm={name="heterofl", width_schedule="mixture(q=1.5)"}')
+    with pytest.raises(ConfigError, match="target"):
+        digits_cfg('algorithm={name="heterofl", width_schedule="coverage(target=a,b)"}')
     with pytest.raises(ConfigError, match="fleet.size_correlation must be one of"):
         digits_cfg('fleet.size_correlation="sideways"')
-    cfg = digits_cfg('algorithm={name="heterofl", width_policy="coverage", width_target="0.5,0.5"}',
+    cfg = digits_cfg('algorithm={name="heterofl", width_schedule="coverage(target=0.5,0.5)"}',
                      'fleet.source="tiers"', 'fleet.mix="a-b-c"')
     exp = prepare(cfg)
     with pytest.raises(ConfigError, match="2 shares but the fleet has 3 levels"):
         exp.algorithm.configure_round(exp.algorithm.init_state(exp.ctx), 1, [0, 1], exp.ctx)
-    assert set(WIDTH_POLICIES.names()) == {"adaptive", "coverage", "max", "mixture", "uniform"}
+    assert set(WIDTH_SCHEDULES.names()) == {"adaptive", "coverage", "max", "mixture", "uniform"}
 
 
 def test_configured_and_aggregated_widths_agree_and_metrics_are_logged(tmp_path, digits_cfg):
     common = ('fleet.source="tiers"', 'fleet.mix="a-b-c"', "data.num_clients=9", "rounds=3",
               'data.partition={name="quantity", sigma=1.0, min_size=5}')
-    cfg = digits_cfg(*common, 'algorithm={name="heterofl", clients_per_round=9, width_policy="uniform", scaler=false}')
+    cfg = digits_cfg(*common,
+                     'algorithm={name="heterofl", clients_per_round=9, width_schedule="uniform", scaler=false}')
     exp = prepare(cfg)
     state = exp.algorithm.init_state(exp.ctx)
     widths = {}
@@ -143,7 +144,7 @@ def test_configured_and_aggregated_widths_agree_and_metrics_are_logged(tmp_path,
 
 def test_adaptive_holds_out_validation_and_resumes_exactly(tmp_path, digits_cfg):
     cfg = digits_cfg('fleet.source="tiers"', 'fleet.mix="a-c"', "data.num_clients=6", "rounds=3",
-                     'algorithm={name="heterofl", clients_per_round=4, width_policy="adaptive", width_val_size=120}')
+                     'algorithm={name="heterofl", clients_per_round=4, width_schedule="adaptive(val_size=120)"}')
     exp = prepare(cfg)
     assert len(exp.ctx.server_data.val) == 120
     assert exp.federation.summary.num_samples + 120 < len(exp.dataset.train) + 120 + 1
@@ -177,11 +178,12 @@ def test_size_correlation_reassigns_devices_by_data_size(source, mix):
 
 def test_overlap_average_accepts_a_full_width_update_after_a_narrow_one():
     """Width policies and size correlation put narrow clients before full-width ones in a round's stream."""
-    from hetfl.algorithms.base import ModelRef, weights_of
+    from hetfl.algorithms.base import weights_of
     from hetfl.data.base import DataInfo
     from hetfl.hetero import group_sizes, spec_for
     from hetfl.hetero.extract import OverlapAverage, extract
     from hetfl.hetero.policy import Prefix
+    from hetfl.models import ModelRef
 
     info, ref = DataInfo((64,), 10), ModelRef("mlp", 1.0, (("hidden", "8"),))
     spec = spec_for(ref, info)

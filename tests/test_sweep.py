@@ -22,8 +22,8 @@ BASE = {
     "train": {"epochs": 1, "batch_size": 16, "lr": 0.1},
 }
 AXES = {
-    "policy": {"max": ['algorithm.width_policy="max"'],
-               "mix-0.5": ['algorithm.width_policy="mixture"', "algorithm.width_q=0.5"]},
+    "policy": {"max": ['algorithm.width_schedule="max"'],
+               "mix-0.5": ['algorithm.width_schedule="mixture(q=0.5)"']},
     "corr": {"none": ['fleet.size_correlation="none"'], "pos": ['fleet.size_correlation="positive"']},
 }
 
@@ -42,7 +42,7 @@ def test_expansion_order_and_overrides():
     assert [c.name for c in cells[:4]] == ["max__none__s0", "mix-0.5__none__s0", "max__pos__s0", "mix-0.5__pos__s0"]
     cfg = study.config(cells[3])
     assert cfg.rounds == 1 and cfg.seed == 0 and cfg.fleet.size_correlation == "positive"
-    assert dict(cfg.algorithm.params)["width_q"] == 0.5 and cfg.name == "tiny/mix-0.5__pos__s0"
+    assert dict(cfg.algorithm.params)["width_schedule"] == "mixture(q=0.5)" and cfg.name == "tiny/mix-0.5__pos__s0"
     # the resolved study (base inline, quoted level names) round-trips through OUT/study.toml
     again = study_from_dict(__import__("tomllib").loads(study.to_toml()), "again")
     assert [c.overrides for c in again.cells()] == [c.overrides for c in cells]
@@ -55,8 +55,8 @@ def test_bad_studies_fail_before_running(tmp_path):
         _study(seeds=[])
     with pytest.raises(ConfigError, match="must be a list of --set overrides"):
         _study(axes={"policy": {"max": 3}})
-    bad = _study(axes={"policy": {"max": ["algorithm.width_policy=\"often\""]}})
-    with pytest.raises(ConfigError, match=r"cell max__s0: .*unknown width policy 'often'"):
+    bad = _study(axes={"policy": {"max": ["algorithm.width_schedule=\"often\""]}})
+    with pytest.raises(ConfigError, match=r"cell max__s0: .*unknown width schedule 'often'"):
         run_sweep(bad, tmp_path / "bad", workers=1, log=None)
     assert not (tmp_path / "bad").exists()
 
@@ -74,7 +74,8 @@ def test_sweep_runs_every_cell_and_writes_one_table(tiny_sweep):
     rows = read_results(out / RESULTS_CSV)
     assert len(rows) == 8 and {r["status"] for r in rows} == {"complete"}
     row = next(r for r in rows if r["cell"] == "mix-0.5__pos__s1")
-    assert row["policy"] == "mix-0.5" and row["corr"] == "pos" and row["seed"] == 1 and row["width_policy"] == "mixture"
+    assert row["policy"] == "mix-0.5" and row["corr"] == "pos" and row["seed"] == 1 and \
+        row["width_schedule"] == "mixture"
     for key in ("test_accuracy", "test_accuracy_last5", "deployed_acc", "deployed_acc_last5", "acc_w1", "acc_w0.25",
                 "tier_w0.5_last5", "acc_narrowest", "wall_time_s"):
         assert isinstance(row[key], float), key

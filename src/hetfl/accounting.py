@@ -20,7 +20,7 @@
 sample (forward + backward ≈ 3 forward passes, the rule FedScale and most FL simulators use) and a
 peak memory of weights + gradients (+ momentum buffer) in float32 plus one batch of activations.
 
-Callers should cache :func:`model_cost` per :class:`~hetfl.algorithms.base.ModelRef` (it runs a
+Callers should cache :func:`model_cost` per :class:`~hetfl.models.ModelRef` (it runs a
 forward pass; :class:`CostCache` does); it is deterministic and does not depend on the weights' values.
 
 Per round, every server engine (simulator, Flower) keeps a :class:`TierLedger` from its
@@ -43,9 +43,10 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 if TYPE_CHECKING:
-    from hetfl.algorithms.base import ClientTask, Context, ModelRef
+    from hetfl.algorithms.base import ClientTask, Context
     from hetfl.config import TrainConfig
     from hetfl.data.base import DataInfo
+    from hetfl.models import ModelRef
 
 __all__ = ["TIER_FIELDS", "Accountant", "ClientCost", "CostCache", "ModelCost", "TierLedger", "TrainCost",
            "client_cost", "example_input", "model_cost", "planned_samples", "tier_label", "tier_totals",
@@ -262,7 +263,7 @@ def example_input(info: DataInfo) -> torch.Tensor:
 
 
 class CostCache:
-    """:func:`model_cost` per :class:`~hetfl.algorithms.base.ModelRef`, computed once on a fresh CPU copy."""
+    """:func:`model_cost` per :class:`~hetfl.models.ModelRef`, computed once on a fresh CPU copy."""
 
     def __init__(self, info: DataInfo, example: torch.Tensor) -> None:
         self.info = info

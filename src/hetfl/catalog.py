@@ -8,7 +8,8 @@ from hetfl.data.partition import PARTITIONERS
 from hetfl.decentralized import TOPOLOGIES
 from hetfl.decentralized import protocol as _decentralized  # noqa: F401  (registers dkd, dpsgd, isolated)
 from hetfl.engines import ENGINES
-from hetfl.hetero.sampling import WIDTH_POLICIES
+from hetfl.hetero.policy import INDEX_POLICIES
+from hetfl.hetero.sampling import WIDTH_SCHEDULES
 from hetfl.models import MODELS
 from hetfl.registry import Registry
 
@@ -19,8 +20,9 @@ REGISTRIES: dict[str, Registry] = {
     "algorithms": ALGORITHMS,
     "engines": ENGINES,
     "topologies": TOPOLOGIES,
-    "width policies": WIDTH_POLICIES,
+    "index policies": INDEX_POLICIES,
+    "width schedules": WIDTH_SCHEDULES,
 }
 
-__all__ = ["ALGORITHMS", "DATASETS", "ENGINES", "MODELS", "PARTITIONERS", "REGISTRIES"]
-
+__all__ = ["ALGORITHMS", "DATASETS", "ENGINES", "INDEX_POLICIES", "MODELS", "PARTITIONERS", "REGISTRIES",
+           "TOPOLOGIES", "WIDTH_SCHEDULES"]

@@ -341,6 +341,9 @@ def check_params(section: str, kind: str, entry_name: str, entry: Any, raw: Mapp
     out = {}
     for key, value in raw.items():
         if key not in declared:
+            hint = getattr(entry, "renamed_params", {}).get(key)  # a key of an earlier version
+            if hint:
+                raise ConfigError(f"{section}.{key} is no longer accepted for {kind} {entry_name!r}: {hint}")
             allowed = sorted(set(declared) | set(reserved))
             raise ConfigError(
                 f"unknown key {section}.{key} for {kind} {entry_name!r}; allowed keys in [{section}]: "

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from hetfl.algorithms import ALGORITHMS
-from hetfl.algorithms.base import Algorithm, Context, ModelRef
+from hetfl.algorithms.base import Algorithm, Context
 from hetfl.config import RunConfig
 from hetfl.data.augment import check_augment
 from hetfl.data.base import Dataset
@@ -21,6 +21,7 @@ from hetfl.data.partition import check_groups, make_partitioner
 from hetfl.data.server import draw_server_data
 from hetfl.errors import ConfigError, HetflError
 from hetfl.fleet import build_fleet
+from hetfl.models import ModelRef
 from hetfl.reliability import check_min_clients
 
 

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from hetfl.algorithms.base import Context, ModelRef
+    from hetfl.algorithms.base import Context
+    from hetfl.models import ModelRef
 
 
 class ModelCache:

@@ -1,12 +1,12 @@
 """``hetfl report SWEEP_DIR``: a markdown report with heatmaps and curves over a finished (or partial) sweep.
 
-The study's first axis (or ``[report] rows``) is the *compared* axis (e.g. the width policy); every
+The study's first axis (or ``[report] rows``) is the *compared* axis (e.g. the width schedule); every
 combination of the other axes is a *setting* (e.g. fleet x size correlation).  For each headline metric
 the report has a table and a heatmap of mean ± sample standard deviation over seeds (settings x compared
 levels), and the *paired* difference to the baseline level (``[report] baseline``, default the first level
 of the compared axis): seed ``s`` of a level minus seed ``s`` of the baseline, which share the partition,
 fleet and initial model, so the seed-to-seed spread of the setting cancels.  Curves show the accuracy of
-every width (and every tier, when the runs have local test splits) against the policy's expected
+every width (and every tier, when the runs have local test splits) against the schedule's expected
 ``width_q`` (the fraction of training samples trained below the client's maximum width), one figure per
 level of the first setting axis and one panel per combination of the others.
 
@@ -140,7 +140,7 @@ def _width_columns(rows: list[dict[str, Any]], prefix: str) -> list[str]:
 
 
 def curves(grid: Grid, prefix: str, what: str, out_dir: Path) -> list[Path]:
-    """Accuracy of every width (prefix 'acc_') or tier ('tier_') vs the policy's expected width_q."""
+    """Accuracy of every width (prefix 'acc_') or tier ('tier_') vs the schedule's expected width_q."""
     plt = _plt()
     widths = _width_columns(grid.rows, prefix)
     if not widths:
@@ -165,16 +165,17 @@ def curves(grid: Grid, prefix: str, what: str, out_dir: Path) -> list[Path]:
                     q, _, _ = grid.stat(lv, s, "width_q")
                     if not n:
                         continue
-                    policy = next(iter(grid.by[(lv, s)].values())).get("width_policy", "")
-                    (family if policy in MIXTURE_FAMILY else others).append((q, m, sd, lv, policy))
+                    cell = next(iter(grid.by[(lv, s)].values()))
+                    name = cell.get("width_schedule", cell.get("width_policy", ""))  # older studies: width_policy
+                    (family if name in MIXTURE_FAMILY else others).append((q, m, sd, lv, name))
                 family.sort()
                 label = "deployed" if w == "deployed" else f"{what} {w[1:]}"
                 if family:
                     ax.errorbar([f[0] for f in family], [100 * f[1] for f in family],
                                 yerr=[100 * f[2] for f in family], color=color, marker="o", ms=3, capsize=2,
                                 lw=1.6 if w == "deployed" else 1.0, label=label)
-                for q, m, sd, lv, policy in others:
-                    ax.errorbar([q], [100 * m], yerr=[100 * sd], color=color, marker=MARKERS.get(policy, "x"),
+                for q, m, sd, lv, name in others:
+                    ax.errorbar([q], [100 * m], yerr=[100 * sd], color=color, marker=MARKERS.get(name, "x"),
                                 ms=7, capsize=2, ls="none", label=None if family else label)
                     if w == widths[-1]:
                         ax.annotate(lv, (q, 100 * m), fontsize=6, xytext=(3, -8), textcoords="offset points")

@@ -11,8 +11,8 @@ A study file is TOML::
     name = "..."
 
     [axes.policy]                    # axes in file order; every level is a list of --set overrides
-    max = ['algorithm.width_policy="max"']
-    "mixture-0.25" = ['algorithm.width_policy="mixture"', "algorithm.width_q=0.25"]
+    max = ['algorithm.width_schedule="max"']
+    "mixture-0.25" = ['algorithm.width_schedule="mixture(q=0.25)"']
     [axes.fleet]
     balanced = ['fleet.mix="a-b-c-d"']
 
@@ -30,7 +30,7 @@ checkpoint, and ``hetfl summary`` / ``hetfl plot`` work on any cell.  Cells run 
 seed, status, final and last-5-evaluation-mean accuracy of the global model, of every width (its prefix
 submodel on the global test set) and of every capability tier (local test splits, when the runs have
 them), the deployed accuracy (the mean over clients of the test accuracy of the width each client runs),
-the width policy's expected ``width_q`` and the wall time.  ``OUT/sweep.json`` logs every invocation.
+the width schedule's expected ``width_q`` and the wall time.  ``OUT/sweep.json`` logs every invocation.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ from hetfl.config import (
 from hetfl.errors import ConfigError, HetflError
 from hetfl.fleet import build_fleet
 from hetfl.hetero.sampling import UniformWidth, plan_round
+from hetfl.registry import split_entry
 from hetfl.resolve import config_from_dict
 from hetfl.results import CONFIG, PARTITION, atomic_write_text, read_metrics, read_summary, write_json
 from hetfl.runner import run
@@ -394,9 +395,10 @@ def cell_row(study: Study, cell: Cell, run_dir: Path) -> dict[str, Any]:
     row: dict[str, Any] = {"cell": cell.name, **dict(cell.levels), "seed": cell.seed}
     cfg = study.config(cell)
     algo = _algorithm(cfg)
-    policy = getattr(algo, "width_policy", "")
+    schedule = getattr(algo, "width_schedule", "")
+    schedule = split_entry(schedule, "algorithm.width_schedule")[0] if schedule else ""  # its name
     ordered = bool(getattr(algo, "ordered", False))
-    row.update(algorithm=cfg.algorithm.name, width_policy="fjord" if ordered and policy == "max" else policy)
+    row.update(algorithm=cfg.algorithm.name, width_schedule="fjord" if ordered and schedule == "max" else schedule)
     summary = read_summary(run_dir)
     rows = read_metrics(run_dir)
     if summary is None or not rows:

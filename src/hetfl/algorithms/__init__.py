@@ -1,17 +1,9 @@
 """Algorithms: transport-agnostic objects with explicit state (see :mod:`hetfl.algorithms.base`)."""
 
 from hetfl.algorithms import fedavg, feddf, fedgen, heterofl  # noqa: F401  (registers)
-from hetfl.algorithms.base import (
-    Algorithm,
-    ClientResult,
-    ClientTask,
-    Context,
-    EvalTarget,
-    ModelRef,
-    ServerState,
-    Weights,
-)
+from hetfl.algorithms.base import Algorithm, ClientResult, ClientTask, Context, EvalTarget, ServerState, Weights
 from hetfl.algorithms.registry import ALGORITHMS
+from hetfl.models import ModelRef
 
 __all__ = ["ALGORITHMS", "Algorithm", "ClientResult", "ClientTask", "Context", "EvalTarget", "ModelRef",
            "ServerState", "Weights"]

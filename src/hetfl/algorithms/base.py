@@ -25,31 +25,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from hetfl.config import Params, TrainConfig
+from hetfl.config import TrainConfig
 from hetfl.data.base import DataInfo, Split
 from hetfl.data.server import ServerData, ServerDataSpec
 from hetfl.errors import ConfigError
 from hetfl.fleet import Fleet
-from hetfl.models import build_model
+from hetfl.models.ref import ModelRef
 from hetfl.reliability import FaultsConfig
 
 Weights = dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """Which network a client trains: a registered model name, its width and its own params."""
-
-    name: str
-    width: float = 1.0
-    params: Params = ()
-
-    def build(self, info: DataInfo) -> nn.Module:
-        return build_model(self.name, info, width=self.width, **dict(self.params))
-
-    def __str__(self) -> str:
-        extra = "".join(f",{k}={v}" for k, v in self.params)
-        return f"{self.name}@{self.width:g}{extra}"
 
 
 @dataclass(frozen=True)

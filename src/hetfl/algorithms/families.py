@@ -34,7 +34,6 @@ from hetfl.algorithms.base import (
     ClientTask,
     Context,
     EvalTarget,
-    ModelRef,
     ServerState,
     Weights,
     round_seed,
@@ -42,7 +41,7 @@ from hetfl.algorithms.base import (
 )
 from hetfl.data.base import DataInfo
 from hetfl.errors import ConfigError
-from hetfl.models import MODELS, model_params
+from hetfl.models import MODELS, ModelRef, model_params
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -83,7 +82,6 @@ def _value(text: str) -> object:
 
 
 def _parse_one(token: str, where: str) -> Family:
-
     hint = "write e.g. 'cnn, cnn@0.5, mlp(hidden=64)'"
     body, params, explicit = token.replace(" ", ""), {}, False
     if "(" in body:

@@ -36,22 +36,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from hetfl.algorithms.base import (
-    ClientResult,
-    ClientTask,
-    Context,
-    ModelRef,
-    ServerState,
-    Weights,
-    round_seed,
-    weights_of,
-)
+from hetfl.algorithms.base import ClientResult, ClientTask, Context, ServerState, Weights, round_seed, weights_of
 from hetfl.algorithms.families import FamilyAlgorithm, build_detached
 from hetfl.algorithms.registry import ALGORITHMS
 from hetfl.data.base import Split
 from hetfl.data.server import ServerDataSpec
 from hetfl.distill import ENSEMBLE_MODES, LogitEnsemble, distill, ensemble_logits, nbytes_of
 from hetfl.errors import HetflError
+from hetfl.models import ModelRef
 from hetfl.train import local_sgd
 
 TEACHER_MODES = ("streaming", "resident")

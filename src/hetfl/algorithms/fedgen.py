@@ -46,7 +46,6 @@ from hetfl.algorithms.base import (
     ClientResult,
     ClientTask,
     Context,
-    ModelRef,
     ServerState,
     Weights,
     nbytes,
@@ -57,6 +56,7 @@ from hetfl.algorithms.families import FamilyAlgorithm, build_detached
 from hetfl.algorithms.registry import ALGORITHMS
 from hetfl.data.base import DataInfo, Split
 from hetfl.errors import ConfigError
+from hetfl.models import ModelRef
 from hetfl.train import local_sgd
 
 NOISES = ("uniform", "gaussian")

@@ -43,7 +43,6 @@ import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Protocol
 
 import numpy as np
@@ -51,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hetfl import hetero
 from hetfl.accounting import model_cost
 from hetfl.algorithms.base import (
     Algorithm,
@@ -58,7 +58,6 @@ from hetfl.algorithms.base import (
     ClientTask,
     Context,
     EvalTarget,
-    ModelRef,
     ServerState,
     Weights,
     nbytes,
@@ -72,10 +71,11 @@ from hetfl.data.base import DataInfo
 from hetfl.decentralized.topology import GraphConfig, Topology, sample_topology
 from hetfl.distill import kl_to_teacher
 from hetfl.errors import ConfigError, HetflError
-from hetfl.hetero import group_sizes, spec_for, submodel_ref
-from hetfl.hetero.extract import OverlapAverage, extract
-from hetfl.hetero.policy import Prefix, Selection
+from hetfl.hetero import prefix_submodel, spec_for, submodel_ref
+from hetfl.hetero.extract import OverlapAverage
+from hetfl.hetero.policy import Selection
 from hetfl.model_cache import ModelCache
+from hetfl.models import ModelRef
 from hetfl.reliability import FaultsConfig
 from hetfl.train import local_sgd
 
@@ -134,18 +134,16 @@ class Layout:
         return rd if rs != rd and self.compatible(src, dst) and rs.width > rd.width else rs
 
 
-@lru_cache(maxsize=256)
 def prefix_selection(big: ModelRef, small: ModelRef, info: DataInfo) -> Selection:
     """The channels of ``small`` (a narrower width of ``big``'s architecture) inside ``big``: a prefix."""
-    spec = spec_for(big, info)
-    return Prefix().select(spec.groups, group_sizes(big, info, small.width / big.width), rnd=0, client=0, seed=0)
+    return hetero.prefix_selection(big, info, small.width / big.width)
 
 
 def cut(weights: Weights, big: ModelRef, small: ModelRef, info: DataInfo) -> Weights:
-    """``small``'s slice of weights of the wider ``big`` (the same tensors when the refs are equal)."""
+    """``small``'s slice of weights of the wider ``big`` (the same tensors when the refs are equal): a prefix."""
     if big == small:
         return weights
-    return extract(weights, spec_for(big, info), prefix_selection(big, small, info))
+    return prefix_submodel(big, info, weights, small.width / big.width)[1]
 
 
 @dataclass(frozen=True)

@@ -33,11 +33,12 @@ from typing import Any
 
 import torch
 
-from hetfl.algorithms.base import Context, ModelRef, ServerState, Weights
+from hetfl.algorithms.base import Context, ServerState, Weights
 from hetfl.config import parse_toml
 from hetfl.decentralized.engine import GraphReport, LonelyLog, models_of, require_decentralized, state_of
 from hetfl.decentralized.protocol import NodeHost, round_report
 from hetfl.errors import ConfigError, HetflError
+from hetfl.models import ModelRef
 from hetfl.resolve import config_from_dict
 
 ENV_TIMEOUT = "HETFL_DIST_TIMEOUT"

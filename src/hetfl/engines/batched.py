@@ -33,12 +33,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from hetfl import packed
-from hetfl.algorithms.base import Algorithm, ClientResult, ClientTask, Context, ModelRef
+from hetfl.algorithms.base import Algorithm, ClientResult, ClientTask, Context
 from hetfl.algorithms.fedavg import FedAvg
 from hetfl.config import TrainConfig
 from hetfl.data.base import Split
 from hetfl.data.federation import Federation
 from hetfl.errors import ConfigError
+from hetfl.models import ModelRef
 from hetfl.train import SGD, batch_indices, local_sgd
 
 SETTINGS = ("auto", True, False)

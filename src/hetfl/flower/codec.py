@@ -31,8 +31,9 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from hetfl.algorithms import ALGORITHMS
-from hetfl.algorithms.base import Algorithm, ClientResult, ClientTask, ModelRef, Weights
+from hetfl.algorithms.base import Algorithm, ClientResult, ClientTask, Weights
 from hetfl.config import TrainConfig
+from hetfl.models import ModelRef
 
 TASK = "hetfl.task"
 RESULT = "hetfl.result"

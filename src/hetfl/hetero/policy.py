@@ -1,6 +1,7 @@
 """Index policies: which channels of every group a client of a given width keeps.
 
-HeteroFL, FedRolex, Federated Dropout and FjORD differ only here:
+Config: ``[algorithm] index_policy``, a registered name with its parameters, e.g. ``"prefix"`` or
+``"rolling(stride=2)"`` (:func:`index_policy`).  HeteroFL, FedRolex, Federated Dropout and FjORD differ here:
 
 * ``prefix`` (HeteroFL, FjORD): the first ``n`` channels of each group, so widths are nested.
 * ``rolling`` (FedRolex): a window of ``n`` consecutive channels with wrap-around that moves with the
@@ -12,7 +13,8 @@ HeteroFL, FedRolex, Federated Dropout and FjORD differ only here:
 
 Groups whose channels come in blocks (attention heads) are chosen in whole blocks.  A policy is a
 pure function of (group sizes, round, client, seed): the server can recompute any client's
-selection when its update comes back, so no per-round state is kept.
+selection when its update comes back, so no per-round state is kept.  A new policy is one frozen
+dataclass (its fields are its parameters) registered in :data:`INDEX_POLICIES`.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ import torch
 
 from hetfl.errors import ConfigError
 from hetfl.hetero.spec import Group
-from hetfl.registry import Registry
+from hetfl.registry import Registry, build_entry
 
-POLICIES: Registry = Registry("index policy")
+INDEX_POLICIES: Registry = Registry("index policy")
 
 Selection = dict[int, torch.Tensor]  # group id -> selected channel indices (int64)
 
@@ -58,7 +60,7 @@ class IndexPolicy:
         return out
 
 
-@POLICIES.register("prefix")
+@INDEX_POLICIES.register("prefix")
 @dataclass(frozen=True)
 class Prefix(IndexPolicy):
     """HeteroFL / FjORD: the first n channels of every group (nested submodels)."""
@@ -67,23 +69,23 @@ class Prefix(IndexPolicy):
         return np.arange(n_units)
 
 
-@POLICIES.register("rolling")
+@INDEX_POLICIES.register("rolling")
 @dataclass(frozen=True)
 class Rolling(IndexPolicy):
-    """FedRolex: a wrap-around window that moves by ``stride`` channels (default 1) every round."""
+    """FedRolex: a wrap-around window moving ``stride`` channels per round; default rolling(stride=1)."""
 
     stride: int = 1
 
     def __post_init__(self) -> None:
         if self.stride < 1:
-            raise ConfigError(f"algorithm.stride must be >= 1, got {self.stride}")
+            raise ConfigError(f"stride must be >= 1, got {self.stride}")
 
     def choose(self, group: Group, n_units: int, *, rnd: int, client: int, seed: int) -> np.ndarray:
         t = rnd - 1  # FedRolex's server round counter starts at 0
         return (np.arange(n_units) - self.stride * t) % group.units
 
 
-@POLICIES.register("random")
+@INDEX_POLICIES.register("random")
 @dataclass(frozen=True)
 class RandomSubset(IndexPolicy):
     """Federated Dropout: a random subset of channels per client, group and round."""
@@ -93,6 +95,6 @@ class RandomSubset(IndexPolicy):
         return np.sort(rng.choice(group.units, size=n_units, replace=False))
 
 
-def make_policy(name: str, stride: int = 1) -> IndexPolicy:
-    cls = POLICIES.get(name, "algorithm.policy")
-    return cls(stride=stride) if cls is Rolling else cls()
+def index_policy(text: str, where: str = "algorithm.index_policy") -> IndexPolicy:
+    """The policy a config string names, e.g. ``"prefix"`` or ``"rolling(stride=2)"``."""
+    return build_entry(INDEX_POLICIES, text, where)

@@ -1,13 +1,14 @@
-"""Width-sampling policies: *which width* a client trains in a round (index policies choose *which channels*).
+"""Width schedules: *which width* a client trains in a round (index policies choose *which channels*).
 
 A client of maximum width ``m`` (its fleet level this round, ``fleet.widths(rnd, seed)``) may train any
-fleet level ``w <= m``.  A width policy gives, for every capability tier ``t`` (the clients whose
+fleet level ``w <= m``.  A width schedule gives, for every capability tier ``t`` (the clients whose
 maximum is ``levels[t]``, levels widest first), a distribution ``pi[t]`` over the levels ``j >= t``; each
 sampled client then draws its width from its tier's row with its own random stream
 ``(seed, round, client)``.  Everything is a pure function of (seed, round, client, fleet, client sizes,
 server state), so the server recomputes any client's width when its update comes back.
 
-Rules (the ``[algorithm] width_policy`` values; parameters are ``[algorithm]`` fields):
+Rules (the ``[algorithm] width_schedule`` values, a name with its parameters in parentheses, e.g.
+``"mixture(q=0.25)"``; :func:`width_schedule`):
 
 * ``max`` (HeteroFL): every client trains its largest affordable width, always.  No randomness: the
   width is exactly ``fleet.widths(rnd, seed)[client]``, so runs equal HeteroFL before width policies.
@@ -18,45 +19,49 @@ Rules (the ``[algorithm] width_policy`` values; parameters are ``[algorithm]`` f
   differ only in how often each width is trained.  Per-round and per-minibatch uniform give every width
   the same expected share of steps; per-minibatch draws always ship the client's maximum model, and its
   outer channels see only the steps that drew the widest width.
-* ``mixture`` (parameter ``width_q``): with probability ``1 - q`` the client trains its maximum, with
+* ``mixture`` (parameter ``q``): with probability ``1 - q`` the client trains its maximum, with
   probability ``q`` a smaller level drawn uniformly among the levels below its maximum (the smallest
   tier always trains its maximum).  ``q = 0`` is ``max``; ``q = (L - 1) / L`` is ``uniform`` for the
   strongest tier.
-* ``coverage`` (parameter ``width_target``): chooses the tier distributions so that the *expected
+* ``coverage`` (parameter ``target``): chooses the tier distributions so that the *expected
   training samples per round at each exact width* match target shares (``"equal"``: the same for every
   level; ``"deploy"``: the share of clients whose maximum is that level; or explicit shares, widest
-  first, e.g. ``"0.4,0.3,0.2,0.1"``).  A client's samples per round are its data size times
+  first, e.g. ``"coverage(target=0.4,0.3,0.2,0.1)"``).  A client's samples per round are its data size times
   ``train.epochs`` (or ``train.steps * batch_size``); clients are sampled uniformly, so expectations are
   population sums.  The allocation fills widths from the widest: a width takes its share of the samples
   still unallocated, first from its own tier and then from the closest stronger tiers (so strong clients
   step down only as far as needed); a width that cannot get its share (too few capable clients, e.g. the
   full width when 5 % of phones afford it) gets everything its capable tiers have left, and its shortfall
   is spread over the narrower widths in proportion to their targets.
-* ``adaptive`` (parameters ``width_val_size``, ``width_ema``): ``coverage`` whose target is learned online.
+* ``adaptive`` (parameters ``val_size``, ``ema``): ``coverage`` whose target is learned online.
   After every round the server evaluates the new global model at every level on a held-out labeled
-  validation split (``width_val_size`` samples drawn from the training set before partitioning, so no
+  validation split (``val_size`` samples drawn from the training set before partitioning, so no
   client holds them) and keeps an exponential moving average ``l_j`` of each width's validation loss
-  (weight ``width_ema`` on the newest value) in ``ServerState.buffers``.  The next round's target share of
+  (weight ``ema`` on the newest value) in ``ServerState.buffers``.  The next round's target share of
   width ``j`` is ``d_j * l_j`` normalised, where ``d_j`` is the share of clients that deploy width ``j``:
   widths that many devices run and that are still far from good get more training; as a width's loss
   falls, its share (and the probability ``q`` that stronger clients train it) falls with it.
 
-Every non-``max`` policy reports per round ``width_q`` (the expected fraction of the round's training
+Every non-``max`` schedule reports per round ``width_q`` (the expected fraction of the round's training
 samples trained below the client's maximum width) and ``width_share.w<level>`` (expected share of the
 round's training samples at each exact width); ``adaptive`` also reports ``width_val_loss.w<level>``.
+
+A new schedule is one frozen dataclass (its fields are its parameters) registered in
+:data:`WIDTH_SCHEDULES`; one that sets ``needs_validation`` gets the per-width validation losses in
+``inputs.buffers["width_loss"]`` (see :mod:`hetfl.hetero.widths`, which runs a schedule in a round).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
 from hetfl.errors import ConfigError
-from hetfl.registry import Registry
+from hetfl.registry import Registry, build_entry
 
-WIDTH_POLICIES: Registry = Registry("width policy")
+WIDTH_SCHEDULES: Registry = Registry("width schedule")
 
 _STREAM = 0x7769_6474  # "widt": the width draw's random stream, independent of every other stream
 
@@ -67,7 +72,7 @@ def level_label(rate: float) -> str:
 
 @dataclass(frozen=True)
 class RoundInputs:
-    """What a width policy sees in one round (all population-level, independent of who is sampled)."""
+    """What a width schedule sees in one round (all population-level, independent of who is sampled)."""
 
     levels: np.ndarray  # fleet levels, widest first
     tiers: np.ndarray  # per client: index into levels of its maximum width this round
@@ -81,8 +86,12 @@ class RoundInputs:
 
 
 @dataclass(frozen=True)
-class WidthPolicy:
-    """Base: ``tier_probs`` gives row ``t`` = the distribution over levels of a client of tier ``t``."""
+class WidthSchedule:
+    """Base: ``tier_probs`` gives row ``t`` = the distribution over levels of a client of tier ``t``.
+
+    ``needs_validation``: the server keeps a moving average of every width's validation loss (weight ``ema``
+    on the newest) on ``val_size`` held-out samples, passed in ``RoundInputs.buffers["width_loss"]``.
+    """
 
     randomized: ClassVar[bool] = True
     needs_validation: ClassVar[bool] = False
@@ -94,13 +103,13 @@ class WidthPolicy:
 def _checked(p: np.ndarray) -> np.ndarray:
     """Rows must be distributions over the levels j >= t (never wider than the tier affords)."""
     if not np.allclose(p.sum(axis=1), 1.0) or np.any(np.tril(p, -1) > 1e-12) or np.any(p < 0):
-        raise ValueError(f"a width policy returned invalid tier distributions:\n{p}")
+        raise ValueError(f"a width schedule returned invalid tier distributions:\n{p}")
     return p
 
 
-@WIDTH_POLICIES.register("max")
+@WIDTH_SCHEDULES.register("max")
 @dataclass(frozen=True)
-class MaxWidth(WidthPolicy):
+class MaxWidth(WidthSchedule):
     """HeteroFL: always the largest affordable width."""
 
     randomized: ClassVar[bool] = False
@@ -109,9 +118,9 @@ class MaxWidth(WidthPolicy):
         return np.eye(len(inp.levels))
 
 
-@WIDTH_POLICIES.register("uniform")
+@WIDTH_SCHEDULES.register("uniform")
 @dataclass(frozen=True)
-class UniformWidth(WidthPolicy):
+class UniformWidth(WidthSchedule):
     """FjORD's distribution, drawn per round: uniform over the levels <= the client's maximum."""
 
     def tier_probs(self, inp: RoundInputs) -> np.ndarray:
@@ -120,16 +129,16 @@ class UniformWidth(WidthPolicy):
         return p / p.sum(axis=1, keepdims=True)
 
 
-@WIDTH_POLICIES.register("mixture")
+@WIDTH_SCHEDULES.register("mixture")
 @dataclass(frozen=True)
-class MixtureWidth(WidthPolicy):
-    """Maximum width with probability 1-q, else a smaller level drawn uniformly (width_q = q)."""
+class MixtureWidth(WidthSchedule):
+    """Maximum width with probability 1-q, else a smaller level drawn uniformly; default mixture(q=0.5)."""
 
     q: float = 0.5
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.q <= 1.0:
-            raise ConfigError(f"algorithm.width_q must be in [0, 1], got {self.q}")
+            raise ConfigError(f"q must be in [0, 1], got {self.q}")
 
     def tier_probs(self, inp: RoundInputs) -> np.ndarray:
         L = len(inp.levels)
@@ -154,8 +163,9 @@ def parse_target(target: str, levels: np.ndarray, deploy: np.ndarray) -> np.ndar
         return np.asarray(deploy, dtype=np.float64) / max(float(np.sum(deploy)), 1e-300)
     shares = parse_shares(target)
     if len(shares) != L:
-        raise ConfigError(f"algorithm.width_target has {len(shares)} shares but the fleet has {L} levels "
-                          f"({', '.join(f'{w:g}' for w in levels)}); give one share per level, widest first")
+        raise ConfigError(f"algorithm.width_schedule: coverage target has {len(shares)} shares but the fleet "
+                          f"has {L} levels ({', '.join(f'{w:g}' for w in levels)}); give one share per level, "
+                          f"widest first")
     return shares / shares.sum()
 
 
@@ -163,10 +173,10 @@ def parse_shares(target: str) -> np.ndarray:
     try:
         shares = np.array([float(s) for s in target.split(",") if s.strip()], dtype=np.float64)
     except ValueError:
-        raise ConfigError(f"algorithm.width_target must be 'equal', 'deploy' or comma-separated shares per "
-                          f"level, widest first (e.g. '0.4,0.3,0.2,0.1'), got {target!r}") from None
+        raise ConfigError(f"target must be 'equal', 'deploy' or comma-separated shares per level, widest "
+                          f"first (e.g. 'coverage(target=0.4,0.3,0.2,0.1)'), got {target!r}") from None
     if len(shares) == 0 or np.any(shares < 0) or not np.isfinite(shares).all() or shares.sum() <= 0:
-        raise ConfigError(f"algorithm.width_target shares must be >= 0 with a positive sum, got {target!r}")
+        raise ConfigError(f"target shares must be >= 0 with a positive sum, got {target!r}")
     return shares
 
 
@@ -200,10 +210,10 @@ def allocate(tier_samples: np.ndarray, target: np.ndarray) -> np.ndarray:
     return probs
 
 
-@WIDTH_POLICIES.register("coverage")
+@WIDTH_SCHEDULES.register("coverage")
 @dataclass(frozen=True)
-class CoverageWidth(WidthPolicy):
-    """Expected training samples per exact width match target shares (width_target)."""
+class CoverageWidth(WidthSchedule):
+    """Expected training samples per exact width match target shares; default coverage(target=equal)."""
 
     target: str = "equal"
 
@@ -215,10 +225,10 @@ class CoverageWidth(WidthPolicy):
         return allocate(inp.tier_samples, parse_target(self.target, inp.levels, inp.deploy))
 
 
-@WIDTH_POLICIES.register("adaptive")
+@WIDTH_SCHEDULES.register("adaptive")
 @dataclass(frozen=True)
-class AdaptiveWidth(WidthPolicy):
-    """Coverage with a learned target: deployment share x validation loss (EMA) of each width."""
+class AdaptiveWidth(WidthSchedule):
+    """Coverage, target = deployment share x validation loss (EMA); default adaptive(val_size=500; ema=0.5)."""
 
     needs_validation: ClassVar[bool] = True
     val_size: int = 500
@@ -226,10 +236,9 @@ class AdaptiveWidth(WidthPolicy):
 
     def __post_init__(self) -> None:
         if self.val_size < 1:
-            raise ConfigError(f"algorithm.width_val_size must be >= 1 (the adaptive policy's server validation "
-                              f"samples), got {self.val_size}")
+            raise ConfigError(f"val_size must be >= 1 (the server's validation samples), got {self.val_size}")
         if not 0.0 < self.ema <= 1.0:
-            raise ConfigError(f"algorithm.width_ema must be in (0, 1], got {self.ema}")
+            raise ConfigError(f"ema must be in (0, 1], got {self.ema}")
 
     def target(self, inp: RoundInputs) -> np.ndarray:
         loss = inp.buffers.get("width_loss")
@@ -246,11 +255,14 @@ class AdaptiveWidth(WidthPolicy):
         return new if old is None else (1.0 - self.ema) * np.asarray(old, dtype=np.float64) + self.ema * new
 
 
-def make_width_policy(name: str, **params: Any) -> WidthPolicy:
-    """Build a registered policy; ``params`` may hold more than it declares (only its own are used)."""
-    cls = WIDTH_POLICIES.get(name, "algorithm.width_policy")
-    own = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in params.items() if k in own})
+def make_width_schedule(name: str, **params: Any) -> WidthSchedule:
+    """Build a registered schedule by name with its parameters."""
+    return WIDTH_SCHEDULES.get(name, "algorithm.width_schedule")(**params)
+
+
+def width_schedule(text: str, where: str = "algorithm.width_schedule") -> WidthSchedule:
+    """The schedule a config string names, e.g. ``"max"`` or ``"mixture(q=0.25)"``."""
+    return build_entry(WIDTH_SCHEDULES, text, where)
 
 
 def draw_level(probs: np.ndarray, seed: int, rnd: int, client: int) -> int:
@@ -263,9 +275,9 @@ def draw_level(probs: np.ndarray, seed: int, rnd: int, client: int) -> int:
 
 @dataclass(frozen=True)
 class WidthPlan:
-    """One round's widths: the policy's tier distributions, and every client's draw on demand."""
+    """One round's widths: the schedule's tier distributions, and every client's draw on demand."""
 
-    policy: WidthPolicy
+    schedule: WidthSchedule
     inputs: RoundInputs
     max_width: np.ndarray  # per client, this round
     probs: np.ndarray  # tier x level
@@ -273,7 +285,7 @@ class WidthPlan:
     rnd: int
 
     def rate(self, client: int) -> float:
-        if not self.policy.randomized:
+        if not self.schedule.randomized:
             return float(self.max_width[client])
         t = int(self.inputs.tiers[client])
         return float(self.inputs.levels[draw_level(self.probs[t], self.seed, self.rnd, client)])
@@ -297,7 +309,7 @@ class WidthPlan:
         return out
 
 
-def plan_round(policy: WidthPolicy, *, levels: tuple[float, ...], max_width: np.ndarray,
+def plan_round(schedule: WidthSchedule, *, levels: tuple[float, ...], max_width: np.ndarray,
                fixed_max_width: np.ndarray, samples: np.ndarray, buffers: dict[str, Any], seed: int,
                rnd: int) -> WidthPlan:
     """The round's :class:`WidthPlan` from the fleet's levels, this round's and the fixed maximum widths
@@ -307,12 +319,12 @@ def plan_round(policy: WidthPolicy, *, levels: tuple[float, ...], max_width: np.
     fixed = np.argmin(np.abs(lv[None, :] - np.asarray(fixed_max_width, dtype=np.float64)[:, None]), axis=1)
     deploy = np.bincount(fixed, minlength=len(lv)) / max(len(fixed), 1)
     inp = RoundInputs(lv, tiers, np.asarray(samples, dtype=np.float64), deploy, buffers)
-    probs = policy.tier_probs(inp)
-    return WidthPlan(policy, inp, np.asarray(max_width), _checked(probs), seed, rnd)
+    probs = schedule.tier_probs(inp)
+    return WidthPlan(schedule, inp, np.asarray(max_width), _checked(probs), seed, rnd)
 
 
 __all__ = [
-    "WIDTH_POLICIES",
+    "WIDTH_SCHEDULES",
     "AdaptiveWidth",
     "CoverageWidth",
     "MaxWidth",
@@ -320,10 +332,11 @@ __all__ = [
     "RoundInputs",
     "UniformWidth",
     "WidthPlan",
-    "WidthPolicy",
+    "WidthSchedule",
     "allocate",
     "draw_level",
     "level_label",
-    "make_width_policy",
+    "make_width_schedule",
     "plan_round",
+    "width_schedule",
 ]

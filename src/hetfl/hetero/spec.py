@@ -74,8 +74,11 @@ class WidthSpec:
     params: dict[str, dict[int, DimSlice]]  # state-dict key -> sliced dims
     shapes: dict[str, tuple[int, ...]]  # global shapes of every state-dict entry
     hidden_outputs: tuple[str, ...]  # Linear/Conv modules whose output channels are sliced
-    sliced_fanin: tuple[str, ...]  # Linear/Conv modules whose input channels are sliced (the Scaler's layers)
+    sliced_fanin: tuple[str, ...]  # Linear/Conv modules whose input channels are sliced
     output_rows: dict[str, int] = field(default_factory=dict)  # key -> dim indexing classes (output layer)
+    # hidden Linear/Conv modules whose output is the input of a normalisation layer (HeteroFL's Scaler places)
+    normalised: tuple[str, ...] = ()
+    has_norms: bool = False  # the model has a BatchNorm / GroupNorm / LayerNorm layer
 
     def sliced_keys(self) -> list[str]:
         return [k for k, dims in self.params.items() if dims]
@@ -203,6 +206,9 @@ def register_rule(module_type: type) -> Callable[[Rule], Rule]:
     return deco
 
 
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+_PARAMETRIC = (nn.Linear, nn.modules.conv._ConvNd)
+
 _PARAMLESS_OK = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.Dropout, nn.Identity, nn.MaxPool1d, nn.MaxPool2d,
                  nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Unflatten,
                  nn.LeakyReLU, nn.ELU, nn.SiLU, nn.Softmax, nn.LogSoftmax, nn.Dropout2d)
@@ -216,6 +222,8 @@ class _Tracer:
         self.hidden_outputs: list[tuple[str, int]] = []
         self.output_candidates: list[tuple[str, int]] = []  # (module name, out group) of Linear/Conv
         self.fanin: list[tuple[str, int]] = []  # (module name, input group) of Linear/Conv
+        self.normalised: list[str] = []  # Linear/Conv modules whose output a norm layer reads directly
+        self.has_norms = False
         try:
             self.gm = torch.fx.symbolic_trace(model)
         except Exception as exc:  # noqa: BLE001 - any tracing failure is reported the same way
@@ -269,6 +277,11 @@ class _Tracer:
                 module = self.modules[node.target]
                 arg = node.args[0] if node.args else None
                 feat = feats.get(arg) if isinstance(arg, torch.fx.Node) else None
+                if isinstance(module, _NORMS):
+                    self.has_norms = True
+                    if isinstance(arg, torch.fx.Node) and arg.op == "call_module" and \
+                            isinstance(self.modules[arg.target], _PARAMETRIC):
+                        self.normalised.append(str(arg.target))
                 feats[node] = self.call_module(node.target, module, feat, self.shape(node), self.shape(arg), where)
             elif node.op in ("call_function", "call_method"):
                 feats[node] = self.call_op(node, feats, where)
@@ -571,4 +584,5 @@ def derive_spec(model: nn.Module, example: torch.Tensor) -> WidthSpec:
                 if key in state:
                     output_rows[key] = 0
     shapes = {k: tuple(v.shape) for k, v in state.items()}
-    return WidthSpec(groups, params, shapes, hidden, fanin, output_rows)
+    normalised = tuple(name for name in hidden if name in tracer.normalised)
+    return WidthSpec(groups, params, shapes, hidden, fanin, output_rows, normalised, tracer.has_norms)

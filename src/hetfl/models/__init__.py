@@ -5,6 +5,7 @@ Registered: ``mlp``, ``cnn``, ``leaf_cnn``, ``heterofl_conv``, ``resnet`` (image
 """
 
 from hetfl.models import cnn, leaf, lstm, mlp, resnet, transformer  # noqa: F401  (registers the families)
+from hetfl.models.ref import ModelRef
 from hetfl.models.registry import (
     MODELS,
     build_model,
@@ -14,4 +15,4 @@ from hetfl.models.registry import (
     scaled,
 )
 
-__all__ = ["MODELS", "build_model", "check_width", "count_parameters", "model_params", "scaled"]
+__all__ = ["MODELS", "ModelRef", "build_model", "check_width", "count_parameters", "model_params", "scaled"]

@@ -35,7 +35,8 @@ PREFERS_CHANNELS_LAST = "hetfl_prefers_channels_last"
 
 def scaled(channels: int, width: float) -> int:
     """Channels kept at ``width``: ``max(1, ceil(width * channels))`` (HeteroFL's prefix size)."""
-    # Round away float noise first so that e.g. 0.3 * 10 (= 3.0000000000000004) keeps 3, not 4.
+    # Round away float noise first: 0.07 * 100 is 7.000000000000001 in IEEE doubles, whose ceil would keep 8
+    # channels, not 7 (0.3 * 10, by contrast, is exactly 3.0).
     return max(1, math.ceil(round(width * channels, 9)))
 
 

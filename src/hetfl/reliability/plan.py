@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from hetfl.accounting import ModelCost, client_cost, planned_samples  # noqa: F401  (planned_samples: re-exported)
-from hetfl.algorithms.base import ClientTask, Context, ModelRef
+from hetfl.algorithms.base import ClientTask, Context
+from hetfl.models import ModelRef
 from hetfl.reliability import FaultsConfig
 
 DEFAULT_BANDWIDTH_MBPS = 20.0
