@@ -47,6 +47,7 @@ from typing import Any, Literal, Union
 from hetfl.decentralized.topology import GraphConfig
 from hetfl.errors import ConfigError
 from hetfl.fleet import FleetConfig
+from hetfl.privacy.config import PrivacyConfig
 from hetfl.reliability import FaultsConfig
 
 if sys.version_info >= (3, 11):
@@ -149,6 +150,7 @@ class RunConfig:
     fleet: FleetConfig = field(default_factory=FleetConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     graph: GraphConfig = field(default_factory=GraphConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     # train same-shape clients as one vmapped model: "auto" (CUDA only, if a start-up micro-benchmark
     # says it is faster), true, false (hetfl.engines.batched)
     batched: bool | str = "auto"
@@ -336,7 +338,7 @@ def config_from_dict(raw: Mapping[str, Any]) -> RunConfig:
     from hetfl import catalog
 
     raw = dict(raw)
-    sections = {"data", "model", "algorithm", "train", "eval", "fleet", "faults", "graph"}
+    sections = {"data", "model", "algorithm", "train", "eval", "fleet", "faults", "graph", "privacy"}
     top = {k: v for k, v in raw.items() if k not in sections}
     for key in sections:
         if key in raw and not isinstance(raw[key], Mapping):
@@ -389,9 +391,10 @@ def config_from_dict(raw: Mapping[str, Any]) -> RunConfig:
     fleet = _build_fixed(FleetConfig, "fleet", raw.get("fleet", {}))
     faults = _build_fixed(FaultsConfig, "faults", raw.get("faults", {}))
     graph = _build_fixed(GraphConfig, "graph", raw.get("graph", {}))
+    privacy = _build_fixed(PrivacyConfig, "privacy", raw.get("privacy", {}))
     run = _build_fixed(RunConfig, "", top)
     cfg = dataclasses.replace(run, data=data, model=model, algorithm=algorithm, train=train, eval=ev, fleet=fleet,
-                              faults=faults, graph=graph)
+                              faults=faults, graph=graph, privacy=privacy)
     _validate_ranges(cfg)
     return cfg
 
@@ -418,6 +421,7 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
         fleet=plain(cfg.fleet),
         faults=plain(cfg.faults),
         graph=plain(cfg.graph),
+        privacy=plain(cfg.privacy),
     )
     return out
 

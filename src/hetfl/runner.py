@@ -34,6 +34,7 @@ from hetfl.engines.simulator import ModelCache
 from hetfl.errors import ConfigError, HetflError
 from hetfl.evaluation import Evaluator
 from hetfl.fleet import build_fleet
+from hetfl.privacy.plan import check_algorithm, check_resume, plan_privacy
 from hetfl.progress import RunProgress
 from hetfl.reliability import check_min_clients
 from hetfl.reliability.guard import fault_summary
@@ -74,6 +75,7 @@ def prepare(cfg: RunConfig) -> Experiment:
     dataset = load_data(cfg)
     algo_cls = catalog.ALGORITHMS.get(cfg.algorithm.name, "algorithm.name")
     algorithm = algo_cls(**dict(cfg.algorithm.params))
+    check_algorithm(cfg.privacy, cfg.algorithm.name, algorithm, cfg.faults.min_clients)  # before loading any data
     # server-side data (e.g. FedDF's transfer set) leaves the training split before anything is partitioned
     dataset, server_data = draw_server_data(dataset, algorithm.server_data_spec(), cfg.seed, cfg.data.data_dir)
     part = make_partitioner({"name": cfg.data.partition.name, **cfg.data.partition.kwargs})
@@ -98,6 +100,8 @@ def prepare(cfg: RunConfig) -> Experiment:
         if ref != model_ref:
             _check_model(ref, dataset)
     check_min_clients(cfg.faults, algorithm.clients_for(federation.num_clients))
+    ctx = dataclasses.replace(ctx, privacy=plan_privacy(cfg.privacy, algorithm, cfg.algorithm.name, ctx, cfg.rounds,
+                                                        cfg.faults.min_clients))  # [privacy]: refused or resolved
     if getattr(algorithm, "decentralized", False):  # no server: nodes on the [graph] (hetfl.decentralized)
         algorithm.check_setup(ctx, cfg.graph)
     return Experiment(cfg, dataset, federation, algorithm, ctx, device)
@@ -203,6 +207,7 @@ def run(
         run_dir = RunDir.open(resume)
         saved = config_from_dict(parse_toml((run_dir.path / CONFIG).read_text(), str(run_dir.path / CONFIG)))
         cfg = _merge_resume(saved, cfg)
+        check_resume(saved.privacy, saved.rounds, cfg.rounds)
         ckpt = run_dir.load_checkpoint()
         exp = prepare(cfg)
         if not (run_dir.path / PARTITION).is_file():  # killed between creating the directory and writing it
@@ -271,6 +276,8 @@ def run(
         rows = run_dir.metrics()
         summary = summarize_metrics(rows, time.perf_counter() - t_start, cfg, status)
         summary.update(exp.algorithm.summarize(rows))
+        if exp.ctx.privacy is not None:  # epsilon is recomputed from the rounds done (exact after a resume)
+            summary["privacy"] = exp.ctx.privacy.summary(rows[-1]["round"] if rows else 0)
         summary["run_dir"] = str(run_dir.path)
         run_dir.write_summary(summary)
     return summary
