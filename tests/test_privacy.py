@@ -269,3 +269,35 @@ def test_inactive_section_round_trips():
     assert cfg.privacy == PrivacyConfig(noise_multiplier=0.5, clip=2.0)
     assert load_config(None, [], base=cfg.to_dict()) == cfg
     assert not PrivacyConfig().active
+
+
+# ---------------------------------------------------------------------------------------------- adaptive clipping
+def test_adaptive_clip_moves_the_norm_keeps_epsilon_and_resumes(tmp_path, digits_cfg, monkeypatch):
+    noisy = prepare(digits_cfg("privacy.clip=0.01", "privacy.noise_multiplier=1.0", "privacy.adaptive_clip=true",
+                               "privacy.count_noise=2.0")).ctx.privacy
+    assert noisy.update_noise == pytest.approx((1.0 - 1 / 16) ** -0.5)  # the count takes its share of z's budget
+    assert noisy.epsilon(4) == pytest.approx(epsilon(3 / 5, 1.0, 4, 1e-5))  # ... so epsilon is that of z alone
+    sets = ("rounds=4", "checkpoint_every=2", "privacy.clip=0.01", "privacy.adaptive_clip=true", "privacy.clip_lr=0.5")
+    run(digits_cfg(*sets), tmp_path / "full", quiet=True)  # no noise: the rule itself, deterministic
+    rows = read_metrics(tmp_path / "full")
+    clips = [r["privacy.clip"] for r in rows]
+    assert clips[0] == 0.01 and clips == sorted(clips) and clips[-1] > clips[0]  # all updates exceed C: it grows
+    assert all(r["privacy.next_clip"] == n["privacy.clip"] for r, n in zip(rows, rows[1:]))
+    original = Simulator.run_round
+
+    def crash_at_3(self, state, rnd):
+        if rnd == 3:
+            raise KeyboardInterrupt
+        return original(self, state, rnd)
+
+    monkeypatch.setattr(Simulator, "run_round", crash_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        run(digits_cfg(*sets), tmp_path / "cut", quiet=True)
+    monkeypatch.setattr(Simulator, "run_round", original)
+    run(None, resume=tmp_path / "cut", quiet=True)
+    assert strip_timing(read_metrics(tmp_path / "cut")) == strip_timing(rows)  # C_t came back from the checkpoint
+
+
+def test_adaptive_clip_needs_room_for_the_count_noise(tmp_path, digits_cfg):
+    with pytest.raises(ConfigError, match="must be below 2 x count_noise"):
+        run(digits_cfg(*DP, "privacy.adaptive_clip=true"), tmp_path / "r", quiet=True)

@@ -142,7 +142,7 @@ class Round:
             report.faults = {**book.finish(), "skipped": False}
             report.messages = [m for m in book.messages if not m.startswith("skipped:")]
             report.extra.update(dp.metrics(rnd))
-            return algo.server_step(state, update, ctx), report
+            return dp.finish(algo.server_step(state, update, ctx)), report
         update = None if book.early_skip else algo.aggregate(state, rnd, stream(), ctx)
         report.faults = book.finish()
         report.messages = book.messages

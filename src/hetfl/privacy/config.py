@@ -30,6 +30,11 @@ class PrivacyConfig:
       q = (the algorithm's clients per round) / (clients), which is what the accountant analyses.
     * ``accountant``: ``"rdp"`` (Renyi DP of the sampled Gaussian; fast) or ``"pld"`` (privacy loss
       distributions; tighter, slower), both from dp-accounting.
+    * ``adaptive_clip`` (Andrew et al., 2021): ``clip`` is the initial C; every round C follows the
+      ``target_quantile`` of the update norms, ``C <- C exp(-clip_lr (b - target_quantile))`` with ``b`` the
+      noised fraction of updates within C.  The fraction's noise (std ``count_noise``, default the expected
+      cohort / 20) and the update's noise share the budget: together they are one Gaussian release of
+      multiplier ``noise_multiplier``, so epsilon is unchanged.
 
     A section asking for nothing (z = 0, no clip, no target) is inactive: the run is the non-private one.
     """
@@ -41,6 +46,10 @@ class PrivacyConfig:
     max_noise_multiplier: float = 50.0
     sampling: str = "poisson"
     accountant: str = "rdp"
+    adaptive_clip: bool = False
+    target_quantile: float = 0.5
+    clip_lr: float = 0.2
+    count_noise: float | None = None
 
     def __post_init__(self) -> None:
         def need(ok: bool, field: str, allowed: str) -> None:
@@ -55,6 +64,11 @@ class PrivacyConfig:
         need(self.max_noise_multiplier > 0.0, "max_noise_multiplier", "> 0")
         need(self.sampling in SAMPLING, "sampling", f"one of {', '.join(map(repr, SAMPLING))}")
         need(self.accountant in ACCOUNTANTS, "accountant", f"one of {', '.join(map(repr, ACCOUNTANTS))}")
+        need(0.0 < self.target_quantile < 1.0, "target_quantile", "in (0, 1)")
+        need(self.clip_lr > 0.0, "clip_lr", "> 0")
+        need(self.count_noise is None or self.count_noise > 0.0, "count_noise", "> 0 (std of the noise on the count)")
+        if self.adaptive_clip and self.clip is None:
+            raise ConfigError("privacy.adaptive_clip needs privacy.clip: the initial clipping norm")
         if self.target_epsilon is not None and self.noise_multiplier > 0.0:
             raise ConfigError("privacy.target_epsilon and privacy.noise_multiplier are alternatives: give one "
                               "(the noise multiplier is derived from the target before round 1)")

@@ -37,6 +37,8 @@ Weights = dict[str, torch.Tensor]
 #: Third word of the seeds of a round's Poisson draw ("pois") and of its noise ("nois").
 POISSON_STREAM = 0x706F6973
 NOISE_STREAM = 0x6E6F6973
+#: ServerState.buffers key of the adaptive clipping norm (checkpointed with the state).
+CLIP_BUFFER = "privacy_clip"
 
 
 def clip_update(delta: Weights, clip: float | None) -> tuple[Weights, float, bool]:
@@ -201,6 +203,19 @@ class PrivateRound:
         self.adapter = make_adapter(algorithm, ctx, plan)
         self.eligible = np.asarray(plan.eligible, dtype=np.int64)
         self.last: dict[str, Any] = {}
+        self.next_clip: float | None = None
+
+    def clip_of(self, state: Any) -> float | None:
+        """This round's clipping norm: the plan's, or under adaptive clipping the one carried in the state."""
+        if self.plan.adaptive_clip:
+            return float(state.buffers.get(CLIP_BUFFER, self.plan.clip))
+        return self.plan.clip
+
+    def finish(self, state: Any) -> Any:
+        """The state after the algorithm's server step, carrying the next round's clipping norm (adaptive)."""
+        if not self.plan.adaptive_clip or self.next_clip is None:
+            return state
+        return type(state)(state.round, state.models, {**state.buffers, CLIP_BUFFER: self.next_clip})
 
     # ---------------------------------------------------------------- sampling
     def sample(self, rnd: int) -> np.ndarray:
@@ -216,14 +231,15 @@ class PrivateRound:
         by_client = {int(t.client_id): t for t in tasks}
         sums = {k: torch.zeros(glob[k].shape, dtype=torch.float64, device=glob[k].device) for k in keys}
         clipped = reported = 0
+        clip_now = self.clip_of(state)
         for res in results:
             task = by_client[int(res.client_id)]
-            delta, _norm, was_clipped = clip_update(self.adapter.delta(task, res, keys), self.plan.clip)
+            delta, _norm, was_clipped = clip_update(self.adapter.delta(task, res, keys), clip_now)
             self.adapter.place(sums, delta, res, state, rnd)
             reported += 1
             clipped += int(was_clipped)
         expected = self.adapter.expected(state, rnd, keys)
-        z, c = self.plan.noise_multiplier, self.plan.clip
+        z, c = self.plan.update_noise, clip_now
         gen = noise_generator(self.ctx.seed, rnd) if z > 0 else None
         out = dict(glob)
         std: dict[str, torch.Tensor | float] = {}
@@ -242,9 +258,24 @@ class PrivateRound:
                 std[k] = z * (c or 0.0) / n
             out[k] = new.to(glob[k].dtype)
         self.last = {"privacy.clipped": round(clipped / reported, 6) if reported else 0.0}
+        if self.plan.adaptive_clip:
+            self.next_clip = self._next_clip(clip_now, reported - clipped, reported, rnd)
+            self.last.update({"privacy.clip": clip_now, "privacy.next_clip": self.next_clip})
         if z > 0:
             self.last.update({k: round(v, 8) for k, v in self.adapter.noise_levels(std).items()})
         return out
+
+    def _next_clip(self, clip: float, within: int, reported: int, rnd: int) -> float:
+        """Andrew et al.'s geometric update from the noised fraction of updates within the norm: the sum of
+        ``b_k - 1/2`` (sensitivity 1/2) gets N(0, sigma_b^2) and is divided by the expected cohort q |E|."""
+        p = self.plan
+        noise = 0.0
+        if p.noise_multiplier > 0:
+            gen = np.random.default_rng([self.ctx.seed, rnd, NOISE_STREAM, 1])
+            noise = float(gen.normal(0.0, p.count_noise))
+        expected = p.sampling_rate * len(p.eligible)
+        frac = (within - 0.5 * reported + noise) / expected + 0.5
+        return float(clip * np.exp(-p.clip_lr * (frac - p.target_quantile)))
 
     def metrics(self, rnd: int) -> dict[str, Any]:
         """The round's ``privacy.*`` columns: epsilon after this round, the clipped fraction, noise std per width."""

@@ -47,6 +47,20 @@ class PrivacyPlan:
     accountant: str = "rdp"
     sampling: str = "poisson"
     target_epsilon: float | None = None
+    adaptive_clip: bool = False
+    target_quantile: float = 0.5
+    clip_lr: float = 0.2
+    count_noise: float = 0.0  # sigma_b: std of the noise on the clipped-count sum (adaptive clipping)
+
+    @property
+    def update_noise(self) -> float:
+        """z_update: the update's own noise multiplier.  With adaptive clipping the count query takes its share:
+        z_update = (z^-2 - (2 sigma_b)^-2)^(-1/2), so the two releases together are one Gaussian of multiplier z
+        (the count sums b_k - 1/2, of sensitivity 1/2)."""
+        z = self.noise_multiplier
+        if not self.adaptive_clip or z <= 0.0:
+            return z
+        return (z ** -2 - (2.0 * self.count_noise) ** -2) ** -0.5
 
     def epsilon(self, rounds_done: int) -> float:
         """Epsilon at ``delta`` after ``rounds_done`` rounds (inf without noise)."""
@@ -72,6 +86,9 @@ class PrivacyPlan:
         }
         if self.target_epsilon is not None:
             out["target_epsilon"] = self.target_epsilon
+        if self.adaptive_clip:
+            out.update(adaptive_clip=True, target_quantile=self.target_quantile, clip_lr=self.clip_lr,
+                       count_noise=self.count_noise, update_noise_multiplier=self.update_noise)
         return out
 
 
@@ -120,9 +137,15 @@ def plan_privacy(cfg: PrivacyConfig, algorithm: Any, algorithm_name: str, ctx: A
         require_dp_accounting()
         if cfg.target_epsilon is not None:
             z = noise_for_epsilon(cfg.target_epsilon, q, rounds, cfg.delta, cfg.accountant, cfg.max_noise_multiplier)
+    sigma_b = cfg.count_noise if cfg.count_noise is not None else q * len(eligible) / 20.0
+    if cfg.adaptive_clip and z > 0 and z >= 2.0 * sigma_b:
+        raise ConfigError(f"privacy.adaptive_clip: the noise multiplier z={z:.4g} must be below 2 x count_noise = "
+                          f"{2.0 * sigma_b:.4g} (the count query takes part of the budget: z_update = (z^-2 - "
+                          f"(2 count_noise)^-2)^(-1/2)); raise privacy.count_noise or sample more clients per round")
     return PrivacyPlan(noise_multiplier=z, clip=cfg.clip, delta=cfg.delta, sampling_rate=q,
                        eligible=tuple(int(c) for c in eligible), rounds=rounds, accountant=cfg.accountant,
-                       sampling=cfg.sampling, target_epsilon=cfg.target_epsilon)
+                       sampling=cfg.sampling, target_epsilon=cfg.target_epsilon, adaptive_clip=cfg.adaptive_clip,
+                       target_quantile=cfg.target_quantile, clip_lr=cfg.clip_lr, count_noise=sigma_b)
 
 
 def check_resume(saved: PrivacyConfig, saved_rounds: int, rounds: int) -> None:
