@@ -301,3 +301,17 @@ def test_adaptive_clip_moves_the_norm_keeps_epsilon_and_resumes(tmp_path, digits
 def test_adaptive_clip_needs_room_for_the_count_noise(tmp_path, digits_cfg):
     with pytest.raises(ConfigError, match="must be below 2 x count_noise"):
         run(digits_cfg(*DP, "privacy.adaptive_clip=true"), tmp_path / "r", quiet=True)
+
+
+@pytest.mark.parametrize("algo", ['{name="fedrolex"}', '{name="feddropout"}', '{name="fjord"}',
+                                  '{name="heterofl", width_policy="uniform"}'])
+def test_every_width_method_runs_privately(tmp_path, digits_cfg, algo):
+    """Rolling windows, random subsets, ordered dropout and randomised widths: a private round runs, every
+    element some client can hold gets a finite update, and the per-width noise levels are reported."""
+    s = run(digits_cfg("rounds=1", f"algorithm={algo}", "algorithm.clients_per_round=3", TIERS, 'fleet.mix="a-b-c"',
+                       *DP), tmp_path / "r", quiet=True)
+    row = read_metrics(tmp_path / "r")[-1]
+    assert s["privacy"]["epsilon"] == pytest.approx(epsilon(3 / 5, 1.0, 1, 1e-5))
+    widths = sorted(k for k in row if k.startswith("privacy.noise_std.w"))
+    assert widths == ["privacy.noise_std.w0.25", "privacy.noise_std.w0.5", "privacy.noise_std.w1"]
+    assert all(bool(torch.isfinite(v).all()) for v in _weights(tmp_path / "r").values() if v.is_floating_point())

@@ -101,6 +101,7 @@ class SlicedUpdates:
         self.plan = plan
         self.spec = spec_for(ctx.model, ctx.info)
         self._cache: tuple[Any, dict[str, torch.Tensor]] | None = None
+        self._dists: tuple[Any, Any] | None = None
 
     def released(self, glob: Weights) -> list[str]:
         from hetfl.algorithms.heterofl import _bn_stat_keys
@@ -109,7 +110,11 @@ class SlicedUpdates:
         return [k for k, v in glob.items() if v.is_floating_point() and k not in skip]
 
     def _rate_dist(self, state: Any, rnd: int) -> Any:
-        """``f(client) -> {rate: probability}``: the width each eligible client trains this round, as a law."""
+        """``f(client) -> {rate: probability}``: the width each eligible client trains this round, as a law;
+        and ``g(client) -> rate``: the width it was assigned.  Built once per round (the width plan)."""
+        key = (rnd, id(state))
+        if self._dists is not None and self._dists[0] == key:
+            return self._dists[1]
         algo, ctx = self.algo, self.ctx
         wplan = algo.width_plan(state, ctx, rnd)
         rates = algo._rates(ctx, rnd) if ctx.fleet is not None else None
@@ -127,6 +132,7 @@ class SlicedUpdates:
                 return wplan.rate(c)
             return float(rates[c]) if rates is not None else 1.0
 
+        self._dists = (key, (dist, trained))
         return dist, trained
 
     def delta(self, task: Any, res: Any, keys: Sequence[str]) -> Weights:
