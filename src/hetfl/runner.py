@@ -75,7 +75,7 @@ def prepare(cfg: RunConfig) -> Experiment:
     dataset = load_data(cfg)
     algo_cls = catalog.ALGORITHMS.get(cfg.algorithm.name, "algorithm.name")
     algorithm = algo_cls(**dict(cfg.algorithm.params))
-    check_algorithm(cfg.privacy, cfg.algorithm.name, algorithm, cfg.faults.min_clients)  # before loading any data
+    check_algorithm(cfg.privacy, cfg.algorithm.name, algorithm, cfg.faults.min_clients)  # before partitioning
     # server-side data (e.g. FedDF's transfer set) leaves the training split before anything is partitioned
     dataset, server_data = draw_server_data(dataset, algorithm.server_data_spec(), cfg.seed, cfg.data.data_dir)
     part = make_partitioner({"name": cfg.data.partition.name, **cfg.data.partition.kwargs})
