@@ -5,6 +5,7 @@ that host clients elsewhere (Flower's ClientApp, torchrun's worker ranks)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +23,7 @@ from hetfl.data.server import draw_server_data
 from hetfl.errors import ConfigError, HetflError
 from hetfl.fleet import build_fleet
 from hetfl.models import ModelRef
+from hetfl.privacy.plan import check_algorithm, plan_privacy
 from hetfl.reliability import check_min_clients
 
 
@@ -60,6 +62,7 @@ def prepare(cfg: RunConfig) -> Experiment:
     check_augment(cfg.train.augment, dataset.info.input_shape)
     algo_cls = ALGORITHMS.get(cfg.algorithm.name, "algorithm.name")
     algorithm = algo_cls(**dict(cfg.algorithm.params))
+    check_algorithm(cfg.privacy, cfg.algorithm.name, algorithm, cfg.faults.min_clients)  # before partitioning
     # server-side data (e.g. FedDF's transfer set) leaves the training split before anything is partitioned
     dataset, server_data = draw_server_data(dataset, algorithm.server_data_spec(), cfg.seed, cfg.data.data_dir)
     part = make_partitioner({"name": cfg.data.partition.name, **cfg.data.partition.kwargs})
@@ -84,6 +87,8 @@ def prepare(cfg: RunConfig) -> Experiment:
         if ref != model_ref:
             _check_model(ref, dataset)
     check_min_clients(cfg.faults, algorithm.clients_for(federation.num_clients))
+    ctx = dataclasses.replace(ctx, privacy=plan_privacy(cfg.privacy, algorithm, cfg.algorithm.name, ctx, cfg.rounds,
+                                                        cfg.faults.min_clients))  # [privacy]: refused or resolved
     if algorithm.decentralized:  # no server: nodes on the [graph] (hetfl.decentralized)
         algorithm.check_setup(ctx, cfg.graph)
     return Experiment(cfg, dataset, federation, algorithm, ctx, device)

@@ -36,6 +36,7 @@ import torch
 from hetfl.accounting import Accountant, TierLedger
 from hetfl.algorithms.base import Algorithm, ClientResult, ClientTask, Context, ServerState, nbytes
 from hetfl.errors import ClientLost
+from hetfl.privacy.mechanism import PrivateRound
 from hetfl.reliability.guard import RoundGuard, skip_round
 
 #: Third word of a round's sampling seed ``[run seed, round, SAMPLING_STREAM]`` ("samp").
@@ -97,10 +98,13 @@ class Round:
         self.transport = transport
         self.guard = RoundGuard(ctx, example)  # dropouts, deadlines, validation, min_clients
         self.accountant = Accountant(ctx, costs=self.guard.costs)  # per-tier costs in every round's metrics
+        self.privacy = None  # [privacy]: Poisson sampling, clipped updates, noise on the sum (hetfl.privacy)
+        if getattr(ctx, "privacy", None) is not None:
+            self.privacy = PrivateRound(algorithm, ctx, ctx.privacy)
 
     def run(self, state: ServerState, rnd: int) -> tuple[ServerState, RoundReport]:
-        algo, ctx = self.algorithm, self.ctx
-        clients = algo.sample_clients(state, rnd, ctx, round_rng(ctx.seed, rnd))
+        algo, ctx, dp = self.algorithm, self.ctx, self.privacy
+        clients = dp.sample(rnd) if dp is not None else algo.sample_clients(state, rnd, ctx, round_rng(ctx.seed, rnd))
         tasks = algo.configure_round(state, rnd, clients, ctx)
         report = RoundReport(tiers=self.accountant.ledger())
         book = self.guard.begin(rnd, tasks)  # dropouts and stragglers are decided before anyone trains
@@ -132,6 +136,12 @@ class Round:
                     report.train_loss_sum += loss * res.num_samples
                 yield res
 
+        if dp is not None:  # clip each accepted update, noise the sum: released every round, never skipped
+            update = dp.aggregate(state, rnd, tasks, stream())
+            report.faults = {**book.finish(), "skipped": False}
+            report.messages = [m for m in book.messages if not m.startswith("skipped:")]
+            report.extra.update(dp.metrics(rnd))
+            return dp.finish(algo.server_step(state, update, ctx)), report
         update = None if book.early_skip else algo.aggregate(state, rnd, stream(), ctx)
         report.faults = book.finish()
         report.messages = book.messages

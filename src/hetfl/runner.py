@@ -31,6 +31,7 @@ from hetfl.evaluation import Evaluator
 from hetfl.experiment import Experiment, resolve_device  # noqa: F401  (re-exported)
 from hetfl.experiment import prepare as build_experiment
 from hetfl.model_cache import ModelCache
+from hetfl.privacy.plan import check_resume
 from hetfl.progress import RunProgress
 from hetfl.reliability.guard import fault_summary
 from hetfl.resolve import config_from_dict
@@ -125,6 +126,7 @@ def run(
         run_dir = RunDir.open(resume)
         saved = config_from_dict(parse_toml((run_dir.path / CONFIG).read_text(), str(run_dir.path / CONFIG)))
         cfg = _merge_resume(saved, cfg)
+        check_resume(saved.privacy, saved.rounds, cfg.rounds)
         ckpt = run_dir.load_checkpoint()
         exp = prepare(cfg)
         if not (run_dir.path / PARTITION).is_file():  # killed between creating the directory and writing it
@@ -199,6 +201,8 @@ def run(
         rows = run_dir.metrics()
         summary = summarize_metrics(rows, time.perf_counter() - t_start, cfg, status)
         summary.update(exp.algorithm.summarize(rows))
+        if exp.ctx.privacy is not None:  # epsilon is recomputed from the rounds done (exact after a resume)
+            summary["privacy"] = exp.ctx.privacy.summary(rows[-1]["round"] if rows else 0)
         summary["run_dir"] = str(run_dir.path)
         run_dir.write_summary(summary)
     return summary

@@ -49,6 +49,7 @@ class Context:
     fleet: Fleet | None = None
     faults: FaultsConfig | None = None  # [faults]: dropouts, deadline, update validation (None = defaults)
     server_data: ServerData | None = None  # drawn by the runner when algorithm.server_data_spec() asks
+    privacy: Any = None  # the resolved [privacy] (hetfl.privacy.plan.PrivacyPlan), None = no privacy step
 
     @property
     def num_clients(self) -> int:
