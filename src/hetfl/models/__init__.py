@@ -1,10 +1,11 @@
 """Plain ``nn.Module`` models with a width multiplier, looked up by name in :data:`MODELS`.
 
 Registered: ``mlp``, ``cnn``, ``heterofl_conv``, ``resnet`` (image or feature inputs) and ``lstm``,
-``transformer`` (token inputs).  Build one with :func:`build_model`.
+``transformer`` (token inputs); ``multi_exit`` wraps any of them cut in depth, with early exits.
+Build one with :func:`build_model`.
 """
 
-from hetfl.models import cnn, lstm, mlp, resnet, transformer  # noqa: F401  (registers the families)
+from hetfl.models import cnn, lstm, mlp, multi_exit, resnet, transformer  # noqa: F401  (registers the families)
 from hetfl.models.registry import (
     MODELS,
     build_model,
