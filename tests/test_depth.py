@@ -86,3 +86,48 @@ def test_heterogeneous_depth_fleet_runs_and_evaluates_every_level(tmp_path, digi
     for label in labels:
         assert f"test_accuracy.{label}" in row, label
     assert "test_accuracy" in row and "tier_acc.global" in row
+
+
+# ------------------------------------------------------------------------------------------- FIARSE
+def test_fiarse_at_capacity_one_equals_fedavg_bit_for_bit(digits_cfg):
+    common = (IID, MLP, "train.momentum=0.9", "train.grad_clip=1.0")
+    ref = _final(digits_cfg(*common, 'algorithm={name="fedavg", clients_per_round=3, weighted=false}'))
+    got = _final(digits_cfg(*common, 'algorithm={name="fiarse", clients_per_round=3}'))
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+
+
+def test_fiarse_masks_thresholds_and_gradient():
+    from hetfl.hetero.importance import MaskedAverage, TCBMask, masks, sparse_bytes, thresholds
+
+    w = {"a": torch.tensor([0.1, -0.5, 0.3, -0.05]), "b": torch.tensor([[1.0, -0.2], [0.0, 0.4]]), "n": torch.ones(2)}
+    taus = thresholds(w, ["a", "b"], 0.5, "global")  # 4 of 8 maskable elements: |.| >= 0.3
+    assert taus == {"a": 0.30000001192092896, "b": 0.30000001192092896}
+    m = masks(w, taus)
+    assert m["a"].tolist() == [False, True, True, False] and m["b"].tolist() == [[True, False], [False, True]]
+    assert thresholds(w, ["a", "b"], 1.0) == {}
+    kept, nbytes = sparse_bytes(w, taus)
+    assert kept == 4 + 2 and nbytes == 4 * 4 + 1 + 1 + 2 * 4
+    theta = torch.tensor([0.5, -0.1, 1.0], requires_grad=True)
+    TCBMask.apply(theta, 0.5).sum().backward()
+    # kept |theta| = tau: factor 1 + 2 tau^2 / (2 tau)^2 = 1.5; 1.0: 1 + 1 / 1.5^2; masked: 0
+    assert torch.allclose(theta.grad, torch.tensor([1.5, 0.0, 1 + 1 / 2.25]))
+    acc = MaskedAverage({"a": torch.zeros(4)})
+    acc.add({"a": torch.ones(4)}, {"a": torch.tensor([True, True, False, False])})
+    acc.add({"a": torch.full((4,), 3.0)}, {"a": torch.tensor([True, False, False, False])})
+    assert acc.result()["a"].tolist() == [2.0, 1.0, 0.0, 0.0]
+
+
+def test_fiarse_heterogeneous_fleet_trains_masked_submodels(tmp_path, digits_cfg):
+    from hetfl.results import read_metrics
+    from hetfl.runner import run
+
+    cfg = digits_cfg(MLP, 'fleet.source="tiers"', 'fleet.mix="a-b-c-d"', "data.num_clients=8", "rounds=2",
+                     'algorithm={name="fiarse", clients_per_round=8}')
+    assert run(cfg, tmp_path / "f", quiet=True)["status"] == "complete"
+    row = read_metrics(tmp_path / "f")[-1]
+    for r in ("0.25", "0.0625", "0.015625"):
+        assert f"test_accuracy.r{r}" in row and f"tier_acc.r{r}" in row
+        assert row[f"kept_params.r{r}"] < row["dense_params"]
+        assert row[f"sparse_bytes.r{r}"] < row["dense_bytes"]
+    assert row["kept_params.r0.0625"] < row["kept_params.r0.25"]
