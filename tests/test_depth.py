@@ -131,3 +131,38 @@ def test_fiarse_heterogeneous_fleet_trains_masked_submodels(tmp_path, digits_cfg
         assert row[f"kept_params.r{r}"] < row["dense_params"]
         assert row[f"sparse_bytes.r{r}"] < row["dense_bytes"]
     assert row["kept_params.r0.0625"] < row["kept_params.r0.25"]
+
+
+# ------------------------------------------------------------------------------------------- engines
+ENGINE_CASES = {
+    "depthfl": 'algorithm={name="depthfl", clients_per_round=4, kd_rampup=1}',
+    "scalefl": 'algorithm={name="scalefl", clients_per_round=4, kd_start=0.0}',
+    "inclusivefl": 'algorithm={name="inclusivefl", clients_per_round=4}',
+    "fiarse": 'algorithm={name="fiarse", clients_per_round=4}',
+}
+
+
+@pytest.mark.parametrize("algo", list(ENGINE_CASES))
+def test_simulator_and_two_workers_give_the_same_model(tmp_path, digits_cfg, algo):
+    from hetfl.results import read_metrics
+    from hetfl.runner import run
+
+    model = 'model={name="transformer", d_model=16, heads=2, ffn=16, layers=3}' if algo == "inclusivefl" else MLP4
+    data = ('data={name="synthetic_text", num_clients=0, num_groups=4, samples_per_group=30, '
+            'partition={name="natural"}}') if algo == "inclusivefl" else "data.num_clients=4"
+    cfg = digits_cfg(data, model, 'fleet.source="tiers"', 'fleet.mix="a-b-c-d"', "rounds=2", ENGINE_CASES[algo])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the in-process run at one thread per client, as each worker trains
+    try:
+        run(cfg, tmp_path / "inproc", quiet=True)
+    finally:
+        torch.set_num_threads(threads)
+    run(cfg.replace(workers=2), tmp_path / "workers", quiet=True)
+    a, b = (torch.load(tmp_path / e / "checkpoint.pt", weights_only=True)["state"] for e in ("inproc", "workers"))
+    for k in a["models"]["global"]:
+        assert torch.equal(a["models"]["global"][k], b["models"]["global"][k]), k
+    ra, rb = read_metrics(tmp_path / "inproc"), read_metrics(tmp_path / "workers")
+    for x, y in zip(ra, rb):
+        assert x["test_accuracy"] == y["test_accuracy"] and x["bytes_up"] == y["bytes_up"]
+    if algo == "inclusivefl":  # the transformer's layers carry momentum from the deeper levels
+        assert a["buffers"]["momentum"] and ra[-1]["momentum_blended_tensors"] > 0
