@@ -166,3 +166,19 @@ def test_simulator_and_two_workers_give_the_same_model(tmp_path, digits_cfg, alg
         assert x["test_accuracy"] == y["test_accuracy"] and x["bytes_up"] == y["bytes_up"]
     if algo == "inclusivefl":  # the transformer's layers carry momentum from the deeper levels
         assert a["buffers"]["momentum"] and ra[-1]["momentum_blended_tensors"] > 0
+
+
+@pytest.mark.parametrize("algo", ["depthfl", "scalefl", "inclusivefl", "fiarse"])
+def test_fashion_mnist_configs_load_and_prepare(algo):
+    from pathlib import Path
+
+    from hetfl.config import load_config
+
+    path = Path(__file__).parents[1] / "configs" / f"fmnist_{algo}.toml"
+    # fashion_mnist may not be registered in this tree: the same config on digits, small
+    small = 'model={name="heterofl_conv", hidden="4,4,8,8"}'
+    cfg = load_config(path, ['data.name="digits"', "data.num_clients=8", small])
+    exp = prepare(cfg)
+    state = exp.algorithm.init_state(exp.ctx)
+    tasks = exp.algorithm.configure_round(state, 1, list(range(8)), exp.ctx)
+    assert len({t.model for t in tasks} if algo != "fiarse" else {t.extra["capacity"] for t in tasks}) == 4
