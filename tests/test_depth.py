@@ -182,3 +182,34 @@ def test_fashion_mnist_configs_load_and_prepare(algo):
     state = exp.algorithm.init_state(exp.ctx)
     tasks = exp.algorithm.configure_round(state, 1, list(range(8)), exp.ctx)
     assert len({t.model for t in tasks} if algo != "fiarse" else {t.extra["capacity"] for t in tasks}) == 4
+
+
+def test_exit_losses():
+    import torch.nn.functional as F
+
+    from hetfl.algorithms.base import ClientTask, ModelRef
+    from hetfl.algorithms.depthfl import DepthFL, levels_for_tiers, mutual_kl, parse_levels
+    from hetfl.algorithms.scalefl import ScaleFL
+    from hetfl.config import TrainConfig
+
+    g = torch.Generator().manual_seed(0)
+    z, y = torch.randn(3, 5, 4, generator=g), torch.tensor([0, 1, 2, 3, 0])
+    assert mutual_kl(torch.stack([z[0], z[0]])) == 0
+    kl01 = F.kl_div(F.log_softmax(z[1], -1), F.softmax(z[0], -1), reduction="batchmean")
+    kl10 = F.kl_div(F.log_softmax(z[0], -1), F.softmax(z[1], -1), reduction="batchmean")
+    assert torch.allclose(mutual_kl(z[:2]), kl01 + kl10)
+    task = ClientTask(0, ModelRef("mlp"), {}, TrainConfig(), 0, {"kd": 0.5})
+    ce = sum(F.cross_entropy(z[i], y) for i in range(3))
+    assert torch.allclose(DepthFL().exit_loss(task)(z, y), ce + 0.5 * mutual_kl(z))
+    assert DepthFL().kd_weight(1) == pytest.approx(torch.exp(torch.tensor(-5.0)).item())
+    assert DepthFL().kd_weight(400) == 1.0
+    one = z[:1]
+    assert torch.equal(ScaleFL().exit_loss(task)(one, y), F.cross_entropy(one[0], y))
+    t = 3.0
+    kd = [(F.softmax(z[2] / t, -1) * (F.log_softmax(z[2] / t, -1) - F.log_softmax(z[j] / t, -1))).mean()
+          for j in range(2)]
+    want = (3 * F.cross_entropy(z[2], y) + 1 * (F.cross_entropy(z[0], y) + 0.5 * 9 * kd[0])
+            + 2 * (F.cross_entropy(z[1], y) + 0.5 * 9 * kd[1])) / 6
+    assert torch.allclose(ScaleFL().exit_loss(task)(z, y), want)
+    assert levels_for_tiers(parse_levels("1x1,1x0.75,1x0.5,1x0.25"), 2) == ((1.0, 1.0), (1.0, 0.25))
+    assert levels_for_tiers(parse_levels("1x1,0.5x0.5"), 1) == ((1.0, 1.0),)

@@ -91,6 +91,13 @@ def keys_of(ref: ModelRef, info: DataInfo) -> tuple[str, ...]:
         return tuple(ref.build(info).state_dict())
 
 
+@lru_cache(maxsize=64)
+def shapes_of(ref: ModelRef, info: DataInfo) -> dict[str, tuple[int, ...]]:
+    """State-dict shapes of the model ``ref`` builds (cached; do not modify the returned dict)."""
+    with torch.random.fork_rng(devices=[]):
+        return {k: tuple(v.shape) for k, v in ref.build(info).state_dict().items()}
+
+
 @dataclass(frozen=True)
 class MultiExitFL(Algorithm):
     """Base of the depth-heterogeneous methods (not registered): see the module docstring."""

@@ -28,10 +28,10 @@ from typing import ClassVar
 import torch
 
 from hetfl.algorithms.base import Context, ServerState, Weights
-from hetfl.algorithms.depthfl import MultiExitFL
+from hetfl.algorithms.depthfl import MultiExitFL, shapes_of
 from hetfl.algorithms.registry import ALGORITHMS
 from hetfl.errors import ConfigError
-from hetfl.hetero.depth import plan_for
+from hetfl.hetero.depth import encode_params, plan_for
 
 
 @ALGORITHMS.register("inclusivefl")
@@ -52,8 +52,8 @@ class InclusiveFL(MultiExitFL):
     def transfer_map(self, ctx: Context) -> dict[str, list[str]]:
         """For every parameter of a shallower level's top block, the same parameters of the blocks the next
         deeper level adds."""
-        plan = plan_for(ctx.model.name, self._ref(ctx, 1.0, (), "last").params[1][1], ctx.info)
-        model_keys = self.global_ref(ctx).build(ctx.info).state_dict()
+        plan = plan_for(ctx.model.name, encode_params(ctx.model.params), ctx.info)
+        model_keys = shapes_of(self.global_ref(ctx), ctx.info)
         kept = sorted({plan.kept(d) for _, d in self.level_table(ctx)})
         out: dict[str, list[str]] = {}
         for top, deeper in zip(kept, kept[1:]):
@@ -65,8 +65,8 @@ class InclusiveFL(MultiExitFL):
                 suffix = key[len(unit) + 1:]
                 sources = [f"{u}.{suffix}" for b in range(top, deeper) for u in plan.units[b]
                            if f"{u}.{suffix}" in model_keys and u != unit
-                           and model_keys[f"{u}.{suffix}"].shape == model_keys[key].shape]
-                if sources and model_keys[key].is_floating_point():
+                           and model_keys[f"{u}.{suffix}"] == model_keys[key]]
+                if sources and not key.endswith("num_batches_tracked"):
                     out[key] = sources
         return out
 
