@@ -47,7 +47,7 @@ from hetfl.algorithms.registry import ALGORITHMS
 from hetfl.data.base import DataInfo, Split
 from hetfl.errors import ConfigError
 from hetfl.hetero import group_sizes, spec_for, submodel_ref
-from hetfl.hetero.depth import encode_params
+from hetfl.hetero.depth import encode_params, plan_for
 from hetfl.hetero.extract import OverlapAverage, extract
 from hetfl.hetero.policy import Prefix, Selection
 from hetfl.train import local_sgd
@@ -207,7 +207,8 @@ class MultiExitFL(Algorithm):
 
     def eval_targets(self, state: ServerState, ctx: Context) -> dict[str, EvalTarget]:
         """``global``: the method's prediction (DepthFL: the mean of all exits' logits); ``w<W>d<D>``: every
-        level's submodel through its deepest exit, and every exit of the full-width model."""
+        level's submodel through its deepest exit, and every exit of the full-width model (one label per
+        distinct model: depth fractions that keep the same blocks are evaluated once)."""
         glob = state.models["global"]
         table = self.level_table(ctx)
         fixed_tiers = ctx.fleet.tiers() if ctx.fleet is not None else np.zeros(ctx.num_clients, dtype=np.int64)
@@ -225,7 +226,13 @@ class MultiExitFL(Algorithm):
             levels[(1.0, 1.0)] = None
         elif (1.0, 1.0) in levels:
             del levels[(1.0, 1.0)]
+        plan = plan_for(ctx.model.name, encode_params(ctx.model.params), ctx.info)
+        seen = {(1.0, plan.num_blocks)} if self.global_output == "last" else set()
         for level in sorted(levels, reverse=True):
+            same = (level[0], plan.kept(level[1]))  # two depth fractions that keep the same blocks: one model
+            if same in seen:
+                continue
+            seen.add(same)
             ref = self.client_ref(ctx, level, "last")
             targets[level_label(level)] = EvalTarget(ref, self.submodel(glob, ctx, ref, level[0]),
                                                      clients=clients_of(level))
