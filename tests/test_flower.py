@@ -43,6 +43,10 @@ CONFORMANCE = {
     "fedavg": ['algorithm={name="fedavg", clients_per_round=4}', 'model={name="mlp", hidden="32"}'],
     "heterofl": ['algorithm={name="heterofl", clients_per_round=4}', 'model={name="heterofl_conv", hidden="8,16"}',
                  'fleet.source="tiers"', 'fleet.mix="a-b-c-e"'],
+    "depthfl": ['algorithm={name="depthfl", clients_per_round=4, kd_rampup=1}', 'model={name="mlp", hidden="16,16,16"}',
+                'fleet.source="tiers"', 'fleet.mix="a-b-c-e"'],
+    "fiarse": ['algorithm={name="fiarse", clients_per_round=4}', 'model={name="mlp", hidden="32"}',
+               'fleet.source="tiers"', 'fleet.mix="a-b-c-e"'],
 }
 COMMON = ["data.num_clients=4", 'data.partition={name="iid"}', "rounds=3", "seed=3", "train.momentum=0.5"]
 

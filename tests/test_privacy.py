@@ -258,7 +258,8 @@ def test_bad_privacy_input(tmp_path, digits_cfg, overrides, message):
 
 def test_bad_privacy_input_exits_2(tmp_path, capsys):
     cfg = tmp_path / "c.toml"
-    cfg.write_text('rounds = 2\n[data]\nname = "digits"\nnum_clients = 5\n[model]\nname = "mlp"\n[algorithm]\nname = "feddf"\n'
+    cfg.write_text('rounds = 2\n[data]\nname = "digits"\nnum_clients = 5\n[model]\nname = "mlp"\n'
+                   '[algorithm]\nname = "feddf"\n'
                    '[privacy]\nclip = 1.0\nnoise_multiplier = 1.0\n')
     assert main(["run", str(cfg), "--out", str(tmp_path / "r")]) == 2
     assert "cannot be honoured by algorithm 'feddf'" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from hetfl.errors import ConfigError
+from hetfl.privacy.accountant import epsilon, noise_for_epsilon, require_dp_accounting
 from hetfl.privacy.config import PrivacyConfig
 
 #: Algorithms whose aggregate is a (per-element) mean of client weights: DP-FedAvg applies to them.
@@ -66,7 +67,6 @@ class PrivacyPlan:
         """Epsilon at ``delta`` after ``rounds_done`` rounds (inf without noise)."""
         if self.noise_multiplier <= 0.0:
             return math.inf
-        from hetfl.privacy.accountant import epsilon
 
         return epsilon(self.sampling_rate, self.noise_multiplier, int(rounds_done), self.delta, self.accountant)
 
@@ -132,8 +132,6 @@ def plan_privacy(cfg: PrivacyConfig, algorithm: Any, algorithm_name: str, ctx: A
     q = min(1.0, algorithm.clients_for(n) / max(len(eligible), 1))
     z = cfg.noise_multiplier
     if cfg.target_epsilon is not None or z > 0:
-        from hetfl.privacy.accountant import noise_for_epsilon, require_dp_accounting
-
         require_dp_accounting()
         if cfg.target_epsilon is not None:
             z = noise_for_epsilon(cfg.target_epsilon, q, rounds, cfg.delta, cfg.accountant, cfg.max_noise_multiplier)

@@ -1,0 +1,312 @@
+"""Depth (and width x depth) submodels: the shared round, and DepthFL.
+
+:class:`MultiExitFL` is the one round of every depth-heterogeneous method.  The global model is the
+registered model seen as blocks with an exit after every block some level cuts at
+(:mod:`hetfl.hetero.depth`, the ``multi_exit`` model).  A client of fleet tier ``t`` trains the level
+``(width, depth)`` that ``levels`` gives that tier: its weights are the global weights of the first
+``scaled(K, depth)`` blocks and its exits, sliced to ``width`` by the width spec
+(:mod:`hetfl.hetero.extract`).  The server averages every element over the clients that hold it
+(unweighted by default, as DepthFL, ScaleFL and InclusiveFL do); a block or exit nobody trained keeps its
+value.  Methods differ only in the loss over the exits (:meth:`MultiExitFL.exit_loss`), in which exits a
+client trains, in the global prediction, and (InclusiveFL) in a server-side rule.
+
+``levels`` is a comma-separated list of ``WIDTHxDEPTH`` pairs, strongest first.  The fleet's tiers
+(strongest first) take entries spread over the list: with ``T`` tiers and ``n`` entries, tier ``t``
+takes entry ``round(t * (n - 1) / (T - 1))``, so the strongest tier gets the first entry and the
+weakest the last (with more tiers than entries, neighbouring tiers share one); a one-tier fleet gets the
+first.  Width-only, depth-only and nested width x depth
+fleets are therefore configs (``"1x1,0.5x1"``, ``"1x1,1x0.5"``, ``"1x1,0.5x0.5"``), not code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hetfl.algorithms.base import (
+    Algorithm,
+    ClientResult,
+    ClientTask,
+    Context,
+    EvalTarget,
+    ServerState,
+    Weights,
+    round_seed,
+    weights_of,
+)
+from hetfl.algorithms.registry import ALGORITHMS
+from hetfl.data.base import DataInfo, Split
+from hetfl.errors import ConfigError
+from hetfl.hetero import group_sizes, spec_for, submodel_ref
+from hetfl.hetero.depth import encode_params, plan_for
+from hetfl.hetero.extract import OverlapAverage, extract
+from hetfl.hetero.multi_exit import multi_exit  # noqa: F401  (registers the multi_exit model these algorithms train)
+from hetfl.hetero.policy import Prefix, Selection
+from hetfl.models import ModelRef
+from hetfl.train import local_sgd
+
+Level = tuple[float, float]  # (width, depth)
+
+
+def parse_levels(text: str) -> tuple[Level, ...]:
+    """``"1x1,0.5x0.75"`` -> ((1.0, 1.0), (0.5, 0.75))."""
+    out = []
+    for part in (p.strip() for p in str(text).split(",") if p.strip()):
+        try:
+            w, d = (float(x) for x in part.lower().split("x"))
+        except ValueError:
+            raise ConfigError(f"algorithm.levels: cannot read {part!r} in {text!r}; write WIDTHxDEPTH pairs, "
+                              f"strongest first, e.g. '1x1,1x0.5' (fractions in (0, 1])") from None
+        if not (0 < w <= 1 and 0 < d <= 1):
+            raise ConfigError(f"algorithm.levels: {part!r} in {text!r} is outside (0, 1]")
+        out.append((w, d))
+    if not out:
+        raise ConfigError("algorithm.levels is empty; write WIDTHxDEPTH pairs like '1x1,1x0.5'")
+    return tuple(out)
+
+
+def levels_for_tiers(levels: Sequence[Level], tiers: int) -> tuple[Level, ...]:
+    """The level of every fleet tier (strongest first): entries spread over ``levels``."""
+    n = len(levels)
+    if tiers == 1:
+        return (levels[0],)
+    return tuple(levels[round(t * (n - 1) / (tiers - 1))] for t in range(tiers))
+
+
+def level_label(level: Level) -> str:
+    return f"w{level[0]:g}d{level[1]:g}"
+
+
+@lru_cache(maxsize=256)
+def keys_of(ref: ModelRef, info: DataInfo) -> tuple[str, ...]:
+    """State-dict keys of the model ``ref`` builds (built once, without moving the global generator)."""
+    with torch.random.fork_rng(devices=[]):
+        return tuple(ref.build(info).state_dict())
+
+
+@lru_cache(maxsize=64)
+def shapes_of(ref: ModelRef, info: DataInfo) -> dict[str, tuple[int, ...]]:
+    """State-dict shapes of the model ``ref`` builds (cached; do not modify the returned dict)."""
+    with torch.random.fork_rng(devices=[]):
+        return {k: tuple(v.shape) for k, v in ref.build(info).state_dict().items()}
+
+
+@dataclass(frozen=True)
+class MultiExitFL(Algorithm):
+    """Base of the depth-heterogeneous methods (not registered): see the module docstring."""
+
+    levels: str = "1x1,1x0.75,1x0.5,1x0.25"
+    weighted: bool = False
+    eval_levels: bool = True
+
+    #: the global prediction: "ensemble" (mean of the exits' logits) or "last" (the deepest exit)
+    global_output: ClassVar[str] = "last"
+    #: which exits a client trains: "all" (every exit up to its depth) or "deepest" (one classifier)
+    client_exits: ClassVar[str] = "all"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        parse_levels(self.levels)
+
+    # ------------------------------------------------------------------ levels and models
+    def level_table(self, ctx: Context) -> tuple[Level, ...]:
+        tiers = len(ctx.fleet.levels) if ctx.fleet is not None else 1
+        return levels_for_tiers(parse_levels(self.levels), tiers)
+
+    def tiers(self, ctx: Context, rnd: int) -> np.ndarray:
+        """Every client's fleet tier in round ``rnd`` (dynamic fleets redraw it)."""
+        if ctx.fleet is None:
+            return np.zeros(ctx.num_clients, dtype=np.int64)
+        return ctx.fleet.tiers_of(ctx.fleet.widths(rnd, ctx.seed))
+
+    def exit_fractions(self, ctx: Context) -> tuple[float, ...]:
+        """Depths an exit sits at: every level's depth below 1 (the full depth has the model's own head)."""
+        return tuple(sorted({d for _, d in self.level_table(ctx) if d < 1}))
+
+    def _ref(self, ctx: Context, depth: float, exits: Sequence[float], output: str) -> ModelRef:
+        if ctx.model.name == "multi_exit":
+            raise ConfigError("the depth algorithms build the multi_exit model themselves: set model.name to the "
+                              "base model (mlp, cnn, resnet, transformer, ...)")
+        params = (("base", ctx.model.name), ("base_params", encode_params(ctx.model.params)), ("depth", float(depth)),
+                  ("exits", ",".join(f"{f:g}" for f in exits)), ("output", output))
+        return ModelRef("multi_exit", ctx.model.width, params)
+
+    def global_ref(self, ctx: Context, output: str = "all") -> ModelRef:
+        """The full-width, full-depth model with every exit (``output="all"``: the global weights' layout)."""
+        return self._ref(ctx, 1.0, self.exit_fractions(ctx), output)
+
+    def client_ref(self, ctx: Context, level: Level, output: str = "all") -> ModelRef:
+        width, depth = level
+        exits = [f for f in self.exit_fractions(ctx) if f < depth] if self.client_exits == "all" else []
+        return submodel_ref(self._ref(ctx, depth, exits, output), width)
+
+    def selection(self, ctx: Context, width: float) -> Selection:
+        ref = self.global_ref(ctx)
+        spec = spec_for(ref, ctx.info)
+        return Prefix().select(spec.groups, group_sizes(ref, ctx.info, width), rnd=0, client=0, seed=0)
+
+    def submodel(self, glob: Weights, ctx: Context, ref: ModelRef, width: float) -> Weights:
+        """The global weights ``ref`` holds: its blocks and exits, sliced to ``width``."""
+        keys = keys_of(ref, ctx.info)
+        return extract({k: glob[k] for k in keys}, spec_for(self.global_ref(ctx), ctx.info),
+                       self.selection(ctx, width))
+
+    def client_level(self, ctx: Context, rnd: int, client: int) -> Level:
+        return self.level_table(ctx)[int(self.tiers(ctx, rnd)[client])]
+
+    # ------------------------------------------------------------------ server
+    def init_state(self, ctx: Context) -> ServerState:
+        ref = self.global_ref(ctx)
+        spec_for(ref, ctx.info)  # fail early if the model cannot be sliced
+        for w, _ in self.level_table(ctx):
+            group_sizes(ref, ctx.info, w)
+        torch.manual_seed(round_seed(ctx.seed, 0))  # the base model's weights are FedAvg's; exits come after
+        return ServerState(round=0, models={"global": weights_of(ref.build(ctx.info))})
+
+    def model_refs(self, ctx: Context) -> list[ModelRef]:
+        # the runner checks (batch, classes) logits: the ensemble output runs every exit the model holds
+        return [self.global_ref(ctx, "ensemble"),
+                *(self.client_ref(ctx, lv, "ensemble") for lv in dict.fromkeys(self.level_table(ctx)))]
+
+    def task_extra(self, state: ServerState, rnd: int, ctx: Context) -> dict[str, object]:
+        """Values every client of round ``rnd`` needs (e.g. a distillation weight)."""
+        return {}
+
+    def configure_round(self, state: ServerState, rnd: int, clients: Sequence[int], ctx: Context) -> list[ClientTask]:
+        train = self.round_train_config(ctx, rnd)
+        glob = state.models["global"]
+        tiers = self.tiers(ctx, rnd)
+        table = self.level_table(ctx)
+        extra = self.task_extra(state, rnd, ctx)
+        tasks = []
+        for c in clients:
+            level = table[int(tiers[int(c)])]
+            ref = self.client_ref(ctx, level)
+            tasks.append(ClientTask(int(c), ref, self.submodel(glob, ctx, ref, level[0]), train,
+                                    round_seed(ctx.seed, rnd, int(c)), {**extra, "level": list(level)}))
+        return tasks
+
+    def aggregate(self, state: ServerState, rnd: int, results: Iterable[ClientResult], ctx: Context) -> Weights:
+        glob = state.models["global"]
+        acc = OverlapAverage(glob, spec_for(self.global_ref(ctx), ctx.info))
+        for res in results:
+            width, _ = self.client_level(ctx, rnd, res.client_id)  # recomputed: pure in (seed, round, client)
+            acc.add(res.weights, self.selection(ctx, width), float(res.num_samples) if self.weighted else 1.0)
+        return acc.result() if acc.clients else {}
+
+    def server_step(self, state: ServerState, update: Weights, ctx: Context) -> ServerState:
+        models = {**state.models, "global": update} if update else state.models
+        return ServerState(state.round + 1, models, state.buffers)
+
+    def eval_targets(self, state: ServerState, ctx: Context) -> dict[str, EvalTarget]:
+        """``global``: the method's prediction (DepthFL: the mean of all exits' logits); ``w<W>d<D>``: every
+        level's submodel through its deepest exit, and every exit of the full-width model (one label per
+        distinct model: depth fractions that keep the same blocks are evaluated once)."""
+        glob = state.models["global"]
+        table = self.level_table(ctx)
+        fixed_tiers = ctx.fleet.tiers() if ctx.fleet is not None else np.zeros(ctx.num_clients, dtype=np.int64)
+
+        def clients_of(level: Level) -> np.ndarray | None:
+            tiers = [t for t, lv in enumerate(table) if lv == level]
+            return np.flatnonzero(np.isin(fixed_tiers, tiers)) if tiers and len(table) > 1 else None
+
+        ref = self.global_ref(ctx, self.global_output)
+        targets = {"global": EvalTarget(ref, self.submodel(glob, ctx, ref, 1.0), clients=clients_of(table[0]))}
+        if not self.eval_levels:
+            return targets
+        levels = dict.fromkeys([*table, *((1.0, f) for f in self.exit_fractions(ctx))])
+        if self.global_output != "last":
+            levels[(1.0, 1.0)] = None
+        elif (1.0, 1.0) in levels:
+            del levels[(1.0, 1.0)]
+        plan = plan_for(ctx.model.name, encode_params(ctx.model.params), ctx.info)
+        seen = {(1.0, plan.num_blocks)} if self.global_output == "last" else set()
+        for level in sorted(levels, reverse=True):
+            same = (level[0], plan.kept(level[1]))  # two depth fractions that keep the same blocks: one model
+            if same in seen:
+                continue
+            seen.add(same)
+            ref = self.client_ref(ctx, level, "last")
+            targets[level_label(level)] = EvalTarget(ref, self.submodel(glob, ctx, ref, level[0]),
+                                                     clients=clients_of(level))
+        return targets
+
+    # ------------------------------------------------------------------ client
+    def exit_loss(self, task: ClientTask):
+        """``loss(logits, y)`` over the stacked exits' logits ``(exits, batch, classes)``: CE of each exit."""
+
+        def loss(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            total = F.cross_entropy(z[0], y)
+            for i in range(1, z.shape[0]):
+                total = total + F.cross_entropy(z[i], y)
+            return total
+
+        return loss
+
+    def local_update(self, task: ClientTask, model: nn.Module, data: Split, device: torch.device) -> ClientResult:
+        stats = local_sgd(model, data, task.train, seed=task.seed, device=device, loss_fn=self.exit_loss(task))
+        return ClientResult(task.client_id, len(data), weights_of(model),
+                            {"train_loss": stats.loss, "steps": stats.steps}, {"level": task.extra.get("level")})
+
+
+def mutual_kl(z: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """DepthFL's mutual distillation: for every exit i, the mean over the other exits j of
+    KL(softmax(z_j / T) detached || softmax(z_i / T)) (summed over classes, averaged over the batch), times
+    T^2, summed over i."""
+    n = z.shape[0]
+    logp = F.log_softmax(z / temperature, dim=-1)
+    p = logp.detach().exp()
+    total = z.new_zeros(())
+    for i in range(n):
+        for j in range(n):
+            if i != j:
+                total = total + F.kl_div(logp[i], p[j], reduction="batchmean") / (n - 1)
+    return total * temperature**2
+
+
+@ALGORITHMS.register("depthfl")
+@dataclass(frozen=True)
+class DepthFL(MultiExitFL):
+    """DepthFL: depth-cut clients with an exit per level, mutual self-distillation among exits, ensemble of exits."""
+
+    levels: str = "1x1,1x0.75,1x0.5,1x0.25"
+    kd: float = 1.0  # weight of the mutual distillation (0: off, DepthFL's "FedAvg" variant)
+    kd_rampup: int = 300  # rounds until the weight reaches kd: kd * exp(-5 (1 - min(t, R) / R)^2), t from 0
+    temperature: float = 1.0
+
+    global_output: ClassVar[str] = "ensemble"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.kd < 0 or self.kd_rampup < 0 or self.temperature <= 0:
+            raise ConfigError("algorithm.kd and algorithm.kd_rampup must be >= 0 and algorithm.temperature > 0")
+
+    def kd_weight(self, rnd: int) -> float:
+        if self.kd == 0 or self.kd_rampup == 0:
+            return self.kd
+        t = min(rnd - 1, self.kd_rampup) / self.kd_rampup
+        return self.kd * math.exp(-5.0 * (1.0 - t) ** 2)
+
+    def task_extra(self, state: ServerState, rnd: int, ctx: Context) -> dict[str, object]:
+        return {"kd": self.kd_weight(rnd)}
+
+    def exit_loss(self, task: ClientTask):
+        ce = super().exit_loss(task)
+        weight = float(task.extra.get("kd", 0.0))
+        if weight == 0:
+            return ce
+
+        def loss(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            if z.shape[0] < 2:
+                return ce(z, y)
+            return ce(z, y) + weight * mutual_kl(z, self.temperature)
+
+        return loss
