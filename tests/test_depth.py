@@ -172,7 +172,7 @@ def test_simulator_and_two_workers_give_the_same_model(tmp_path, digits_cfg, alg
 def test_fashion_mnist_configs_load_and_prepare(algo):
     from pathlib import Path
 
-    from hetfl.config import load_config
+    from hetfl.resolve import load_config
 
     path = Path(__file__).parents[1] / "configs" / f"fmnist_{algo}.toml"
     # fashion_mnist may not be registered in this tree: the same config on digits, small
