@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from hetfl.algorithms.base import Context, ServerState
-from hetfl.config import EvalConfig
+from hetfl.config import EvalConfig, RunConfig
 from hetfl.decentralized.protocol import (
     GraphAlgorithm,
     Layout,
@@ -82,7 +82,8 @@ class InProcessEngine:
 
     name = "simulator"
 
-    def __init__(self, algorithm: Any, federation: Any, ctx: Context, device: torch.device | str, cfg: Any) -> None:
+    def __init__(self, algorithm: Any, federation: Any, ctx: Context, device: torch.device | str,
+                 cfg: RunConfig) -> None:
         self.algorithm = require_decentralized(algorithm, "simulator")
         self.host = NodeHost(self.algorithm, federation, ctx, torch.device(device), cfg.graph,
                              range(ctx.num_clients), LocalTransport())

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from hetfl.algorithms.base import Context, ServerState, Weights
-from hetfl.config import parse_toml
+from hetfl.config import RunConfig, parse_toml
 from hetfl.decentralized.engine import GraphReport, LonelyLog, models_of, require_decentralized, state_of
 from hetfl.decentralized.protocol import NodeHost, round_report
 from hetfl.errors import ConfigError, HetflError
@@ -162,7 +162,8 @@ class TorchrunEngine:
 
     name = "torchrun"
 
-    def __init__(self, algorithm: Any, federation: Any, ctx: Context, device: torch.device | str, cfg: Any) -> None:
+    def __init__(self, algorithm: Any, federation: Any, ctx: Context, device: torch.device | str,
+                 cfg: RunConfig) -> None:
         import torch.distributed as dist
 
         self.algorithm = require_decentralized(algorithm, "torchrun")

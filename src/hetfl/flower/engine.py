@@ -27,6 +27,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from hetfl.algorithms.base import Algorithm, Context, ServerState
+from hetfl.config import RunConfig
 from hetfl.errors import HetflError
 from hetfl.flower.client import make_client_app
 from hetfl.flower.strategy import FlowerOptions, FlowerRoundReport, HetflStrategy
@@ -184,7 +185,7 @@ class FlowerSimulation:
 
     name = "flower"
 
-    def __init__(self, algorithm: Algorithm, federation: Any, ctx: Context, device: Any, cfg: Any,
+    def __init__(self, algorithm: Algorithm, federation: Any, ctx: Context, device: Any, cfg: RunConfig,
                  options: FlowerOptions | None = None, client_app: ClientApp | None = None,
                  startup_timeout_s: float = 300.0) -> None:
         import ray
@@ -311,7 +312,7 @@ class FlowerSimulation:
         flwr_logger.setLevel(self._flwr_level)
 
 
-def make_engine(algorithm: Algorithm, federation: Any, ctx: Context, device: Any, cfg: Any,
+def make_engine(algorithm: Algorithm, federation: Any, ctx: Context, device: Any, cfg: RunConfig,
                 options: FlowerOptions | None = None) -> Any:
     """The ``flower`` engine: the active deployment Grid if inside :func:`use_grid`, else a simulation."""
     active = _active_grid.get()
