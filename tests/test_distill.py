@@ -15,6 +15,7 @@ from hetfl.distill import (
     PeakMemory,
     distill,
     ensemble_logits,
+    hwm_tracks_peaks,
     kl_to_teacher,
     nbytes_of,
 )
@@ -120,5 +121,6 @@ def test_nbytes_and_peak_memory():
         float(big.sum())
         del big
     if pm.start_bytes is None:
-        pytest.skip("/proc/self/clear_refs is not writable here")
+        assert not hwm_tracks_peaks()
+        pytest.skip("VmHWM cannot be reset or does not follow the resident set here")
     assert pm.peak_bytes is not None and pm.peak_bytes >= 48 * 2**20

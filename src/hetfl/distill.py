@@ -248,6 +248,32 @@ def _status_kb(field: str) -> int | None:
     return None
 
 
+_HWM_TRACKS: bool | None = None
+
+
+def hwm_tracks_peaks() -> bool:
+    """Whether this kernel's ``VmHWM`` can be reset and then follows the resident set up (checked once per process).
+
+    Some sandboxes accept the write to ``/proc/self/clear_refs`` but never move ``VmHWM`` past the RSS at the
+    time of reading, so a peak read from it would be 0: :class:`PeakMemory` reports ``None`` there instead.
+    The check touches 32 MiB once and frees it.
+    """
+    global _HWM_TRACKS
+    if _HWM_TRACKS is None:
+        try:
+            _CLEAR_REFS.write_text("5")
+        except OSError:
+            _HWM_TRACKS = False
+            return False
+        rss = _status_kb("VmRSS")
+        probe = torch.ones(8 * 2**20)  # 32 MiB, touched
+        float(probe.sum())
+        del probe
+        hwm = _status_kb("VmHWM")
+        _HWM_TRACKS = rss is not None and hwm is not None and hwm - rss >= 24 * 1024
+    return _HWM_TRACKS
+
+
 class PeakMemory:
     """Peak memory of a ``with`` block above its start, in bytes (``None`` where it cannot be measured).
 
@@ -267,11 +293,10 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.start_bytes = torch.cuda.memory_allocated(self.device)
             return self
-        try:
-            _CLEAR_REFS.write_text("5")
-        except OSError:
+        if not hwm_tracks_peaks():
             self.start_bytes = None
             return self
+        _CLEAR_REFS.write_text("5")
         rss = _status_kb("VmRSS")
         self.start_bytes = None if rss is None else rss * 1024
         return self
