@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hetfl.algorithms.base import Algorithm, Context, ServerState
+from hetfl.algorithms.base import Algorithm, Context, EvalTarget, ServerState
 from hetfl.config import EvalConfig
 from hetfl.data.base import Split
 from hetfl.data.federation import Federation
@@ -106,7 +106,32 @@ class Evaluator:
                     out[f"tier_acc.{label}"] = float(acc[members].mean())
         if self.progress is not None:
             self.progress(len(targets), len(targets), "")
+        out.update(self._deployed(targets, out))
         return out
+
+    def _deployed(self, targets: dict[str, EvalTarget], out: dict[str, float]) -> dict[str, float]:
+        """``deployed_accuracy``: the mean over all clients of the test accuracy of the model each client runs
+        (the first target that serves it; one model for everyone when no target names its clients), and
+        ``smallest_accuracy``: that of the model the fleet's lowest tier runs.  Defined the same way for every
+        algorithm (widths, depths, capacities), so a comparison across methods reads one key; absent when the
+        targets do not cover every client (e.g. ``eval_levels = false``)."""
+        n = self.ctx.num_clients
+        served = [(label, t.clients) for label, t in targets.items() if t.clients is not None]
+        if not served:
+            acc = out["test_accuracy"]
+            return {"deployed_accuracy": acc, "smallest_accuracy": acc}
+        per_client = np.full(n, np.nan)
+        for label, clients in served:
+            free = clients[np.isnan(per_client[clients])]
+            per_client[free] = out["test_accuracy" if label == "global" else f"test_accuracy.{label}"]
+        if np.isnan(per_client).any():
+            return {}
+        res = {"deployed_accuracy": float(per_client.mean())}
+        fleet = self.ctx.fleet
+        if fleet is not None:
+            tiers = fleet.tiers()
+            res["smallest_accuracy"] = float(per_client[tiers == tiers.max()].mean())
+        return res
 
 
 @torch.no_grad()
