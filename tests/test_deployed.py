@@ -38,3 +38,17 @@ def test_one_model_for_everyone(tmp_path):
     run(cfg, tmp_path, quiet=True)
     row = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
     assert row["deployed_accuracy"] == row["smallest_accuracy"] == row["test_accuracy"]
+
+
+def test_worst_clients_of_the_deployed_models(tmp_path):
+    """``deployed_client_acc_*``: each local client scored with the model of its tier (here: local splits)."""
+    cfg = load_config("configs/digits_fedavg.toml", [
+        "rounds=1", "eval.every=1", "data.num_clients=12", 'fleet.source="tiers"', 'fleet.mix="a-b"',
+        'model={name="heterofl_conv", hidden="8,8,8,8"}', 'algorithm={name="heterofl", clients_per_round=4}'])
+    run(cfg, tmp_path, quiet=True)
+    row = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
+    tiers = build_fleet(cfg.fleet, 12, cfg.seed, sizes=np.ones(12)).tiers()
+    share = np.mean(tiers == 0)
+    mean = share * row["tier_acc.global"] + (1 - share) * row["tier_acc.w0.5"]
+    assert row["deployed_client_acc_mean"] == pytest.approx(mean, abs=1e-12)
+    assert row["deployed_client_acc_worst10"] <= row["deployed_client_acc_mean"]

@@ -81,6 +81,8 @@ class Evaluator:
     def __call__(self, algorithm: Algorithm, state: ServerState) -> dict[str, float]:
         out: dict[str, float] = {}
         targets = algorithm.eval_targets(state, self.ctx)
+        # local accuracy of the model each evaluated client runs (the first target serving it)
+        deployed_local = np.full(len(self.local.clients), np.nan) if self.local is not None else None
         for done, (label, target) in enumerate(targets.items()):
             if self.progress is not None:
                 self.progress(done, len(targets), label)
@@ -104,9 +106,15 @@ class Evaluator:
                 members = np.isin(self.local.clients, target.clients)
                 if members.any():
                     out[f"tier_acc.{label}"] = float(acc[members].mean())
+                free = members & np.isnan(deployed_local)
+                deployed_local[free] = acc[free]
+            elif label == "global" and not any(t.clients is not None for t in targets.values()):
+                deployed_local = acc  # one model for everyone
         if self.progress is not None:
             self.progress(len(targets), len(targets), "")
         out.update(self._deployed(targets, out))
+        if deployed_local is not None and not np.isnan(deployed_local).any():
+            out.update(client_distribution(deployed_local, prefix="deployed_client_acc"))
         return out
 
     def _deployed(self, targets: dict[str, EvalTarget], out: dict[str, float]) -> dict[str, float]:

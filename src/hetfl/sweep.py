@@ -437,7 +437,8 @@ def cell_row(study: Study, cell: Cell, run_dir: Path) -> dict[str, Any]:
     if f"acc_{_width_key(narrow)}" in row:
         row["acc_narrowest"] = row[f"acc_{_width_key(narrow)}"]
         row["acc_narrowest_last5"] = row[f"acc_{_width_key(narrow)}_last5"]
-    for key, col in (("deployed_accuracy", "deployed_acc"), ("smallest_accuracy", "acc_narrowest")):
+    for key, col in (("deployed_accuracy", "deployed_acc"), ("smallest_accuracy", "acc_narrowest"),
+                     ("deployed_client_acc_worst10", "worst10_acc")):
         vals = [r[key] for r in evals if r.get(key) is not None]  # the evaluator's, for depth and capacity levels
         if vals and col not in row:
             row[col], row[f"{col}_last5"] = vals[-1], _last5(vals)
