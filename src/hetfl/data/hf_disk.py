@@ -33,7 +33,7 @@ import torch
 
 from hetfl.data.base import DataInfo, Dataset, Split
 from hetfl.data.checks import check_fraction, check_int
-from hetfl.data.user import _as_inputs, _seeded_split
+from hetfl.data.user import _as_inputs, _seeded_split, data_folder
 from hetfl.errors import DataError
 
 __all__ = ["hf_disk"]
@@ -222,11 +222,7 @@ def hf_disk(*, data_dir: str | None = None, seed: int = 0, image_column: str = "
     """A Hugging Face dataset saved with ``save_to_disk`` (images or arrays, class labels, optional owners)."""
     test_fraction = check_fraction("test_fraction", test_fraction)
     size = check_int("size", size, 0)
-    if data_dir is None:
-        raise DataError(f"dataset hf_disk reads the folder named by data.data_dir, which is not set; layout: {LAYOUT}")
-    root = Path(data_dir).expanduser()
-    if not root.is_dir():
-        raise DataError(f"{root} does not exist or is not a folder; layout: {LAYOUT}")
+    root = data_folder(data_dir, "hf_disk", LAYOUT)
     p = {"image_column": image_column, "label_column": label_column, "client_column": client_column,
          "size": size, "grayscale": grayscale}
     if (root / "dataset_dict.json").is_file():

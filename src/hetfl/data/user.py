@@ -42,6 +42,16 @@ def _seeded_split(keys: np.ndarray, test_fraction: float, seed: int) -> np.ndarr
     return mask
 
 
+def data_folder(data_dir: str | None, dataset: str, layout: str, what: str = "") -> Path:
+    """``data.data_dir`` as an existing folder, or a :class:`DataError` that shows the expected layout."""
+    if data_dir is None:
+        raise DataError(f"dataset {dataset} reads data.data_dir, which is not set; layout: {layout}")
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise DataError(f"{what}{root} does not exist or is not a folder; layout: {layout}")
+    return root
+
+
 def _class_folders(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
@@ -79,11 +89,7 @@ def image_folder(*, data_dir: str | None = None, seed: int = 0, test_fraction: f
     """Your images, one sub-folder per class (optionally under ``train/`` and ``test/``)."""
     test_fraction = check_fraction("test_fraction", test_fraction)
     size = check_int("size", size, 0)
-    if data_dir is None:
-        raise DataError(f"dataset image_folder reads data.data_dir, which is not set; layout: {FOLDER_LAYOUT}")
-    root = Path(data_dir).expanduser()
-    if not root.is_dir():
-        raise DataError(f"image folder {root} does not exist or is not a folder; layout: {FOLDER_LAYOUT}")
+    root = data_folder(data_dir, "image_folder", FOLDER_LAYOUT, what="image folder ")
     split = (root / "train").is_dir() and (root / "test").is_dir()
     train_root = root / "train" if split else root
     classes = [p.name for p in _class_folders(train_root)]
