@@ -124,7 +124,7 @@ def main() -> None:
                               .split(" ± ")[0] for t in TIERS)
 
         wall = statistics.fmean(_f(r["wall_time_s"]) for r in rows)
-        print(f"| {m} | {per_tier('local', 100, 1)} | {per_tier('gflops', 1, 2)} | {per_tier('mb_up', 1, 2)} | "
+        print(f"| {m} | {per_tier('local', 100, 1)} | {per_tier('gflops', 1, 2)} | {per_tier('mb_up', 1, 3)} | "
               f"{wall:.0f} |")
     if args.csv:
         keys = ["method", "seed", "algorithm", *(k for k, _ in HEADLINE), "wall_time_s",
