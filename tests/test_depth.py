@@ -214,3 +214,38 @@ def test_exit_losses():
     assert torch.allclose(ScaleFL().exit_loss(task)(z, y), want)
     assert levels_for_tiers(parse_levels("1x1,1x0.75,1x0.5,1x0.25"), 2) == ((1.0, 1.0), (1.0, 0.25))
     assert levels_for_tiers(parse_levels("1x1,0.5x0.5"), 1) == ((1.0, 1.0),)
+
+
+# ------------------------------------------------------------------------------------------- level schedules
+def test_level_schedule_lets_strong_clients_train_weaker_levels_and_the_server_recomputes_them(digits_cfg):
+    cfg = digits_cfg(MLP4, *TIERS4, 'algorithm={name="depthfl", clients_per_round=8, '
+                     'level_schedule="mixture(q=0.7)"}')
+    exp = prepare(cfg)
+    algo, ctx = exp.algorithm, exp.ctx
+    state = algo.init_state(ctx)
+    table, tiers = algo.level_table(ctx), algo.tiers(ctx, 1)
+    clients = list(range(8))
+    stepped = 0
+    for rnd in range(1, 6):
+        tasks = algo.configure_round(state, rnd, clients, ctx)
+        for task in tasks:
+            level = tuple(task.extra["level"])
+            own = table[int(tiers[task.client_id])]
+            assert table.index(level) >= table.index(own)  # never stronger than the client's tier
+            assert algo.client_level(ctx, rnd, task.client_id) == level  # what aggregate() recomputes
+            stepped += level != own
+    assert stepped > 0
+    # "max" (the default) is every client at its own tier's level
+    plain = prepare(digits_cfg(MLP4, *TIERS4, 'algorithm={name="depthfl", clients_per_round=8}'))
+    assert [tuple(t.extra["level"]) for t in plain.algorithm.configure_round(state, 1, clients, plain.ctx)] == \
+        [table[int(t)] for t in tiers[:8]]
+    _final(cfg, rounds=2)  # a round with mixed levels aggregates
+
+
+def test_level_schedule_refuses_adaptive_and_unknown_names(digits_cfg):
+    from hetfl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"algorithm.level_schedule: 'adaptive' needs every width's validation"):
+        prepare(digits_cfg(MLP4, *TIERS4, 'algorithm={name="depthfl", level_schedule="adaptive"}'))
+    with pytest.raises(ConfigError, match=r"algorithm.level_schedule must be one of"):
+        prepare(digits_cfg(MLP4, *TIERS4, 'algorithm={name="scalefl", level_schedule="often"}'))

@@ -50,6 +50,8 @@ from hetfl.hetero.depth import encode_params, plan_for
 from hetfl.hetero.extract import OverlapAverage, extract
 from hetfl.hetero.multi_exit import multi_exit  # noqa: F401  (registers the multi_exit model these algorithms train)
 from hetfl.hetero.policy import Prefix, Selection
+from hetfl.hetero.sampling import width_schedule
+from hetfl.hetero.widths import Widths
 from hetfl.models import ModelRef
 from hetfl.train import local_sgd
 
@@ -106,6 +108,9 @@ class MultiExitFL(Algorithm):
     levels: str = "1x1,1x0.75,1x0.5,1x0.25"
     weighted: bool = False
     eval_levels: bool = True
+    #: which fleet tier's level a client trains in a round: a width schedule (hetfl.hetero.sampling) over the
+    #: tiers, e.g. "mixture(q=0.25)": a client of tier t may train the level of any weaker tier
+    level_schedule: str = "max"
 
     #: the global prediction: "ensemble" (mean of the exits' logits) or "last" (the deepest exit)
     global_output: ClassVar[str] = "last"
@@ -115,6 +120,15 @@ class MultiExitFL(Algorithm):
     def __post_init__(self) -> None:
         super().__post_init__()
         parse_levels(self.levels)
+        if self.schedule.schedule.needs_validation:
+            raise ConfigError(f"algorithm.level_schedule: {self.level_schedule!r} needs every width's validation "
+                              f"loss, which the depth methods do not compute; use max, uniform, mixture(q=...) "
+                              f"or coverage(target=...)")
+
+    @property
+    def schedule(self) -> Widths:
+        """The level schedule, run over the fleet's tiers (their widths stand for the tiers' levels)."""
+        return Widths(width_schedule(self.level_schedule, "algorithm.level_schedule"))
 
     # ------------------------------------------------------------------ levels and models
     def level_table(self, ctx: Context) -> tuple[Level, ...]:
@@ -159,8 +173,19 @@ class MultiExitFL(Algorithm):
         return extract({k: glob[k] for k in keys}, spec_for(self.global_ref(ctx), ctx.info),
                        self.selection(ctx, width))
 
+    def client_levels(self, ctx: Context, rnd: int, clients: Sequence[int]) -> list[Level]:
+        """The level each of ``clients`` trains in round ``rnd``: its tier's, or the level schedule's draw
+        among the levels of its own and the weaker tiers (pure in (seed, round, client))."""
+        table = self.level_table(ctx)
+        widths = self.schedule
+        if widths.fixed or ctx.fleet is None:
+            tiers = self.tiers(ctx, rnd)
+            return [table[int(tiers[int(c)])] for c in clients]
+        drawn = ctx.fleet.tiers_of(np.asarray(widths.rates({}, ctx, rnd, clients)))
+        return [table[int(t)] for t in drawn]
+
     def client_level(self, ctx: Context, rnd: int, client: int) -> Level:
-        return self.level_table(ctx)[int(self.tiers(ctx, rnd)[client])]
+        return self.client_levels(ctx, rnd, [client])[0]
 
     # ------------------------------------------------------------------ server
     def init_state(self, ctx: Context) -> ServerState:
@@ -183,12 +208,9 @@ class MultiExitFL(Algorithm):
     def configure_round(self, state: ServerState, rnd: int, clients: Sequence[int], ctx: Context) -> list[ClientTask]:
         train = self.round_train_config(ctx, rnd)
         glob = state.models["global"]
-        tiers = self.tiers(ctx, rnd)
-        table = self.level_table(ctx)
         extra = self.task_extra(state, rnd, ctx)
         tasks = []
-        for c in clients:
-            level = table[int(tiers[int(c)])]
+        for c, level in zip(clients, self.client_levels(ctx, rnd, clients)):
             ref = self.client_ref(ctx, level)
             tasks.append(ClientTask(int(c), ref, self.submodel(glob, ctx, ref, level[0]), train,
                                     round_seed(ctx.seed, rnd, int(c)), {**extra, "level": list(level)}))
