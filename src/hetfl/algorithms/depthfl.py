@@ -21,7 +21,7 @@ fleets are therefore configs (``"1x1,0.5x1"``, ``"1x1,1x0.5"``, ``"1x1,0.5x0.5"`
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import ClassVar
@@ -173,19 +173,20 @@ class MultiExitFL(Algorithm):
         return extract({k: glob[k] for k in keys}, spec_for(self.global_ref(ctx), ctx.info),
                        self.selection(ctx, width))
 
-    def client_levels(self, ctx: Context, rnd: int, clients: Sequence[int]) -> list[Level]:
-        """The level each of ``clients`` trains in round ``rnd``: its tier's, or the level schedule's draw
-        among the levels of its own and the weaker tiers (pure in (seed, round, client))."""
+    def level_of(self, ctx: Context, rnd: int) -> Callable[[int], Level]:
+        """The level a client trains in round ``rnd``, as a function of its id (the round planned once): its
+        tier's, or the level schedule's draw among the levels of its own and the weaker tiers (pure in
+        (seed, round, client))."""
         table = self.level_table(ctx)
         widths = self.schedule
         if widths.fixed or ctx.fleet is None:
             tiers = self.tiers(ctx, rnd)
-            return [table[int(tiers[int(c)])] for c in clients]
-        drawn = ctx.fleet.tiers_of(np.asarray(widths.rates({}, ctx, rnd, clients)))
-        return [table[int(t)] for t in drawn]
+            return lambda client: table[int(tiers[int(client)])]
+        rate = widths.rate_of({}, ctx, rnd)
+        return lambda client: table[int(ctx.fleet.tiers_of(np.array([rate(int(client))]))[0])]
 
     def client_level(self, ctx: Context, rnd: int, client: int) -> Level:
-        return self.client_levels(ctx, rnd, [client])[0]
+        return self.level_of(ctx, rnd)(client)
 
     # ------------------------------------------------------------------ server
     def init_state(self, ctx: Context) -> ServerState:
@@ -210,7 +211,9 @@ class MultiExitFL(Algorithm):
         glob = state.models["global"]
         extra = self.task_extra(state, rnd, ctx)
         tasks = []
-        for c, level in zip(clients, self.client_levels(ctx, rnd, clients)):
+        level_of = self.level_of(ctx, rnd)
+        for c in clients:
+            level = level_of(c)
             ref = self.client_ref(ctx, level)
             tasks.append(ClientTask(int(c), ref, self.submodel(glob, ctx, ref, level[0]), train,
                                     round_seed(ctx.seed, rnd, int(c)), {**extra, "level": list(level)}))
@@ -219,8 +222,9 @@ class MultiExitFL(Algorithm):
     def aggregate(self, state: ServerState, rnd: int, results: Iterable[ClientResult], ctx: Context) -> Weights:
         glob = state.models["global"]
         acc = OverlapAverage(glob, spec_for(self.global_ref(ctx), ctx.info))
+        level_of = self.level_of(ctx, rnd)  # recomputed: pure in (seed, round, client); results stream through
         for res in results:
-            width, _ = self.client_level(ctx, rnd, res.client_id)  # recomputed: pure in (seed, round, client)
+            width, _ = level_of(res.client_id)
             acc.add(res.weights, self.selection(ctx, width), float(res.num_samples) if self.weighted else 1.0)
         return acc.result() if acc.clients else {}
 
