@@ -14,6 +14,15 @@ Reads ``OUT/results.csv`` (one row per cell) and every cell's ``metrics.jsonl`` 
    GFLOPs and upload MB per client and round (means over the run), and the wall time of a cell.
 
 ``--csv`` writes the per-cell numbers it used (small; benchmarks/results/ keeps them).
+
+``--lr-sweep DIR`` adds the learning-rate check (configs/study_compare_fmnist_lr.toml): per method, the
+deployed and full-model accuracy at each learning rate on the seeds both sweeps ran (seed 0), the main
+grid's rate included, and the ranking each method would get at its own best rate; ``--lr-csv`` keeps
+those cells.
+
+    hetfl sweep configs/study_compare_fmnist_lr.toml --out sweeps/compare-fmnist-lr
+    python benchmarks/compare_table.py sweeps/compare-fmnist --lr-sweep sweeps/compare-fmnist-lr \
+        --lr-csv benchmarks/results/compare_fmnist_lr.csv
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ import csv
 import json
 import statistics
 from pathlib import Path
+
+from hetfl.config import read_toml
 
 TIERS = ("w1", "w0.5", "w0.25", "w0.125")
 #: the eval label of the model each tier runs, per algorithm (the first is the global target)
@@ -82,14 +93,68 @@ def cell_extras(run_dir: Path, algorithm: str) -> dict[str, float]:
     return out
 
 
+def _train_lr(run_dir: Path) -> float:
+    return float(read_toml(run_dir / "config.toml")["train"]["lr"])
+
+
+def _complete(sweep: Path) -> list[dict]:
+    with open(sweep / "results.csv", newline="") as f:
+        return [r for r in csv.DictReader(f) if r.get("status") == "complete"]
+
+
+def lr_check(main_cells: list[dict], lr_sweep: Path, out_csv: Path | None) -> None:
+    """Accuracy per method and learning rate on the seeds the lr sweep ran, and the ranking at each best lr."""
+    cells = _complete(lr_sweep)
+    seeds = sorted({r["seed"] for r in cells})
+    pool = cells + [r for r in main_cells if r["seed"] in seeds]
+    for r in pool:
+        r["lr"] = _train_lr(Path(r["run_dir"]))
+    lrs = sorted({r["lr"] for r in pool})
+    methods = list(dict.fromkeys(r["method"] for r in main_cells))
+    main_lr = {r["lr"] for r in pool if r in main_cells}
+    acc = {(r["method"], r["lr"], r["seed"]): r for r in pool}
+    print(f"\nLearning-rate check, seed(s) {', '.join(seeds)} (deployed / full model, mean of the last 5 "
+          f"evaluations; the main grid runs lr {', '.join(f'{x:g}' for x in sorted(main_lr))}):\n")
+    print(f"| method | {' | '.join(f'lr {x:g}' for x in lrs)} | best lr | best − main lr (deployed, pp) |")
+    print("|---" * (3 + len(lrs)) + "|")
+    best_of: dict[str, float] = {}
+    main_of: dict[str, float] = {}
+    for m in methods:
+        dep = {x: statistics.fmean(_f(acc[m, x, s]["deployed_acc_last5"]) for s in seeds)
+               for x in lrs if all((m, x, s) in acc for s in seeds)}
+        if not dep:
+            continue
+        full = {x: statistics.fmean(_f(acc[m, x, s]["test_accuracy_last5"]) for s in seeds) for x in dep}
+        best = max(dep, key=dep.get)
+        best_of[m] = dep[best]
+        main_of[m] = next((dep[x] for x in sorted(main_lr) if x in dep), float("nan"))
+        cols = [f"{100 * dep[x]:.1f} / {100 * full[x]:.1f}" if x in dep else "–" for x in lrs]
+        print(f"| {m} | {' | '.join(cols)} | {best:g} | {100 * (dep[best] - main_of[m]):+.1f} |")
+    rank_main = sorted(main_of, key=main_of.get, reverse=True)
+    rank_best = sorted(best_of, key=best_of.get, reverse=True)
+    print(f"\nRanking by deployed accuracy at the main lr: {' > '.join(rank_main)}")
+    print(f"Ranking by deployed accuracy at each method's best lr: {' > '.join(rank_best)}")
+    if out_csv:
+        keys = ["method", "seed", "lr", "deployed_acc_last5", "test_accuracy_last5", "acc_narrowest_last5",
+                "wall_time_s"]
+        out_csv.parent.mkdir(parents=True, exist_ok=True)
+        with open(out_csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+            w.writeheader()
+            for r in sorted(pool, key=lambda r: (methods.index(r["method"]), r["lr"], r["seed"])):
+                w.writerow({k: r.get(k, "") for k in keys})
+        print(f"\nwrote {out_csv}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("sweep", type=Path)
     p.add_argument("--baseline", default="heterofl")
     p.add_argument("--csv", type=Path, help="write the per-cell numbers used here")
+    p.add_argument("--lr-sweep", type=Path, help="the learning-rate check's sweep directory")
+    p.add_argument("--lr-csv", type=Path, help="write the learning-rate check's cells")
     args = p.parse_args()
-    with open(args.sweep / "results.csv", newline="") as f:
-        cells = [r for r in csv.DictReader(f) if r.get("status") == "complete"]
+    cells = _complete(args.sweep)
     methods = list(dict.fromkeys(r["method"] for r in cells))
     for r in cells:
         r.update({k: str(v) for k, v in cell_extras(Path(r["run_dir"]), r["algorithm"]).items()})
@@ -136,6 +201,8 @@ def main() -> None:
             for r in cells:
                 w.writerow({k: r.get(k, "") for k in keys})
         print(f"\nwrote {args.csv}")
+    if args.lr_sweep:
+        lr_check(cells, args.lr_sweep, args.lr_csv)
 
 
 if __name__ == "__main__":

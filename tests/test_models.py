@@ -265,3 +265,22 @@ def test_transformer_is_causal():
     torch.testing.assert_close(full[:, :5], prefix)
     torch.testing.assert_close(after[:, :10], full[:, :10])
     assert not torch.allclose(after[:, 10:], full[:, 10:])
+
+
+def test_per_layer_lstm_is_the_stacked_lstm_with_one_depth_block_per_layer():
+    from hetfl.hetero.depth import encode_params, plan_for
+
+    stacked, layered = make("lstm", hidden=12), make("lstm", hidden=12, per_layer=True)
+    renamed = {}
+    for k, v in stacked.state_dict().items():  # lstm.weight_ih_l1 -> layers.1.weight_ih_l0
+        if k.startswith("lstm."):
+            name, layer = k.removeprefix("lstm.").rsplit("_l", 1)
+            k = f"layers.{layer}.{name}_l0"
+        renamed[k] = v
+    layered.load_state_dict(renamed)
+    x, _ = batch_for(TOKENS)
+    assert torch.allclose(stacked(x), layered(x), atol=1e-6)
+    plan = plan_for("lstm", encode_params([("hidden", 12), ("per_layer", True), ("layers", 3)]), TOKENS)
+    assert plan.units == (("embed",), ("layers.0",), ("layers.1",), ("layers.2", "fc"))
+    with pytest.raises(ConfigError, match=r"model.per_layer of 'lstm' must be of type bool, got 'yes' \(str\)"):
+        make("lstm", per_layer="yes")
