@@ -85,6 +85,17 @@ def main(argv: list[str] | None = None) -> int:
                   f"{statistics.fmean(mb):.3f} | {statistics.fmean(mf):.1f} |" if mb and mf else
                   f"| {', '.join(setting)} | {variant} | {_ms([c['acc_strong'] for c in cs])} | "
                   f"{_ms([c['acc_weak'] for c in cs])} | {_ms(diff, signed=True) if diff else '–'} | – | – |")
+    print("\nSoft targets minus hard labels, paired by seed (points; the distillation term's own effect):\n")
+    print("| models, labels | strongest tier | weakest tier | seeds where soft < hard (weakest) |")
+    print("|---|---|---|---|")
+    for setting, cells in by.items():
+        seeds = sorted(s for v, s in cells if v == "soft" and ("hard", s) in cells)
+        if not seeds:
+            continue
+        d = {t: [cells[("soft", s)][f"acc_{t}"] - cells[("hard", s)][f"acc_{t}"] for s in seeds]
+             for t in ("strong", "weak")}
+        print(f"| {', '.join(setting)} | {_ms(d['strong'], signed=True)} | {_ms(d['weak'], signed=True)} | "
+              f"{sum(x < 0 for x in d['weak'])} of {len(seeds)} |")
     if args.csv:
         with open(args.csv, "w", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fieldnames=list(data[0]))
