@@ -128,3 +128,12 @@ def test_cli_sweep_with_worker_processes(tmp_path, capsys):
     assert "2 to run on 2 workers" in printed and "2 ran, 0 skipped, 0 failed" in printed
     assert [r["status"] for r in read_results(tmp_path / "o" / RESULTS_CSV)] == ["complete", "complete"]
     assert main(["sweep", str(study), "--out", str(tmp_path / "o"), "--workers", "0"]) == 2  # user error
+
+
+def test_full_width_accuracy_is_the_tiers_own_where_a_run_logs_it_per_tier():
+    from hetfl.sweep import _acc_key
+
+    central = {"test_accuracy": 0.8, "test_accuracy.w0.5": 0.7}
+    decentral = {"test_accuracy": 0.75, "test_accuracy.w1": 0.8, "test_accuracy.w0.25": 0.7}
+    assert [_acc_key(central, w) for w in (1.0, 0.5)] == ["test_accuracy", "test_accuracy.w0.5"]
+    assert [_acc_key(decentral, w) for w in (1.0, 0.25)] == ["test_accuracy.w1", "test_accuracy.w0.25"]

@@ -365,6 +365,14 @@ def _width_key(rate: float) -> str:
     return f"w{rate:g}"
 
 
+def _acc_key(row: dict[str, Any], rate: float) -> str:
+    """The metrics key of width ``rate``'s test accuracy in one eval row: the full width is the global model
+    (``test_accuracy``) unless the run logs it per tier (decentralized runs, whose ``test_accuracy`` is the
+    mean over every node)."""
+    key = f"test_accuracy.{_width_key(rate)}"
+    return key if rate != 1.0 or key in row else "test_accuracy"
+
+
 def _last5(values: list[float]) -> float | None:
     return float(np.mean(values[-5:])) if values else None
 
@@ -416,15 +424,14 @@ def cell_row(study: Study, cell: Cell, run_dir: Path) -> dict[str, Any]:
     row["best_test_accuracy"] = max(r["test_accuracy"] for r in evals)
     per_eval_deployed = []
     for r in evals:
-        accs = {w: r.get("test_accuracy" if w == 1.0 else f"test_accuracy.{_width_key(w)}") for w in levels}
+        accs = {w: r.get(_acc_key(r, w)) for w in levels}
         if all(v is not None for v in accs.values()):
             per_eval_deployed.append(sum(shares[w] * accs[w] for w in levels))
     if per_eval_deployed:
         row["deployed_acc"] = per_eval_deployed[-1]
         row["deployed_acc_last5"] = _last5(per_eval_deployed)
     for w in levels:
-        key = "test_accuracy" if w == 1.0 else f"test_accuracy.{_width_key(w)}"
-        vals = [r[key] for r in evals if r.get(key) is not None]
+        vals = [r[k] for r in evals if r.get(k := _acc_key(r, w)) is not None]
         if vals:
             row[f"acc_{_width_key(w)}"] = vals[-1]
             row[f"acc_{_width_key(w)}_last5"] = _last5(vals)
