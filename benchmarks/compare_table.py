@@ -15,6 +15,12 @@ Reads ``OUT/results.csv`` (one row per cell) and every cell's ``metrics.jsonl`` 
 
 ``--csv`` writes the per-cell numbers it used (small; benchmarks/results/ keeps them).
 
+The same tables serve any study whose first axis is ``method`` over tiers w1 ... w0.125 (the architectures
+study, docs/study-architectures.md, uses ``--baseline fedavg-smallest``).  ``--tier-models
+METHOD=LABEL,LABEL,LABEL,LABEL`` names the evaluated model each tier runs for a method whose levels differ
+from the defaults below (e.g. DepthFL with two levels); a third table gives every such model's accuracy
+on the global test set.
+
 ``--lr-sweep DIR`` adds the learning-rate check (configs/study_compare_fmnist_lr.toml): per method, the
 deployed and full-model accuracy at each learning rate on the seeds both sweeps ran (seed 0), the main
 grid's rate included, and the ranking each method would get at its own best rate; ``--lr-csv`` keeps
@@ -68,8 +74,11 @@ def _last5(rows: list[dict], key: str) -> float | None:
     return statistics.fmean(vals[-5:]) if vals else None
 
 
-def cell_extras(run_dir: Path, algorithm: str) -> dict[str, float]:
-    """Per tier: local accuracy of its model (last-5 mean), GFLOPs and MB uploaded per client and round."""
+def cell_extras(run_dir: Path, algorithm: str, tier_models: dict[str, tuple[str, ...]] | None = None
+                ) -> dict[str, float]:
+    """Per tier: local and global-test accuracy of its model (last-5 means), GFLOPs and MB uploaded per client
+    and round.  ``tier_models`` maps a method (or algorithm) to the eval label of each tier's model."""
+    models = tier_models if tier_models is not None else TIER_MODELS
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return {}
@@ -77,13 +86,17 @@ def cell_extras(run_dir: Path, algorithm: str) -> dict[str, float]:
     evals = [r for r in rows if r.get("test_accuracy") is not None]
     out: dict[str, float] = {}
     for t, tier in enumerate(TIERS):
-        if algorithm in TIER_MODELS:
-            label = TIER_MODELS[algorithm][t]
+        if algorithm in models:
+            label = models[algorithm][t]
             v = _last5(evals, f"tier_acc.{label}")
+            g = _last5(evals, "test_accuracy" if label == "global" else f"test_accuracy.{label}")
         else:  # one model for everyone: its mean local accuracy is every tier's
             v = _last5(evals, "client_acc_mean")
+            g = _last5(evals, "test_accuracy")
         if v is not None:
             out[f"local_{tier}"] = v
+        if g is not None:
+            out[f"global_{tier}"] = g
         flops = [r[f"tier.{tier}.flops"] / r[f"tier.{tier}.clients"] for r in rows
                  if r.get(f"tier.{tier}.clients")]
         up = [r[f"tier.{tier}.bytes_up"] / r[f"tier.{tier}.clients"] for r in rows if r.get(f"tier.{tier}.clients")]
@@ -153,11 +166,23 @@ def main() -> None:
     p.add_argument("--csv", type=Path, help="write the per-cell numbers used here")
     p.add_argument("--lr-sweep", type=Path, help="the learning-rate check's sweep directory")
     p.add_argument("--lr-csv", type=Path, help="write the learning-rate check's cells")
+    p.add_argument("--tier-models", nargs="*", default=[], metavar="METHOD=L1,L2,L3,L4",
+                   help="the eval label of the model each tier runs, for a method (overrides the defaults)")
     args = p.parse_args()
+    overrides = {}
+    for item in args.tier_models:
+        method, _, labels = item.partition("=")
+        parts = tuple(labels.split(","))
+        if not method or len(parts) != len(TIERS):
+            p.error(f"--tier-models {item!r}: expected METHOD=L1,L2,L3,L4 (one eval label per tier, "
+                    f"{len(TIERS)} tiers: {', '.join(TIERS)})")
+        overrides[method] = parts
     cells = _complete(args.sweep)
     methods = list(dict.fromkeys(r["method"] for r in cells))
     for r in cells:
-        r.update({k: str(v) for k, v in cell_extras(Path(r["run_dir"]), r["algorithm"]).items()})
+        key = r["method"] if r["method"] in overrides else r["algorithm"]
+        extras = cell_extras(Path(r["run_dir"]), key, {**TIER_MODELS, **overrides})
+        r.update({k: str(v) for k, v in extras.items()})
     by = {(r["method"], int(r["seed"])): r for r in cells}
     seeds = sorted({int(r["seed"]) for r in cells})
 
@@ -191,9 +216,17 @@ def main() -> None:
         wall = statistics.fmean(_f(r["wall_time_s"]) for r in rows)
         print(f"| {m} | {per_tier('local', 100, 1)} | {per_tier('gflops', 1, 2)} | {per_tier('mb_up', 1, 3)} | "
               f"{wall:.0f} |")
+
+    print("\nGlobal test accuracy of the model each tier runs (a / b / c / d), mean ± std over seeds:\n")
+    print("| method | a | b | c | d |")
+    print("|---|---|---|---|---|")
+    for m in methods:
+        rows = [by[m, s] for s in seeds if (m, s) in by]
+        cols = [_ms([_f(r[f"global_{t}"]) for r in rows if r.get(f"global_{t}")]) for t in TIERS]
+        print(f"| {m} | {' | '.join(cols)} |")
     if args.csv:
         keys = ["method", "seed", "algorithm", *(k for k, _ in HEADLINE), "wall_time_s",
-                *(f"{p}_{t}" for p in ("local", "gflops", "mb_up") for t in TIERS)]
+                *(f"{p}_{t}" for p in ("local", "global", "gflops", "mb_up") for t in TIERS)]
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         with open(args.csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")

@@ -30,6 +30,16 @@ def test_same_seed_same_metrics(tmp_path, digits_cfg):
     assert strip_timing(read_metrics(tmp_path / "c")) != strip_timing(a)
 
 
+def test_rounds_report_server_time_and_state_size(tmp_path, digits_cfg):
+    """Every round states the server's own time and the bytes it keeps: for FedAvg, exactly the model."""
+    run(digits_cfg(), tmp_path / "a", quiet=True)
+    weights = _final_weights(tmp_path / "a")
+    model_bytes = sum(t.numel() * t.element_size() for t in weights.values())
+    for row in read_metrics(tmp_path / "a"):
+        assert row["server_state_bytes"] == model_bytes
+        assert 0.0 <= row["server_time_s"] <= row["round_time_s"]
+
+
 def test_resume_after_interrupt_equals_uninterrupted(tmp_path, digits_cfg, monkeypatch):
     cfg = digits_cfg("rounds=5", "checkpoint_every=2")
     run(cfg, tmp_path / "full", quiet=True)

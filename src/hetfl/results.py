@@ -36,7 +36,8 @@ PARTITION = "partition.json"
 CHECKPOINT_FORMAT = 1
 
 #: Fields that measure time: they differ between otherwise identical runs.
-TIMING_KEYS = frozenset({"time_s", "round_time_s", "train_time_s", "eval_time_s", "wall_time_s"})
+TIMING_KEYS = frozenset({"time_s", "round_time_s", "train_time_s", "eval_time_s", "wall_time_s",
+                         "server_time_s"})
 
 
 def _json_default(obj: Any) -> Any:

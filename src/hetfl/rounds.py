@@ -64,6 +64,8 @@ class RoundReport:
     bytes_down: int = 0
     bytes_up: int = 0
     train_time_s: float = 0.0
+    server_time_s: float = 0.0  # the server's own work: sampling, configure, aggregate, server step
+    server_state_bytes: int = 0  # tensors the server keeps between rounds (models and algorithm buffers)
     faults: dict[str, Any] | None = None  # per-round fault metrics (hetfl.reliability.guard)
     tiers: TierLedger | None = None  # costs summed per capability tier (hetfl.accounting), tier.<label>.<field>
     messages: list[str] = field(default_factory=list)  # lines for the progress console
@@ -82,6 +84,8 @@ class RoundReport:
             "bytes_down": self.bytes_down,
             "bytes_up": self.bytes_up,
             "train_time_s": round(self.train_time_s, 4),
+            "server_time_s": round(self.server_time_s, 4),
+            "server_state_bytes": self.server_state_bytes,
             **(self.faults or {}),
             **(self.tiers.metrics() if self.tiers is not None else {}),
             **self.extra,
@@ -103,6 +107,19 @@ class Round:
             self.privacy = PrivateRound(algorithm, ctx, ctx.privacy)
 
     def run(self, state: ServerState, rnd: int) -> tuple[ServerState, RoundReport]:
+        """One round; its report also carries the server's own time and the size of the state it keeps.
+
+        The server's time is the round's wall time less the time spent inside the stream of results
+        (waiting on the transport and checking each result), so it is the same measure for every engine.
+        """
+        t0 = time.perf_counter()
+        waited = [0.0]
+        new_state, report = self._run(state, rnd, waited)
+        report.server_time_s = time.perf_counter() - t0 - waited[0]
+        report.server_state_bytes = state_bytes(new_state)
+        return new_state, report
+
+    def _run(self, state: ServerState, rnd: int, waited: list[float]) -> tuple[ServerState, RoundReport]:
         algo, ctx, dp = self.algorithm, self.ctx, self.privacy
         clients = dp.sample(rnd) if dp is not None else algo.sample_clients(state, rnd, ctx, round_rng(ctx.seed, rnd))
         tasks = algo.configure_round(state, rnd, clients, ctx)
@@ -119,6 +136,7 @@ class Round:
         def stream() -> Iterator[ClientResult]:
             if not book.to_run:
                 return
+            t_in = time.perf_counter()  # time inside this generator is the transport's and the clients'
             for task, outcome in self.transport.execute(book.to_run):
                 t0 = time.perf_counter()
                 res = book.run(task, outcome)  # None: it raised or was lost (recorded as a failure)
@@ -134,7 +152,10 @@ class Round:
                 loss = res.metrics.get("train_loss", float("nan"))
                 if np.isfinite(loss):
                     report.train_loss_sum += loss * res.num_samples
+                waited[0] += time.perf_counter() - t_in
                 yield res
+                t_in = time.perf_counter()
+            waited[0] += time.perf_counter() - t_in
 
         if dp is not None:  # clip each accepted update, noise the sum: released every round, never skipped
             update = dp.aggregate(state, rnd, tasks, stream())
@@ -150,9 +171,31 @@ class Round:
         return algo.server_step(state, update, ctx), report
 
 
+def state_bytes(state: ServerState) -> int:
+    """Bytes of every tensor the server keeps between rounds: its models and its algorithm's buffers."""
+    seen: set[int] = set()
+
+    def walk(obj: Any) -> int:
+        if isinstance(obj, torch.Tensor):
+            if id(obj) in seen:
+                return 0
+            seen.add(id(obj))
+            return obj.numel() * obj.element_size()
+        if isinstance(obj, np.ndarray):
+            return int(obj.nbytes)
+        if isinstance(obj, dict):
+            return sum(walk(v) for v in obj.values())
+        if isinstance(obj, (list, tuple)):
+            return sum(walk(v) for v in obj)
+        return 0
+
+    return walk(state.models) + walk(state.buffers)
+
+
 def in_order(tasks: Sequence[ClientTask], run_client: Outcome) -> Iterator[tuple[ClientTask, Outcome]]:
     """The simplest transport's ``execute``: every client in this process, one after another."""
     return ((task, run_client) for task in tasks)
 
 
-__all__ = ["ClientLost", "Outcome", "Round", "RoundReport", "SAMPLING_STREAM", "Transport", "in_order", "round_rng"]
+__all__ = ["ClientLost", "Outcome", "Round", "RoundReport", "SAMPLING_STREAM", "Transport", "in_order", "round_rng",
+           "state_bytes"]
