@@ -249,3 +249,21 @@ def test_level_schedule_refuses_adaptive_and_unknown_names(digits_cfg):
         prepare(digits_cfg(MLP4, *TIERS4, 'algorithm={name="depthfl", level_schedule="adaptive"}'))
     with pytest.raises(ConfigError, match=r"algorithm.level_schedule must be one of"):
         prepare(digits_cfg(MLP4, *TIERS4, 'algorithm={name="scalefl", level_schedule="often"}'))
+
+
+def test_exit_heads_read_a_token_model_at_its_last_position_and_average_feature_maps():
+    from hetfl.hetero.depth import ExitHead
+
+    torch.manual_seed(0)
+    seq = ExitHead(4, 3, channel_dim=2, ndim=3)  # (batch, positions, channels): LSTM / Transformer states
+    x = torch.randn(5, 7, 4)
+    assert torch.equal(seq(x), seq.fc(x[:, -1]))
+    y = x.clone()
+    y[:, :-1] += 10.0  # earlier positions do not reach the exit directly
+    assert torch.equal(seq(y), seq(x))
+    conv = ExitHead(4, 3, channel_dim=1, ndim=4)  # (batch, channels, H, W)
+    z = torch.randn(5, 4, 3, 3)
+    assert torch.allclose(conv(z), conv.fc(z.mean(dim=(2, 3))))
+    conv1d = ExitHead(4, 3, channel_dim=1, ndim=3)  # (batch, channels, length): averaged, not the last step
+    w = torch.randn(5, 4, 6)
+    assert torch.allclose(conv1d(w), conv1d.fc(w.mean(dim=2)))

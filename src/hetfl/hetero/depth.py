@@ -205,15 +205,25 @@ def derive_blocks(model: nn.Module, example: torch.Tensor, narrow: nn.Module | N
 
 
 class ExitHead(nn.Module):
-    """An early exit: mean over every dimension but batch and channels, then a Linear layer to the classes."""
+    """An early exit: pool every dimension but batch and channels, then a Linear layer to the classes.
+
+    A ``(batch, positions, channels)`` tensor (channels last: a token model's LSTM or Transformer states) is
+    read at its last position, as the token models' own heads read it (next-token prediction: only the last
+    state has seen the whole window; a mean over positions gave a 1-layer LSTM exit 16 % where the model's
+    narrowest width reached 35 %, docs/study-architectures.md).  Anything else (``(batch, channels, ...)``:
+    conv feature maps) is averaged over the remaining dimensions.
+    """
 
     def __init__(self, channels: int, num_classes: int, channel_dim: int, ndim: int) -> None:
         super().__init__()
-        self.pool_dims = tuple(d for d in range(1, ndim) if d != channel_dim)
+        self.last_position = ndim == 3 and channel_dim == 2
+        self.pool_dims = () if self.last_position else tuple(d for d in range(1, ndim) if d != channel_dim)
         self.fc = nn.Linear(channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pool_dims:
+        if self.last_position:
+            x = x[:, -1]
+        elif self.pool_dims:
             x = x.mean(dim=self.pool_dims)
         return self.fc(x)
 
