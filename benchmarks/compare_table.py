@@ -168,6 +168,10 @@ def main() -> None:
     p.add_argument("--lr-csv", type=Path, help="write the learning-rate check's cells")
     p.add_argument("--tier-models", nargs="*", default=[], metavar="METHOD=L1,L2,L3,L4",
                    help="the eval label of the model each tier runs, for a method (overrides the defaults)")
+    p.add_argument("--by-round", action="store_true",
+                   help="also the paired deployed-accuracy difference to the baseline at every evaluated round")
+    p.add_argument("--plot", type=Path, metavar="PNG",
+                   help="draw deployed accuracy vs round per method (mean over seeds, band = min-max)")
     args = p.parse_args()
     overrides = {}
     for item in args.tier_models:
@@ -234,8 +238,66 @@ def main() -> None:
             for r in cells:
                 w.writerow({k: r.get(k, "") for k in keys})
         print(f"\nwrote {args.csv}")
+    if args.by_round:
+        by_round(cells, by, methods, seeds, args.baseline)
+    if args.plot:
+        plot_curves(cells, methods, seeds, args.plot)
     if args.lr_sweep:
         lr_check(cells, args.lr_sweep, args.lr_csv)
+
+
+def _deployed_curve(run_dir: Path) -> dict[int, float]:
+    path = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return {int(r["round"]): float(r["deployed_accuracy"]) for r in rows if r.get("deployed_accuracy") is not None}
+
+
+def plot_curves(cells: list[dict], methods: list[str], seeds: list[int], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {(r["method"], int(r["seed"])): _deployed_curve(Path(r["run_dir"])) for r in cells}
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for m in methods:
+        runs = [curves[m, s] for s in seeds if (m, s) in curves]
+        rounds = sorted(set.intersection(*(set(c) for c in runs))) if runs else []
+        if not rounds:
+            continue
+        mean = [statistics.fmean(c[x] for c in runs) * 100 for x in rounds]
+        ax.plot(rounds, mean, marker="o", markersize=3, label=f"{m} ({len(runs)} seeds)")
+        ax.fill_between(rounds, [min(c[x] for c in runs) * 100 for x in rounds],
+                        [max(c[x] for c in runs) * 100 for x in rounds], alpha=0.15)
+    ax.set_xlabel("round")
+    ax.set_ylabel("deployed accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    print(f"\nwrote {out}")
+
+
+def by_round(cells: list[dict], by: dict, methods: list[str], seeds: list[int], baseline: str) -> None:
+    """Does the gap to the baseline grow with training? Paired deployed-accuracy differences per eval round."""
+    curves = {(r["method"], int(r["seed"])): _deployed_curve(Path(r["run_dir"])) for r in cells}
+    rounds = sorted({rnd for (m, _), c in curves.items() if m == baseline for rnd in c})
+    print(f"\nDeployed accuracy − {baseline}'s at each evaluated round (points, paired by seed, mean ± std; "
+          f"the {baseline} row is its own accuracy, %):\n")
+    print(f"| method | {' | '.join(f'r{rnd}' for rnd in rounds)} |")
+    print("|---" * (1 + len(rounds)) + "|")
+    for m in methods:
+        cols = []
+        for rnd in rounds:
+            if m == baseline:
+                cols.append(_ms([curves[m, s][rnd] for s in seeds if (m, s) in curves and rnd in curves[m, s]]))
+                continue
+            d = [curves[m, s][rnd] - curves[baseline, s][rnd] for s in seeds
+                 if (m, s) in curves and (baseline, s) in curves and rnd in curves[m, s] and rnd in curves[baseline, s]]
+            cols.append(_ms(d))
+        print(f"| {m} | {' | '.join(cols)} |")
 
 
 if __name__ == "__main__":
