@@ -137,3 +137,41 @@ def test_full_width_accuracy_is_the_tiers_own_where_a_run_logs_it_per_tier():
     decentral = {"test_accuracy": 0.75, "test_accuracy.w1": 0.8, "test_accuracy.w0.25": 0.7}
     assert [_acc_key(central, w) for w in (1.0, 0.5)] == ["test_accuracy", "test_accuracy.w0.5"]
     assert [_acc_key(decentral, w) for w in (1.0, 0.25)] == ["test_accuracy.w1", "test_accuracy.w0.25"]
+
+
+def test_pool_workers_stop_when_the_sweep_process_is_killed(tmp_path):
+    """`kill` of a sweep (SIGTERM/SIGKILL: no clean shutdown) must not leave workers running its cells."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import multiprocessing, os, sys, time\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "from hetfl.sweep import _init_worker\n"
+        "if __name__ == '__main__':\n"
+        "    ctx = multiprocessing.get_context('spawn')\n"
+        "    pool = ProcessPoolExecutor(1, mp_context=ctx, initializer=_init_worker, initargs=(os.getpid(), 0.2))\n"
+        "    print(pool.submit(os.getpid).result(), flush=True)\n"
+        "    pool.submit(time.sleep, 60)\n"
+        "    time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    worker = int(proc.stdout.readline())
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            return
+        stat = Path(f"/proc/{worker}/stat")
+        if stat.is_file() and stat.read_text().rsplit(")", 1)[-1].split()[0] == "Z":
+            return  # exited; an init that does not reap leaves a zombie
+        time.sleep(0.2)
+    os.kill(worker, signal.SIGKILL)
+    raise AssertionError("the pool worker outlived its killed sweep process")

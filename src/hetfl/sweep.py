@@ -42,6 +42,7 @@ import math
 import multiprocessing
 import os
 import re
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -226,10 +227,21 @@ def cell_state(run_dir: Path, cfg: RunConfig) -> str:
     return "resume"
 
 
-def _init_worker() -> None:
+def _init_worker(parent: int | None = None, interval: float = 1.0) -> None:
     import torch
 
     torch.set_num_threads(1)
+    if parent is not None:
+        threading.Thread(target=_exit_with_parent, args=(parent, interval), daemon=True).start()
+
+
+def _exit_with_parent(parent: int, interval: float) -> None:
+    """A worker whose sweep process is gone (killed, SIGTERM: no clean shutdown reaches the pool) stops too,
+    instead of finishing its cell unseen and writing into a run directory a rerun may be using."""
+    while True:
+        time.sleep(interval)
+        if os.getppid() != parent:
+            os._exit(1)
 
 
 def run_cell(job: dict[str, Any]) -> dict[str, Any]:
@@ -327,7 +339,8 @@ def run_sweep(study: Study, out: str | Path, *, workers: int | None = None,
 
 def _run_pool(jobs: list[dict[str, Any]], n_workers: int, finished: Callable[[dict[str, Any]], None]) -> None:
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx, initializer=_init_worker) as pool:
+    with ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(os.getpid(),)) as pool:
         names: dict[Future, str] = {pool.submit(run_cell, job): job["cell"] for job in jobs}
         pending: set[Future] = set(names)
         try:
