@@ -23,7 +23,10 @@ import json
 import statistics
 from pathlib import Path
 
-from compare_table import TIER_MODELS, TIERS, _complete, _f, cell_extras
+from compare_table import TIERS, _complete, _f, cell_extras
+
+#: methods whose tiers run prefix widths of one model (a width's FL model is their tier's)
+WIDTH_METHODS = ("heterofl", "fedrolex", "fjord", "feddropout")
 
 
 def _curve(run_dir: Path) -> list[tuple[int, float]]:
@@ -41,7 +44,7 @@ def _fl_by_width(sweep: Path) -> dict[str, dict[float, list[float]]]:
     for r in _complete(sweep):
         extras = cell_extras(Path(r["run_dir"]), r["algorithm"])
         method = r["method"]
-        if r["algorithm"] in TIER_MODELS and r["algorithm"] in ("heterofl", "fedrolex", "fjord", "feddropout"):
+        if r["algorithm"] in WIDTH_METHODS:
             for t in TIERS:
                 if f"global_{t}" in extras:
                     out.setdefault(method, {}).setdefault(widths[t], []).append(extras[f"global_{t}"])
