@@ -19,22 +19,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import statistics
 from pathlib import Path
 
-from compare_table import TIERS, _complete, _f, cell_extras
+from compare_table import TIERS, _complete, _deployed_curve, _f, cell_extras
 
 #: methods whose tiers run prefix widths of one model (a width's FL model is their tier's)
 WIDTH_METHODS = ("heterofl", "fedrolex", "fjord", "feddropout")
-
-
-def _curve(run_dir: Path) -> list[tuple[int, float]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [(int(r["round"]), float(r["test_accuracy"])) for r in rows if r.get("test_accuracy") is not None]
 
 
 def _fl_by_width(sweep: Path) -> dict[str, dict[float, list[float]]]:
@@ -67,7 +58,8 @@ def main() -> None:
     cells = _complete(args.sweep)
     if not cells:
         raise SystemExit(f"{args.sweep}: no complete cells in results.csv")
-    curves = {(r["arch"], float(r["width"])): _curve(Path(r["run_dir"])) for r in cells}
+    curves = {(r["arch"], float(r["width"])): sorted(_deployed_curve(Path(r["run_dir"]), "test_accuracy").items())
+              for r in cells}
     rounds = sorted({rnd for c in curves.values() for rnd, _ in c})
     print("Central training, test accuracy (%) after each evaluated pass over the data; best; gain of the last "
           "evaluation over the one before (points):\n")

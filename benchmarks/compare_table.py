@@ -246,10 +246,11 @@ def main() -> None:
         lr_check(cells, args.lr_sweep, args.lr_csv)
 
 
-def _deployed_curve(run_dir: Path) -> dict[int, float]:
+def _deployed_curve(run_dir: Path, key: str = "deployed_accuracy") -> dict[int, float]:
+    """round -> ``key`` at every evaluated round of a run (empty when the run has no metrics yet)."""
     path = run_dir / "metrics.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    return {int(r["round"]): float(r["deployed_accuracy"]) for r in rows if r.get("deployed_accuracy") is not None}
+    return {int(r["round"]): float(r[key]) for r in rows if r.get(key) is not None}
 
 
 def plot_curves(cells: list[dict], methods: list[str], seeds: list[int], out: Path) -> None:
