@@ -98,7 +98,8 @@ def test_fiarse_at_capacity_one_equals_fedavg_bit_for_bit(digits_cfg):
 
 
 def test_fiarse_masks_thresholds_and_gradient():
-    from hetfl.hetero.importance import MaskedAverage, TCBMask, masks, sparse_bytes, thresholds
+    from hetfl.aggregation import WeightedMean
+    from hetfl.hetero.importance import TCBMask, masks, place_masked, sparse_bytes, thresholds
 
     w = {"a": torch.tensor([0.1, -0.5, 0.3, -0.05]), "b": torch.tensor([[1.0, -0.2], [0.0, 0.4]]), "n": torch.ones(2)}
     taus = thresholds(w, ["a", "b"], 0.5, "global")  # 4 of 8 maskable elements: |.| >= 0.3
@@ -112,10 +113,10 @@ def test_fiarse_masks_thresholds_and_gradient():
     TCBMask.apply(theta, 0.5).sum().backward()
     # kept |theta| = tau: factor 1 + 2 tau^2 / (2 tau)^2 = 1.5; 1.0: 1 + 1 / 1.5^2; masked: 0
     assert torch.allclose(theta.grad, torch.tensor([1.5, 0.0, 1 + 1 / 2.25]))
-    acc = MaskedAverage({"a": torch.zeros(4)})
-    acc.add({"a": torch.ones(4)}, {"a": torch.tensor([True, True, False, False])})
-    acc.add({"a": torch.full((4,), 3.0)}, {"a": torch.tensor([True, False, False, False])})
-    assert acc.result()["a"].tolist() == [2.0, 1.0, 0.0, 0.0]
+    acc = WeightedMean({"global": {"a": torch.zeros(4)}})
+    acc.add(place_masked({"a": torch.ones(4)}, {"a": torch.tensor([True, True, False, False])}))
+    acc.add(place_masked({"a": torch.full((4,), 3.0)}, {"a": torch.tensor([True, False, False, False])}))
+    assert acc.result()["global"]["a"].tolist() == [2.0, 1.0, 0.0, 0.0]
 
 
 def test_fiarse_heterogeneous_fleet_trains_masked_submodels(tmp_path, digits_cfg):

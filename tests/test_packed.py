@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hetfl import packed
-from hetfl.algorithms import fedavg
+from hetfl.aggregation import reducers
 from hetfl.algorithms.base import ClientResult
 from hetfl.algorithms.fedavg import average_weights
 from hetfl.engines.workers import create_shared, layout_of
@@ -63,8 +63,8 @@ def test_clone_of_packed_weights_is_one_packed_copy():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("block", [1, 3, 8])
 def test_packed_average_equals_unpacked_bit_for_bit(monkeypatch, dtype, block):
-    monkeypatch.setattr(fedavg, "BLOCK_RESULTS", block)
-    monkeypatch.setattr(fedavg, "BLOCK_ELEMENTS", 16)  # several blocks, the last one partial
+    monkeypatch.setattr(reducers, "BLOCK_RESULTS", block)
+    monkeypatch.setattr(reducers, "BLOCK_ELEMENTS", 16)  # several blocks, the last one partial
     sizes = [3, 600, 1, 17, 250, 9, 1000, 44, 5, 77, 2]
     plain = [ClientResult(i, n, _weights(i, dtype)) for i, n in enumerate(sizes)]
     expected, count, samples = average_weights(plain)

@@ -157,15 +157,15 @@ class Round:
                 t_in = time.perf_counter()
             waited[0] += time.perf_counter() - t_in
 
-        if dp is not None:  # clip each accepted update, noise the sum: released every round, never skipped
-            update = dp.aggregate(state, rnd, tasks, stream())
-            report.faults = {**book.finish(), "skipped": False}
+        reducer = dp.reducer(state, rnd) if dp is not None else None  # [privacy]: the private reducer
+        update = None if book.early_skip and dp is None else algo.aggregate(state, rnd, stream(), ctx, reducer)
+        report.faults = book.finish()
+        report.messages = book.messages
+        if dp is not None:  # the noised aggregate is released every round, never skipped
+            report.faults["skipped"] = False
             report.messages = [m for m in book.messages if not m.startswith("skipped:")]
             report.extra.update(dp.metrics(rnd))
             return dp.finish(algo.server_step(state, update, ctx)), report
-        update = None if book.early_skip else algo.aggregate(state, rnd, stream(), ctx)
-        report.faults = book.finish()
-        report.messages = book.messages
         if book.skipped:  # fewer than faults.min_clients accepted: the global model stays as it was
             return skip_round(state), report
         return algo.server_step(state, update, ctx), report

@@ -17,7 +17,7 @@ results hold only tensors and plain values, so any transport can carry them.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hetfl.aggregation import Placement, Reducer, footprint_of, make_reducer, whole
 from hetfl.config import TrainConfig
 from hetfl.data.base import DataInfo, Split
 from hetfl.data.server import ServerData, ServerDataSpec
@@ -32,6 +33,7 @@ from hetfl.errors import ConfigError
 from hetfl.fleet import Fleet
 from hetfl.models.ref import ModelRef
 from hetfl.reliability import FaultsConfig
+from hetfl.robust import check_method
 
 Weights = dict[str, torch.Tensor]
 
@@ -135,11 +137,20 @@ class Algorithm:
 
     #: no server: nodes on a graph (hetfl.decentralized); engines and the runner branch on this
     decentralized: ClassVar[bool] = False
+    #: why client-level DP (``[privacy]``) cannot cover this algorithm (it releases more than model updates),
+    #: or None: every server algorithm whose clients release only their updates runs private
+    private_refusal: ClassVar[str | None] = None
 
     clients_per_round: int = 10
     fraction: float = 0.0
+    #: how the server reduces the placed results: "mean" (streaming, weighted as the algorithm places them),
+    #: or coordinate-wise "median" / "trimmed_mean" (cutting ``trim`` of each end; unweighted, n x model memory)
+    aggregator: str = "mean"
+    trim: float = 0.1
+    weighted: bool = False  # a client's weight in the mean: its sample count (else 1)
 
     def __post_init__(self) -> None:
+        check_method(self.aggregator, self.trim)
         if self.clients_per_round < 1:
             raise ConfigError(f"algorithm.clients_per_round must be >= 1, got {self.clients_per_round}")
         if not 0.0 <= self.fraction <= 1.0:
@@ -164,8 +175,54 @@ class Algorithm:
                         ctx: Context) -> list[ClientTask]:
         raise NotImplementedError
 
-    def aggregate(self, state: ServerState, rnd: int, results: Iterable[ClientResult], ctx: Context) -> Any:
-        raise NotImplementedError
+    # ------------------------------------------------------------------ aggregation (one part for all)
+    def placer(self, state: ServerState, rnd: int, ctx: Context) -> Callable[[ClientResult], Placement]:
+        """Round ``rnd``'s placement rule, made once per round: where a client's result lands in the server's
+        models (:mod:`hetfl.aggregation`).  Default: every tensor of ``global``, whole, with :meth:`weight_of`."""
+        return lambda res: whole(res.weights, weight=self.weight_of(res))
+
+    def weight_of(self, res: ClientResult) -> float:
+        """A result's weight in the mean: its sample count when ``weighted``, else 1."""
+        return float(res.num_samples) if self.weighted else 1.0
+
+    def footprints(self, state: ServerState, rnd: int, ctx: Context
+                   ) -> Callable[[int], list[tuple[float, Placement]]]:
+        """Round ``rnd``'s possible footprints of any client, with their probabilities: which elements the
+        client would hold if it reported (placements without values).  Differential privacy needs them for
+        the expected number of contributors of every element; they may depend on the round and the public
+        server state, never on a client's data.  Default: the floating tensors of ``global``, whole."""
+        fp = footprint_of(state.models["global"])
+        return lambda client: [(1.0, fp)]
+
+    def deployed_footprints(self, state: ServerState, ctx: Context) -> dict[str, Placement]:
+        """The footprint of every model a device deploys, by label (``w0.5``, ...); empty: only the whole
+        model.  Used for per-level noise figures under ``[privacy]``."""
+        return {}
+
+    def side_channel(self, state: ServerState, rnd: int, ctx: Context) -> Any:
+        """An object with ``add(result, placement)`` that reads raw results beside the reducer (FedDF's teachers,
+        FedGen's heads), or None.  Never called in a private round: there only the reducer sees results."""
+        return None
+
+    def combine(self, state: ServerState, rnd: int, models: dict[str, Weights], side: Any, ctx: Context) -> Any:
+        """The update ``server_step`` takes, from the reduced models (and the side channel, None when private).
+        Default: the new ``global`` weights, ``{}`` when nobody reported."""
+        return models.get("global", {})
+
+    def aggregate(self, state: ServerState, rnd: int, results: Iterable[ClientResult], ctx: Context,
+                  reducer: Reducer | None = None) -> Any:
+        """Place every result, reduce (``reducer``: the round's, e.g. the private one; default: this
+        algorithm's ``aggregator``), then :meth:`combine`.  Results stream through: one pass."""
+        if reducer is None:
+            reducer = make_reducer(state.models, self.aggregator, self.trim)
+        place = self.placer(state, rnd, ctx)
+        side = None if reducer.private else self.side_channel(state, rnd, ctx)
+        for res in results:
+            placement = place(res)
+            reducer.add(placement)
+            if side is not None:
+                side.add(res, placement)
+        return self.combine(state, rnd, reducer.result() if reducer.clients or reducer.private else {}, side, ctx)
 
     def server_step(self, state: ServerState, update: Any, ctx: Context) -> ServerState:
         raise NotImplementedError

@@ -21,7 +21,7 @@ fleets are therefore configs (``"1x1,0.5x1"``, ``"1x1,1x0.5"``, ``"1x1,0.5x0.5"`
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import ClassVar
@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hetfl.aggregation import Placement
 from hetfl.algorithms.base import (
     Algorithm,
     ClientResult,
@@ -47,7 +48,7 @@ from hetfl.data.base import DataInfo, Split
 from hetfl.errors import ConfigError
 from hetfl.hetero import group_sizes, spec_for, submodel_ref
 from hetfl.hetero.depth import encode_params, plan_for
-from hetfl.hetero.extract import OverlapAverage, extract
+from hetfl.hetero.extract import extract, place_slice, slice_footprint
 from hetfl.hetero.multi_exit import multi_exit  # noqa: F401  (registers the multi_exit model these algorithms train)
 from hetfl.hetero.policy import Prefix, Selection
 from hetfl.hetero.sampling import width_schedule
@@ -106,7 +107,6 @@ class MultiExitFL(Algorithm):
     """Base of the depth-heterogeneous methods (not registered): see the module docstring."""
 
     levels: str = "1x1,1x0.75,1x0.5,1x0.25"
-    weighted: bool = False
     eval_levels: bool = True
     #: which fleet tier's level a client trains in a round: a width schedule (hetfl.hetero.sampling) over the
     #: tiers, e.g. "mixture(q=0.25)": a client of tier t may train the level of any weaker tier
@@ -219,14 +219,53 @@ class MultiExitFL(Algorithm):
                                     round_seed(ctx.seed, rnd, int(c)), {**extra, "level": list(level)}))
         return tasks
 
-    def aggregate(self, state: ServerState, rnd: int, results: Iterable[ClientResult], ctx: Context) -> Weights:
+    def placer(self, state: ServerState, rnd: int, ctx: Context) -> Callable[[ClientResult], Placement]:
+        """A result's blocks and exits in the global tensors, sliced to its level's width (the level plan made
+        once for the round: pure in (seed, round, client))."""
         glob = state.models["global"]
-        acc = OverlapAverage(glob, spec_for(self.global_ref(ctx), ctx.info))
-        level_of = self.level_of(ctx, rnd)  # recomputed: pure in (seed, round, client); results stream through
-        for res in results:
-            width, _ = level_of(res.client_id)
-            acc.add(res.weights, self.selection(ctx, width), float(res.num_samples) if self.weighted else 1.0)
-        return acc.result() if acc.clients else {}
+        spec = spec_for(self.global_ref(ctx), ctx.info)
+        level_of = self.level_of(ctx, rnd)
+        return lambda res: place_slice(glob, spec, res.weights, self.selection(ctx, level_of(res.client_id)[0]),
+                                       self.weight_of(res))
+
+    def level_law(self, ctx: Context, rnd: int) -> Callable[[int], dict[Level, float]]:
+        """The level any client trains in round ``rnd``, as a law ``{level: probability}``."""
+        table = self.level_table(ctx)
+        if self.schedule.fixed or ctx.fleet is None:
+            tiers = self.tiers(ctx, rnd)
+            return lambda client: {table[int(tiers[int(client)])]: 1.0}
+        law = self.schedule.law({}, ctx, rnd)
+
+        def level_law(client: int) -> dict[Level, float]:
+            out: dict[Level, float] = {}
+            for rate, p in law(client).items():
+                level = table[int(ctx.fleet.tiers_of(np.array([rate]))[0])]
+                out[level] = out.get(level, 0.0) + p
+            return out
+
+        return level_law
+
+    def footprints(self, state: ServerState, rnd: int, ctx: Context
+                   ) -> Callable[[int], list[tuple[float, Placement]]]:
+        law = self.level_law(ctx, rnd)
+        cache: dict[Level, Placement] = {}
+
+        def footprints(client: int) -> list[tuple[float, Placement]]:
+            return [(p, self._footprint(state, ctx, level, cache)) for level, p in law(client).items()]
+
+        return footprints
+
+    def _footprint(self, state: ServerState, ctx: Context, level: Level, cache: dict[Level, Placement]) -> Placement:
+        if level not in cache:
+            glob = state.models["global"]
+            keys = [k for k in keys_of(self.client_ref(ctx, level), ctx.info) if glob[k].is_floating_point()]
+            cache[level] = slice_footprint(glob, spec_for(self.global_ref(ctx), ctx.info),
+                                           self.selection(ctx, level[0]), keys, level)
+        return cache[level]
+
+    def deployed_footprints(self, state: ServerState, ctx: Context) -> dict[str, Placement]:
+        cache: dict[Level, Placement] = {}
+        return {level_label(lv): self._footprint(state, ctx, lv, cache) for lv in dict.fromkeys(self.level_table(ctx))}
 
     def server_step(self, state: ServerState, update: Weights, ctx: Context) -> ServerState:
         models = {**state.models, "global": update} if update else state.models

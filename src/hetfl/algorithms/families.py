@@ -12,9 +12,9 @@ Families are assigned to the fleet's capability tiers widest-first: a client who
 then receive no client updates (a server may still distill into them).
 
 :class:`FamilyAlgorithm` is the base of the algorithms built on families (FedDF, FedGen): the ``families``
-and ``weighted`` fields, one initial model per family, a task per client on its family's model, the per-family
-running averages (:class:`FamilyMeans`), every family as an evaluation target and their last accuracies in
-summary.json.
+field, one initial model per family, a task per client on its family's model, a result placed whole on its
+family's model (reduced by :mod:`hetfl.aggregation`), every family as an evaluation target and their last
+accuracies in summary.json.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hetfl.aggregation import Placement, WeightedMean, footprint_of, whole
 from hetfl.algorithms.base import (
     Algorithm,
     ClientResult,
@@ -162,77 +163,29 @@ def build_detached(ref: ModelRef, info: DataInfo) -> torch.nn.Module:
 
 
 class RunningMean:
-    """A streaming (weighted) average of weight dicts: float64 running sums, one model's memory.
-
-    Integer entries (BatchNorm's ``num_batches_tracked``) are averaged and rounded.  One addition returns
-    the weights unchanged.
-    """
+    """A streaming (weighted) average of whole weight dicts: :class:`~hetfl.aggregation.WeightedMean` of one
+    model, with the count of additions and their samples.  One addition returns the weights unchanged."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.dtypes: dict[str, torch.dtype] = {}
-        self.single: Weights | None = None
-        self.total = 0.0
-        self.count = 0
+        self.mean = WeightedMean()
         self.samples = 0
+
+    @property
+    def count(self) -> int:
+        return self.mean.clients
 
     def add(self, weights: Weights, weight: float, samples: int = 0) -> None:
         if weight <= 0:
             return
-        if self.count == 0:
-            self.single = weights
-            self.dtypes = {k: v.dtype for k, v in weights.items()}
-            self.sums = {k: v.detach().to(torch.float64) * weight for k, v in weights.items()}
-        else:
-            self.single = None
-            for k, v in weights.items():
-                self.sums[k].add_(v.detach().to(torch.float64), alpha=weight)
-        self.total += weight
-        self.count += 1
+        self.mean.add(whole(weights, weight=weight))
         self.samples += samples
 
     def value(self) -> Weights:
-        if self.count == 0:
-            return {}
-        if self.single is not None:
-            return dict(self.single)
-        out = {}
-        for k, s in self.sums.items():
-            avg = s / self.total
-            dt = self.dtypes[k]
-            out[k] = avg.to(dt) if dt.is_floating_point else avg.round().to(dt)
-        return out
+        return self.mean.result().get("global", {})
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.sums.values())
-
-
-class FamilyMeans:
-    """One :class:`RunningMean` per family over a round's results: each result joins its client's family."""
-
-    def __init__(self, fams: Sequence[Family], idx: np.ndarray, weighted: bool) -> None:
-        self.fams = tuple(fams)
-        self.idx = idx
-        self.weighted = weighted
-        self.means = {f.key: RunningMean() for f in self.fams}
-
-    def add(self, res: ClientResult) -> Family:
-        """Add ``res`` to its family's average (by samples when ``weighted``); returns the family."""
-        f = self.fams[self.idx[res.client_id]]
-        self.means[f.key].add(res.weights, float(res.num_samples) if self.weighted else 1.0, res.num_samples)
-        return f
-
-    def values(self) -> dict[str, Weights]:
-        """The averaged weights of every family that received at least one update."""
-        return {k: m.value() for k, m in self.means.items() if m.count}
-
-    def clients(self) -> dict[str, int]:
-        return {k: m.count for k, m in self.means.items()}
-
-    @property
-    def nbytes(self) -> int:
-        return sum(m.nbytes for m in self.means.values())
+        return self.mean.nbytes
 
 
 def last_family_accuracies(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
@@ -250,7 +203,6 @@ class FamilyAlgorithm(Algorithm):
     """
 
     families: str = ""
-    weighted: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -287,9 +239,24 @@ class FamilyAlgorithm(Algorithm):
                                     extra(c) if extra is not None else {}))
         return tasks
 
-    def family_means(self, ctx: Context, rnd: int) -> FamilyMeans:
+    def placer(self, state: ServerState, rnd: int, ctx: Context) -> Callable[[ClientResult], Placement]:
+        """A result lands whole on its client's family model (the family index made once for the round)."""
         fams = self.family_list(ctx)
-        return FamilyMeans(fams, family_index(ctx, rnd, len(fams)), self.weighted)
+        idx = family_index(ctx, rnd, len(fams))
+        return lambda res: whole(res.weights, model=fams[idx[res.client_id]].key, weight=self.weight_of(res))
+
+    def footprints(self, state: ServerState, rnd: int, ctx: Context
+                   ) -> Callable[[int], list[tuple[float, Placement]]]:
+        fams = self.family_list(ctx)
+        idx = family_index(ctx, rnd, len(fams))
+        prints = {f.key: footprint_of(state.models[f.key], model=f.key, signature=f.key) for f in fams}
+        return lambda client: [(1.0, prints[fams[idx[int(client)]].key])]
+
+    def deployed_footprints(self, state: ServerState, ctx: Context) -> dict[str, Placement]:
+        fams = self.family_list(ctx)
+        if len(fams) == 1:
+            return {}
+        return {f.key: footprint_of(state.models[f.key], model=f.key, signature=f.key) for f in fams}
 
     def eval_targets(self, state: ServerState, ctx: Context) -> dict[str, EvalTarget]:
         fams = self.family_list(ctx)

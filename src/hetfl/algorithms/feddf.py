@@ -28,7 +28,7 @@ each: ``server_teacher_s``, ``server_distill_s``, ``server_teacher_bytes`` and `
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +62,65 @@ class FedDFUpdate:
     teacher_s: float = 0.0
     teacher_bytes: int = 0
     mean_bytes: int = 0
+
+
+class _Teachers:
+    """FedDF's side channel: every received client model as a teacher (streaming logits or resident modules)."""
+
+    def __init__(self, algo: FedDF, ctx: Context, distilling: bool) -> None:
+        self.algo = algo
+        self.distilling = distilling
+        self.refs = {f.key: f.ref for f in algo.family_list(ctx)}
+        self.sd = ctx.server_data
+        self.streaming = algo.teachers == "streaming"
+        self.ens = self.ens_val = None
+        if self.streaming and distilling:
+            # teachers run at the distillation batch size, as resident teachers do: the same activation memory
+            kw = {"mode": algo.ensemble, "temperature": algo.temperature, "batch_size": algo.distill_batch}
+            self.ens = LogitEnsemble(self.sd.x, **kw)
+            self.ens_val = LogitEnsemble(self.sd.val.x, **kw) if self.sd.val else None
+        self.info = ctx.info
+        self.modules: dict[ModelRef, nn.Module] = {}
+        self.upd = FedDFUpdate(means={}, clients={})
+
+    def add(self, res: ClientResult, placement: Any) -> None:
+        ref = self.refs[placement.model]
+        upd = self.upd
+        upd.clients[placement.model] = upd.clients.get(placement.model, 0) + 1
+        if not self.distilling:
+            return
+        t0 = time.perf_counter()
+        if self.streaming:
+            module = self.modules.get(ref)
+            if module is None:
+                module = self.modules[ref] = build_detached(ref, self.info).to(self.sd.x.device)
+            module.load_state_dict(res.weights)
+            self.ens.add(module)
+            if self.ens_val is not None:
+                self.ens_val.add(module)
+        else:
+            module = build_detached(ref, self.info).to(self.sd.x.device)
+            module.load_state_dict(res.weights)
+            module.eval()
+            upd.resident.append(module)
+        upd.teachers += 1
+        upd.teacher_s += time.perf_counter() - t0
+
+    def update(self) -> FedDFUpdate:
+        upd = self.upd
+        if upd.teachers and self.streaming:
+            upd.cache = self.ens.logits()
+            upd.val_logits = self.ens_val.logits() if self.ens_val is not None else None
+            upd.teacher_bytes = (self.ens.nbytes + (self.ens_val.nbytes if self.ens_val else 0)
+                                 + sum(map(nbytes_of, self.modules.values())))
+        elif upd.teachers:
+            t0 = time.perf_counter()
+            if self.sd.val is not None:
+                upd.val_logits = ensemble_logits(upd.resident, self.sd.val.x, mode=self.algo.ensemble,
+                                                 temperature=self.algo.temperature, batch_size=self.algo.distill_batch)
+            upd.teacher_s += time.perf_counter() - t0
+            upd.teacher_bytes = sum(map(nbytes_of, upd.resident))
+        return upd
 
 
 @ALGORITHMS.register("feddf")
@@ -121,52 +180,29 @@ class FedDF(FamilyAlgorithm):
                              "it from algorithm.server_data")
         return True
 
-    def aggregate(self, state: ServerState, rnd: int, results: Iterable[ClientResult], ctx: Context) -> FedDFUpdate:
-        means = self.family_means(ctx, rnd)
-        distilling = self._distilling(ctx)
-        sd = ctx.server_data
-        streaming = self.teachers == "streaming"
-        ens = ens_val = None
-        if distilling and streaming:
-            # teachers run at the distillation batch size, as resident teachers do: the same activation memory
-            kw = {"mode": self.ensemble, "temperature": self.temperature, "batch_size": self.distill_batch}
-            ens = LogitEnsemble(sd.x, **kw)
-            ens_val = LogitEnsemble(sd.val.x, **kw) if sd.val else None
-        modules: dict[ModelRef, nn.Module] = {}
-        upd = FedDFUpdate(means={}, clients={})
-        for res in results:
-            f = means.add(res)
-            if not distilling:
-                continue
+    def side_channel(self, state: ServerState, rnd: int, ctx: Context) -> _Teachers | None:
+        """Clients per family and the ensemble of every received client model (not in a private round: there
+        the teachers are the noised family means, post-processing of the release)."""
+        return _Teachers(self, ctx, self._distilling(ctx))
+
+    def combine(self, state: ServerState, rnd: int, models: dict[str, Weights], side: _Teachers | None,
+                ctx: Context) -> FedDFUpdate:
+        upd = side.update() if side is not None else FedDFUpdate(means={}, clients={})
+        upd.means = {key: w for key, w in models.items() if w}
+        upd.mean_bytes = sum(8 * v.numel() for w in upd.means.values() for v in w.values())  # float64 running sums
+        if side is None and ctx.privacy is not None and upd.means and self._distilling(ctx):
+            fams = {f.key: f for f in self.family_list(ctx)}
             t0 = time.perf_counter()
-            if streaming:
-                module = modules.get(f.ref)
-                if module is None:
-                    module = modules[f.ref] = build_detached(f.ref, ctx.info).to(sd.x.device)
-                module.load_state_dict(res.weights)
-                ens.add(module)
-                if ens_val is not None:
-                    ens_val.add(module)
-            else:
-                module = build_detached(f.ref, ctx.info).to(sd.x.device)
-                module.load_state_dict(res.weights)
+            for key, weights in upd.means.items():
+                module = build_detached(fams[key].ref, ctx.info).to(ctx.server_data.x.device)
+                module.load_state_dict(weights)
                 module.eval()
                 upd.resident.append(module)
-            upd.teachers += 1
-            upd.teacher_s += time.perf_counter() - t0
-        upd.means = means.values()
-        upd.clients = means.clients()
-        upd.mean_bytes = means.nbytes
-        if upd.teachers and streaming:
-            upd.cache = ens.logits()
-            upd.val_logits = ens_val.logits() if ens_val is not None else None
-            upd.teacher_bytes = ens.nbytes + (ens_val.nbytes if ens_val else 0) + sum(map(nbytes_of, modules.values()))
-        elif upd.teachers:
-            t0 = time.perf_counter()
-            if sd.val is not None:
-                upd.val_logits = ensemble_logits(upd.resident, sd.val.x, mode=self.ensemble,
+            upd.teachers = len(upd.resident)
+            if ctx.server_data.val is not None:
+                upd.val_logits = ensemble_logits(upd.resident, ctx.server_data.val.x, mode=self.ensemble,
                                                  temperature=self.temperature, batch_size=self.distill_batch)
-            upd.teacher_s += time.perf_counter() - t0
+            upd.teacher_s = time.perf_counter() - t0
             upd.teacher_bytes = sum(map(nbytes_of, upd.resident))
         return upd
 

@@ -32,10 +32,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -161,11 +161,37 @@ class FedGenUpdate:
     leak_mae: list[float] = field(default_factory=list)
 
 
+class _Heads:
+    """FedGen's side channel: every result's classifier head, label counts and leakage figures."""
+
+    def __init__(self, algo: FedGen, ctx: Context) -> None:
+        self.refs = {f.key: f.ref for f in algo.family_list(ctx)}
+        self.info = ctx.info
+        self.upd = FedGenUpdate(means={}, clients={})
+
+    def add(self, res: ClientResult, placement: Any) -> None:
+        upd = self.upd
+        upd.clients[placement.model] = upd.clients.get(placement.model, 0) + 1
+        head = head_shape(self.refs[placement.model], self.info)[0]
+        upd.heads_w.append(res.weights[f"{head}.weight"].detach().float())
+        upd.heads_b.append(res.weights[f"{head}.bias"].detach().float())
+        upd.counts.append(torch.as_tensor(res.extra["label_counts"], dtype=torch.float32).flatten())
+        upd.client_ids.append(res.client_id)
+        if "label_leak_tv" in res.metrics:
+            upd.leak_tv.append(float(res.metrics["label_leak_tv"]))
+            upd.leak_mae.append(float(res.metrics["label_leak_count_mae"]))
+
+
 # ---------------------------------------------------------------------------------------------- algorithm
 @ALGORITHMS.register("fedgen")
 @dataclass(frozen=True)
 class FedGen(FamilyAlgorithm):
     """FedGen: a server generator of head-space features, trained on the clients' heads, regularises clients."""
+
+    private_refusal: ClassVar[str | None] = (
+        "FedGen's clients upload their label counts and the server trains its generator on every client's own "
+        "classifier head, releases beside the model update that the DP-FedAvg accountant does not cover "
+        "(algorithm.label_noise privatises the counts alone)")
 
     weighted: bool = True
     gen_noise_dim: int = 32
@@ -277,21 +303,14 @@ class FedGen(FamilyAlgorithm):
 
         return self.family_tasks(state, rnd, clients, ctx, extra)
 
-    def aggregate(self, state: ServerState, rnd: int, results: Iterable[ClientResult], ctx: Context) -> FedGenUpdate:
-        means = self.family_means(ctx, rnd)
-        upd = FedGenUpdate(means={}, clients={})
-        for res in results:
-            f = means.add(res)
-            head = head_shape(f.ref, ctx.info)[0]
-            upd.heads_w.append(res.weights[f"{head}.weight"].detach().float())
-            upd.heads_b.append(res.weights[f"{head}.bias"].detach().float())
-            upd.counts.append(torch.as_tensor(res.extra["label_counts"], dtype=torch.float32).flatten())
-            upd.client_ids.append(res.client_id)
-            if "label_leak_tv" in res.metrics:
-                upd.leak_tv.append(float(res.metrics["label_leak_tv"]))
-                upd.leak_mae.append(float(res.metrics["label_leak_count_mae"]))
-        upd.means = means.values()
-        upd.clients = means.clients()
+    def side_channel(self, state: ServerState, rnd: int, ctx: Context) -> FedGenUpdate:
+        """The round's heads, label counts and leakage figures, read from every result beside the mean."""
+        return _Heads(self, ctx)
+
+    def combine(self, state: ServerState, rnd: int, models: dict[str, Weights], side: _Heads | None,
+                ctx: Context) -> FedGenUpdate:
+        upd = side.upd if side is not None else FedGenUpdate(means={}, clients={})
+        upd.means = {key: w for key, w in models.items() if w}
         return upd
 
     def train_generator(self, gen_weights: Weights, opt_state: dict[str, Any] | None, upd: FedGenUpdate, rnd: int,

@@ -21,7 +21,7 @@ FIARSE's code; the metrics report what a sparse upload would cost (``sparse_byte
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hetfl.aggregation import Placement
 from hetfl.algorithms.base import (
     Algorithm,
     ClientResult,
@@ -45,11 +46,12 @@ from hetfl.data.base import DataInfo, Split
 from hetfl.errors import ConfigError
 from hetfl.hetero.importance import (
     THRESHOLDS,
-    MaskedAverage,
     MaskedForward,
+    mask_footprint,
     maskable_keys,
     masked_weights,
     masks,
+    place_masked,
     sparse_bytes,
     thresholds,
 )
@@ -72,7 +74,6 @@ class FIARSE(Algorithm):
     threshold: str = "global"  # one top-k over all maskable elements, or "tensor": one per tensor
     count: str = "mask"  # per-element average over clients whose mask keeps it; "nonzero": FIARSE's code
     server_lr: float = 1.0
-    weighted: bool = False
     eval_levels: bool = True
 
     def __post_init__(self) -> None:
@@ -118,22 +119,48 @@ class FIARSE(Algorithm):
             tasks.append(ClientTask(int(c), ctx.model, glob, train, round_seed(ctx.seed, rnd, int(c)), extra))
         return tasks
 
-    def aggregate(self, state: ServerState, rnd: int, results: Iterable[ClientResult], ctx: Context) -> Weights:
+    def _masks(self, glob: Weights, ctx: Context, capacity: float, cache: dict[float, dict[str, torch.Tensor]]
+               ) -> dict[str, torch.Tensor]:
+        if capacity not in cache:
+            cache[capacity] = masks(glob, self.taus(glob, ctx, capacity))
+        return cache[capacity]
+
+    def placer(self, state: ServerState, rnd: int, ctx: Context) -> Callable[[ClientResult], Placement]:
+        """A result on the elements its capacity's mask keeps (recomputed: pure in the global model and the
+        client's capacity); ``count = "nonzero"``: on the elements it changed (FIARSE's code)."""
         glob = state.models["global"]
         caps = self.capacities(ctx, rnd)
         cache: dict[float, dict[str, torch.Tensor]] = {}
-        acc = MaskedAverage(glob)
-        for res in results:
-            r = float(caps[res.client_id])  # recomputed: pure in the global model and the client's capacity
+
+        def place(res: ClientResult) -> Placement:
+            r = float(caps[res.client_id])
             if self.count == "nonzero":
-                taus = self.taus(glob, ctx, r)
-                kept = {k: res.weights[k] != glob[k] for k in taus}
-            else:
-                if r not in cache:
-                    cache[r] = masks(glob, self.taus(glob, ctx, r))
-                kept = cache[r]
-            acc.add(res.weights, kept, float(res.num_samples) if self.weighted else 1.0)
-        return acc.result() if acc.clients else {}
+                kept = {k: res.weights[k] != glob[k] for k in self.taus(glob, ctx, r)}
+                return place_masked(res.weights, kept, self.weight_of(res), public=False)
+            return place_masked(res.weights, self._masks(glob, ctx, r, cache), self.weight_of(res))
+
+        return place
+
+    def footprints(self, state: ServerState, rnd: int, ctx: Context
+                   ) -> Callable[[int], list[tuple[float, Placement]]]:
+        glob = state.models["global"]
+        caps = self.capacities(ctx, rnd)
+        cache: dict[float, dict[str, torch.Tensor]] = {}
+        prints: dict[float, Placement] = {}
+
+        def footprints(client: int) -> list[tuple[float, Placement]]:
+            r = float(caps[int(client)])
+            if r not in prints:
+                prints[r] = mask_footprint(glob, self._masks(glob, ctx, r, cache), r)
+            return [(1.0, prints[r])]
+
+        return footprints
+
+    def deployed_footprints(self, state: ServerState, ctx: Context) -> dict[str, Placement]:
+        glob = state.models["global"]
+        cache: dict[float, dict[str, torch.Tensor]] = {}
+        return {f"r{r:g}": mask_footprint(glob, self._masks(glob, ctx, r, cache), r)
+                for r in sorted(set(self.capacities(ctx, 1).tolist()), reverse=True)}
 
     def server_step(self, state: ServerState, update: Weights, ctx: Context) -> ServerState:
         old = state.models["global"]

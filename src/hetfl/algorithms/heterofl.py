@@ -18,7 +18,7 @@ label), unweighted element averaging.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import ClassVar, Literal
@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hetfl.aggregation import Placement
 from hetfl.algorithms.base import (
     Algorithm,
     ClientResult,
@@ -44,13 +45,12 @@ from hetfl.data.base import DataInfo, Split
 from hetfl.data.server import ServerDataSpec
 from hetfl.errors import ConfigError
 from hetfl.hetero import group_sizes, prefix_submodel, spec_for, submodel_ref
-from hetfl.hetero.extract import OverlapAverage, extract, scatter_full
+from hetfl.hetero.extract import extract, place_slice, selection_signature, slice_footprint
 from hetfl.hetero.ordered import nested_widths, ordered_forward
 from hetfl.hetero.policy import IndexPolicy, Prefix, Selection, index_policy
 from hetfl.hetero.sampling import width_schedule
 from hetfl.hetero.scaler import Scaler, scaler_absorbed, scaler_layers
 from hetfl.hetero.widths import Widths
-from hetfl.robust import check_method, robust_reduce
 from hetfl.train import local_sgd
 
 BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
@@ -78,13 +78,10 @@ class HeteroFL(Algorithm):
     width_schedule: str = "max"  # which width per client and round (hetfl.hetero.sampling), e.g. "mixture(q=0.25)"
     ordered: bool = False  # FjORD: also train nested narrower widths, one drawn per minibatch
     self_distill: bool = False  # FjORD + KD: the client's widest width teaches the sampled narrower one
-    weighted: bool = False
     static_bn: bool = True
     scaler: bool | Literal["auto"] = "auto"  # "auto": on iff scaler_absorbed(model, static_bn); true / false force it
     masked_ce: bool = True
     classifier_rule: bool = True
-    aggregator: str = "mean"  # or "median" / "trimmed_mean": coordinate-wise over the clients covering an element
-    trim: float = 0.1
     eval_widths: bool = True
 
     # keys of earlier versions, refused by the config layer with these hints
@@ -104,7 +101,6 @@ class HeteroFL(Algorithm):
         if self.ordered and not isinstance(self.channels, Prefix):
             raise ConfigError("algorithm.ordered (FjORD) needs nested submodels: algorithm.index_policy must be "
                               "'prefix'")
-        check_method(self.aggregator, self.trim)
         if not (isinstance(self.scaler, bool) or self.scaler == "auto"):
             raise ConfigError(f'algorithm.scaler must be true, false or "auto", got {self.scaler!r}')
         if self.self_distill and not self.ordered:
@@ -183,40 +179,49 @@ class HeteroFL(Algorithm):
                                     round_seed(ctx.seed, rnd, int(c)), extra))
         return tasks
 
-    def aggregate(self, state: ServerState, rnd: int, results: Iterable[ClientResult], ctx: Context) -> Weights:
+    def placer(self, state: ServerState, rnd: int, ctx: Context) -> Callable[[ClientResult], Placement]:
+        """A result's channels in the global tensors: the server recomputes the width it assigned (pure in
+        seed, round, client and state) and the index policy's selection; classifier rows by held labels."""
         glob = state.models["global"]
         spec = spec_for(ctx.model, ctx.info)
         skip = _bn_stat_keys(glob) if self.static_bn else frozenset()
         rate_of = self.widths.rate_of(state.buffers, ctx, rnd)
 
-        def selected() -> Iterator[tuple[ClientResult, Selection]]:
-            for res in results:
-                # the server recomputes the width it assigned (pure in seed, round, client and state)
-                yield res, self.selection(ctx, rnd, res.client_id, rate_of(res.client_id))
-
-        if self.aggregator != "mean":
-            return self._robust(glob, spec, skip, selected())
-        acc = OverlapAverage(glob, spec, skip)
-        for res, sel in selected():
+        def place(res: ClientResult) -> Placement:
+            sel = self.selection(ctx, rnd, res.client_id, rate_of(res.client_id))
             mask = res.extra.get("labels") if self.classifier_rule else None
-            acc.add(res.weights, sel, float(res.num_samples) if self.weighted else 1.0, mask)
-        return acc.result() if acc.clients else {}
+            return place_slice(glob, spec, res.weights, sel, self.weight_of(res), mask, skip)
 
-    def _robust(self, glob: Weights, spec, skip: frozenset[str], pairs: Iterable[tuple[ClientResult, Selection]]
-                ) -> Weights:
-        """Median / trimmed mean per element over the clients whose submodel covers it (n x model memory)."""
-        placed = [scatter_full(glob, spec, res.weights, sel) for res, sel in pairs]
-        if not placed:
-            return {}
+        return place
+
+    def footprints(self, state: ServerState, rnd: int, ctx: Context
+                   ) -> Callable[[int], list[tuple[float, Placement]]]:
+        """Every width a client may train this round (its law under a randomised schedule), as slices."""
+        glob = state.models["global"]
+        spec = spec_for(ctx.model, ctx.info)
+        skip = _bn_stat_keys(glob) if self.static_bn else frozenset()
+        keys = [k for k, v in glob.items() if v.is_floating_point() and k not in skip]
+        law = self.widths.law(state.buffers, ctx, rnd)
+
+        def footprints(client: int) -> list[tuple[float, Placement]]:
+            out = []
+            for rate, p in law(client).items():
+                sel = self.selection(ctx, rnd, client, rate)
+                out.append((p, slice_footprint(glob, spec, sel, keys, selection_signature(sel))))
+            return out
+
+        return footprints
+
+    def deployed_footprints(self, state: ServerState, ctx: Context) -> dict[str, Placement]:
+        """The prefix submodel of every fleet width (what a device of that width deploys)."""
+        glob = state.models["global"]
+        spec = spec_for(ctx.model, ctx.info)
+        keys = [k for k, v in glob.items() if v.is_floating_point()]
+        levels = ctx.fleet.levels if ctx.fleet is not None else (1.0,)
         out = {}
-        for key, ref in glob.items():
-            if key in skip:
-                out[key] = ref
-                continue
-            values = torch.stack([p[key][0] for p in placed])
-            masks = torch.stack([p[key][1] for p in placed])
-            reduced, covered = robust_reduce(values, masks, self.aggregator, self.trim)
-            out[key] = torch.where(covered, reduced.to(ref.dtype), ref)
+        for rate in levels:
+            sel = Prefix().select(spec.groups, group_sizes(ctx.model, ctx.info, rate), rnd=0, client=0, seed=0)
+            out[f"w{rate:g}"] = slice_footprint(glob, spec, sel, keys, rate)
         return out
 
     def server_step(self, state: ServerState, update: Weights, ctx: Context) -> ServerState:

@@ -192,6 +192,9 @@ class GraphAlgorithm(Algorithm):
 
     #: the runner builds this algorithm's engine and evaluator for decentralized rounds
     decentralized = True
+    #: no trusted aggregator to privatise (docs/privacy.md)
+    private_refusal = ("decentralized training has no trusted aggregator: every neighbour sees a node's model in the "
+                       "clear (hetfl's 'dpsgd' is decentralized SGD, not DP-SGD)")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from hetfl.aggregation import Piece, Placement, WeightedMean
 from hetfl.hetero.policy import Selection
 from hetfl.hetero.spec import DimSlice, WidthSpec
 
@@ -88,78 +89,72 @@ def scatter_full(reference: Weights, spec: WidthSpec, sub: Weights, selection: S
     return out
 
 
+def place_slice(reference: Weights, spec: WidthSpec, sub: Weights, selection: Selection, weight: float = 1.0,
+                class_mask: torch.Tensor | None = None, skip: frozenset[str] = frozenset(),
+                model: str = "global") -> Placement:
+    """A submodel's weights (extracted with ``selection``) placed in the global tensors (:mod:`hetfl.aggregation`).
+
+    Tensors the selection leaves whole are placed whole, so a round where everyone trains the full model
+    reduces exactly as FedAvg's.  ``class_mask`` (bool per class) restricts the classifier rows the client
+    contributes to (a data-dependent ``share``); ``skip``: keys not placed (e.g. static BatchNorm statistics).
+    """
+    pieces = {}
+    for key, value in sub.items():
+        if key in skip:
+            continue
+        ref = reference[key]
+        share = None
+        rows = spec.output_rows.get(key) if class_mask is not None else None
+        if rows is not None:
+            shape = [1] * value.dim()
+            shape[rows] = -1
+            share = class_mask.to(device=ref.device, dtype=torch.float64).view(shape)
+        if _is_identity(spec, key, selection):
+            pieces[key] = Piece(value, share=share)
+        else:
+            pieces[key] = Piece(value, index=_flat_index(tuple(ref.shape), param_indices(spec, key, selection),
+                                                         ref.device), share=share)
+    return Placement(pieces, model, weight)
+
+
+def slice_footprint(reference: Weights, spec: WidthSpec, selection: Selection, keys, signature,
+                    model: str = "global") -> Placement:
+    """The footprint (no values) of a client holding ``keys`` of ``reference`` sliced by ``selection``."""
+    pieces = {}
+    for key in keys:
+        ref = reference[key]
+        if _is_identity(spec, key, selection):
+            pieces[key] = Piece()
+            continue
+        dims = param_indices(spec, key, selection)
+        shape = tuple(len(dims[d]) if d in dims else ref.shape[d] for d in range(ref.dim()))
+        pieces[key] = Piece(index=_flat_index(tuple(ref.shape), dims, ref.device), shape=shape)
+    return Placement(pieces, model, 1.0, signature)
+
+
+def selection_signature(selection: Selection) -> bytes:
+    """A hashable name of a selection: equal names, equal channels."""
+    return b"|".join(str(g).encode() + b":" + selection[g].numpy().tobytes() for g in sorted(selection))
+
+
 class OverlapAverage:
-    """Running per-element weighted sums and counts over partially overlapping submodel updates."""
+    """The running per-element mean of sliced submodel updates: :func:`place_slice` into a
+    :class:`~hetfl.aggregation.WeightedMean` (kept for scripts and tests that average slices directly)."""
 
     def __init__(self, reference: Weights, spec: WidthSpec, skip: frozenset[str] = frozenset()) -> None:
         self.reference = reference
         self.spec = spec
         self.skip = skip
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, torch.Tensor] = {}
-        self.scalar_counts: dict[str, float] = {}
-        self.clients = 0
+        self.mean = WeightedMean({"global": reference})
+
+    @property
+    def clients(self) -> int:
+        return self.mean.clients
 
     def add(self, sub: Weights, selection: Selection, weight: float = 1.0,
             class_mask: torch.Tensor | None = None) -> None:
-        """Add one client's submodel weights (extracted with ``selection``) with ``weight``.
-
-        ``class_mask`` (bool per class) restricts the classifier rows the client contributes to.
-        """
-        self.clients += 1
-        for key, value in sub.items():
-            if key in self.skip:
-                continue
-            ref = self.reference[key]
-            v = value.detach().to(device=ref.device, dtype=torch.float64)
-            rows = self.spec.output_rows.get(key) if class_mask is not None else None
-            dense = _is_identity(self.spec, key, selection)
-            if dense and rows is None and key not in self.counts:  # else: counted element-wise already
-                if key not in self.sums:
-                    self.sums[key] = v * weight
-                    self.scalar_counts[key] = weight
-                else:
-                    self.sums[key].add_(v, alpha=weight)
-                    self.scalar_counts[key] += weight
-                continue
-            self._to_elementwise(key)
-            w = torch.full_like(v, weight)
-            if rows is not None:
-                mask = class_mask.to(device=ref.device, dtype=torch.float64)
-                shape = [1] * v.dim()
-                shape[rows] = -1
-                w = w * mask.view(shape)
-            if dense:
-                self.sums[key].add_(v * w)
-                self.counts[key].add_(w)
-                continue
-            flat = _flat_index(tuple(ref.shape), param_indices(self.spec, key, selection), ref.device)
-            self.sums[key].view(-1).index_add_(0, flat, (v * w).reshape(-1))
-            self.counts[key].view(-1).index_add_(0, flat, w.reshape(-1))
-
-    def _to_elementwise(self, key: str) -> None:
-        if key in self.counts:
-            return
-        ref = self.reference[key]
-        if key in self.sums:  # switch a dense running sum to element-wise counting
-            self.counts[key] = torch.full(ref.shape, self.scalar_counts.pop(key), dtype=torch.float64,
-                                          device=ref.device)
-        else:
-            self.sums[key] = torch.zeros(ref.shape, dtype=torch.float64, device=ref.device)
-            self.counts[key] = torch.zeros(ref.shape, dtype=torch.float64, device=ref.device)
+        self.mean.add(place_slice(self.reference, self.spec, sub, selection, weight, class_mask, self.skip))
 
     def result(self) -> Weights:
         """The averaged global weights; untouched elements (and skipped keys) keep the reference value."""
-        out = {}
-        for key, ref in self.reference.items():
-            s = self.sums.get(key)
-            if s is None:
-                out[key] = ref
-                continue
-            if key in self.counts:
-                c = self.counts[key]
-                avg = torch.where(c > 0, s / c.clamp_min(1e-300), ref.to(torch.float64))
-            else:
-                avg = s / self.scalar_counts[key]
-            out[key] = avg.to(ref.dtype) if ref.is_floating_point() else avg.round().to(ref.dtype)
-        return out
+        return self.mean.result().get("global", dict(self.reference))

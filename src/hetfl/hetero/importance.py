@@ -27,6 +27,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from hetfl.aggregation import Piece, Placement
+
 Weights = dict[str, torch.Tensor]
 MASKABLE = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding)
 THRESHOLDS = ("global", "tensor")
@@ -104,54 +106,31 @@ class MaskedForward:
         return torch.func.functional_call(model, masked, (x,))
 
 
-class MaskedAverage:
-    """Per-element average of client weights over the clients whose mask keeps the element.
+def place_masked(weights: Weights, kept: dict[str, torch.Tensor], weight: float = 1.0, public: bool = True,
+                 model: str = "global") -> Placement:
+    """A client's (full-shape) weights placed on the elements its masks keep (:mod:`hetfl.aggregation`).
 
-    Tensors a client holds whole are summed as FedAvg sums them (float64, one scalar count), so clients that
-    all hold everything give FedAvg's average bit for bit; masked tensors count per element.  Elements no
-    client kept keep the reference value.
+    Tensors without a mask are placed whole, as FedAvg's are, so clients that all hold everything reduce to
+    FedAvg's average bit for bit.  ``public``: the masks follow from the global model and the capacity (a
+    footprint); else they depend on the client's training (FIARSE's "nonzero" count) and are a data-dependent
+    ``share``, which differential privacy does not use.
     """
+    pieces = {}
+    for key, value in weights.items():
+        m = kept.get(key)
+        if m is None:
+            pieces[key] = Piece(value)
+        elif public:
+            pieces[key] = Piece(value, mask=m)
+        else:
+            pieces[key] = Piece(value, share=m)
+    return Placement(pieces, model, weight)
 
-    def __init__(self, reference: Weights) -> None:
-        self.reference = reference
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, torch.Tensor | float] = {}
-        self.clients = 0
 
-    def add(self, weights: Weights, masks: dict[str, torch.Tensor], weight: float = 1.0) -> None:
-        self.clients += 1
-        for key, value in weights.items():
-            v = value.detach().to(torch.float64)
-            m = masks.get(key)
-            count = self.counts.get(key)
-            if m is None and not isinstance(count, torch.Tensor):
-                if key not in self.sums:
-                    self.sums[key], self.counts[key] = v * weight, weight
-                else:
-                    self.sums[key].add_(v, alpha=weight)
-                    self.counts[key] += weight
-                continue
-            if not isinstance(count, torch.Tensor):  # switch to per-element counts
-                self.counts[key] = torch.full(v.shape, float(count or 0.0), dtype=torch.float64)
-                self.sums.setdefault(key, torch.zeros(v.shape, dtype=torch.float64))
-            w = torch.full(v.shape, weight, dtype=torch.float64) if m is None else m.to(torch.float64) * weight
-            self.sums[key].add_(v * w)
-            self.counts[key].add_(w)
-
-    def result(self) -> Weights:
-        out = {}
-        for key, ref in self.reference.items():
-            s = self.sums.get(key)
-            if s is None:
-                out[key] = ref
-                continue
-            c = self.counts[key]
-            if isinstance(c, torch.Tensor):
-                avg = torch.where(c > 0, s / c.clamp_min(1e-300), ref.to(torch.float64))
-            else:
-                avg = s / c
-            out[key] = avg.to(ref.dtype) if ref.is_floating_point() else avg.round().to(ref.dtype)
-        return out
+def mask_footprint(reference: Weights, kept: dict[str, torch.Tensor], signature, model: str = "global") -> Placement:
+    """The footprint of a client whose masks keep ``kept`` (floating tensors without a mask: whole)."""
+    return Placement({k: Piece(mask=kept.get(k)) for k, v in reference.items() if v.is_floating_point()}, model,
+                     1.0, signature)
 
 
 def sparse_bytes(weights: Weights, taus: dict[str, float]) -> tuple[int, int]:
@@ -170,5 +149,6 @@ def sparse_bytes(weights: Weights, taus: dict[str, float]) -> tuple[int, int]:
     return kept, nbytes
 
 
-__all__ = ["MaskedAverage", "MaskedForward", "TCBMask", "masked_weights", "maskable_keys", "masks", "sparse_bytes",
+__all__ = ["MaskedForward", "TCBMask", "mask_footprint", "masked_weights", "maskable_keys", "masks", "place_masked",
+           "sparse_bytes",
            "thresholds"]

@@ -66,6 +66,20 @@ class Widths:
         widths = self.fleet_widths(ctx, rnd)
         return lambda client: float(widths[int(client)])
 
+    def law(self, buffers: dict[str, Any], ctx: Context, rnd: int) -> Callable[[int], dict[float, float]]:
+        """The width a client trains in round ``rnd`` as a law ``{width: probability}`` (one width with
+        probability 1 unless the schedule draws), for any client, sampled or not (the round planned once)."""
+        plan = self.plan(buffers, ctx, rnd)
+        if plan is None or not plan.schedule.randomized:
+            rate = self.rate_of(buffers, ctx, rnd) if plan is None else plan.rate
+            return lambda client: {float(rate(int(client))): 1.0}
+
+        def law(client: int) -> dict[float, float]:
+            row = plan.probs[int(plan.inputs.tiers[int(client)])]
+            return {float(plan.inputs.levels[j]): float(p) for j, p in enumerate(row) if p > 0}
+
+        return law
+
     def rates(self, buffers: dict[str, Any], ctx: Context, rnd: int, clients: Sequence[int]) -> list[float]:
         """The width each of ``clients`` trains in round ``rnd``."""
         rate = self.rate_of(buffers, ctx, rnd)

@@ -1,39 +1,34 @@
 """The private round step: Poisson sampling, per-client clipping, Gaussian noise on the sum, fixed denominators.
 
-:class:`PrivateRound` replaces two calls of :class:`hetfl.rounds.Round` when ``[privacy]`` is active:
+:class:`PrivateRound` takes two parts of :class:`hetfl.rounds.Round` when ``[privacy]`` is active:
 
 * ``sample(rnd)`` instead of ``algorithm.sample_clients``: every eligible client joins independently
   with probability ``q`` (a pure function of the run seed and the round, so resume is exact);
-* ``aggregate(state, rnd, tasks, results)`` instead of ``algorithm.aggregate``: each accepted
-  client's update ``delta_k = result - task weights`` (over the tensors the server releases, on the
-  client's own slice of the global model) is scaled to L2 norm at most ``C``; the server sums the
-  clipped updates element by element, adds ``N(0, (z C)^2)`` to every element some client can hold,
-  and divides element ``j`` by its *expected* number of contributors ``E[n_j] = q * N_j`` (``N_j``:
-  the eligible clients whose submodel this round contains ``j``, weighted by the probability of their
-  width draw).  The result (old weights + that mean update) goes to the algorithm's own ``server_step``
-  (FedAvg's server learning rate and momentum are post-processing).
+* ``reducer(state, rnd)``: the reducer the algorithm's aggregation places its results into
+  (:mod:`hetfl.aggregation`), a :class:`PrivateSum` instead of the plain mean.  Each accepted client's
+  update (its values less the server's values at the coordinates its placement covers: its own slice,
+  level, mask or family model) is scaled to L2 norm at most ``C``; the server sums the clipped updates
+  element by element, adds ``N(0, (z C)^2)`` to every element some client can hold, and divides element
+  ``j`` by its *expected* number of contributors ``E[n_j] = q * N_j`` (``N_j``: the eligible clients whose
+  footprint this round holds ``j``, weighted by the probability of their level draw).  The result (old
+  weights + that mean update) goes through the algorithm's own ``combine`` and ``server_step`` (server
+  learning rates, momentum, FedDF's distillation of the noised family means: post-processing).
 
 Every contribution is bounded by ``C`` in L2 norm whatever the overlap pattern, so the per-round release
 is the Gaussian mechanism on a sum of sensitivity ``C``; denominators and the noise never depend on who
-took part.  docs/privacy.md has the derivation and what is not covered.
-
-Two adapters place a client's update in the global coordinates: :class:`DenseUpdates` (FedAvg: every
-client trains the whole model) and :class:`SlicedUpdates` (HeteroFL, FedRolex, Federated Dropout, FjORD:
-the client's channels, recomputed from the algorithm's pure index and width policies).
+took part.  Nothing here knows an algorithm: placements and footprints come from the algorithm's own
+``placer`` / ``footprints``.  docs/privacy.md has the derivation and what is not covered.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import torch
 
-from hetfl.algorithms.heterofl import HeteroFL, _bn_stat_keys
-from hetfl.hetero import group_sizes, spec_for
-from hetfl.hetero.extract import extract, scatter_full
-from hetfl.hetero.policy import Prefix
+from hetfl.aggregation import Placement
 from hetfl.privacy.plan import PrivacyPlan
 
 Weights = dict[str, torch.Tensor]
@@ -64,132 +59,159 @@ def noise_generator(seed: int, rnd: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state >> np.uint64(1)))
 
 
-class DenseUpdates:
-    """FedAvg: every client's update covers every released tensor; E[n_j] = q * |eligible|."""
+def expected_counts(algorithm: Any, ctx: Any, state: Any, rnd: int, plan: PrivacyPlan,
+                    cache: dict | None = None) -> dict[str, dict[str, torch.Tensor | float]]:
+    """``E[n_j] = q * sum over eligible clients of P(the client's footprint this round holds j)``, per server model
+    and released tensor (a float where every footprint holds the tensor whole).  Footprints come from the
+    algorithm (:meth:`~hetfl.algorithms.base.Algorithm.footprints`); equal signatures are counted once."""
+    fp = algorithm.footprints(state, rnd, ctx)
+    weight: dict[tuple, float] = {}
+    example: dict[tuple, Placement] = {}
+    for c in plan.eligible:
+        for p, f in fp(int(c)):
+            if p <= 0:
+                continue
+            key = (f.model, f.signature)
+            weight[key] = weight.get(key, 0.0) + p
+            example.setdefault(key, f)
+    signature = frozenset(weight.items())
+    if cache is not None and cache.get("signature") == signature:
+        return cache["counts"]
+    scalar: dict[str, dict[str, float]] = {}
+    tensor: dict[str, dict[str, torch.Tensor]] = {}
+    for key, w in weight.items():
+        f = example[key]
+        ref_model = state.models[f.model]
+        for name, piece in f.pieces.items():
+            ref = ref_model[name]
+            if not ref.is_floating_point():
+                continue
+            if piece.index is None and piece.mask is None:
+                scalar.setdefault(f.model, {})[name] = scalar.get(f.model, {}).get(name, 0.0) + w
+            else:
+                t = tensor.setdefault(f.model, {}).get(name)
+                if t is None:
+                    t = tensor[f.model][name] = torch.zeros(ref.shape, dtype=torch.float64, device=ref.device)
+                t.add_(piece.coverage(ref).to(torch.float64), alpha=w)
+    q = plan.sampling_rate
+    counts: dict[str, dict[str, torch.Tensor | float]] = {}
+    for model in dict.fromkeys([*scalar, *tensor]):
+        names = dict.fromkeys([*scalar.get(model, {}), *tensor.get(model, {})])
+        ordered = [n for n in state.models[model] if n in names]  # the model's own order: the noise's draw order
+        out: dict[str, torch.Tensor | float] = {}
+        for name in ordered:
+            s, t = scalar.get(model, {}).get(name), tensor.get(model, {}).get(name)
+            if t is None:
+                out[name] = q * s
+            else:
+                out[name] = (t + s if s is not None else t) * q
+        counts[model] = out
+    if cache is not None:
+        cache.update(signature=signature, counts=counts)
+    return counts
 
-    def __init__(self, algorithm: Any, ctx: Any, plan: PrivacyPlan) -> None:
-        self.plan = plan
 
-    def released(self, glob: Weights) -> list[str]:
-        return [k for k, v in glob.items() if v.is_floating_point()]
+class PrivateSum:
+    """The private reducer of one round (:mod:`hetfl.aggregation`): each placed result's update over its own
+    coordinates (``value - the server's value there``), clipped to ``C`` in L2 norm as a whole, summed per
+    element; at :meth:`result` noise ``N(0, (z C)^2)`` on every element some client could hold, and element
+    ``j`` of the sum divided by its expected count ``E[n_j]`` (never by who reported).  A piece's ``share``
+    (data-dependent weights such as HeteroFL's classifier rows) is not used."""
 
-    def delta(self, task: Any, res: Any, keys: Sequence[str]) -> Weights:
-        return {k: res.weights[k].detach().to(torch.float64) - task.weights[k].detach().to(torch.float64)
-                for k in keys}
+    private = True
 
-    def place(self, sums: Weights, delta: Weights, res: Any, state: Any, rnd: int) -> None:
-        for k, v in delta.items():
-            sums[k].add_(v.to(sums[k].device))
+    def __init__(self, owner: PrivateRound, state: Any, rnd: int, counts: dict[str, dict[str, Any]],
+                 clip: float | None) -> None:
+        self.owner = owner
+        self.state = state
+        self.rnd = rnd
+        self.counts = counts
+        self.clip = clip
+        self.sums = {model: {k: torch.zeros(state.models[model][k].shape, dtype=torch.float64,
+                                            device=state.models[model][k].device) for k in keys}
+                     for model, keys in counts.items()}
+        self.clients = 0
+        self.clipped = 0
 
-    def expected(self, state: Any, rnd: int, keys: Sequence[str]) -> dict[str, torch.Tensor | float]:
-        n = self.plan.sampling_rate * len(self.plan.eligible)
-        return {k: n for k in keys}
+    def add(self, placement: Placement) -> None:
+        released = self.counts.get(placement.model, {})
+        ref_model = self.state.models[placement.model]
+        pieces, delta = {}, {}
+        for name, piece in placement.pieces.items():
+            if name not in released:
+                continue
+            ref = ref_model[name]
+            d = piece.value.detach().to(device=ref.device, dtype=torch.float64) - piece.gather(ref).to(torch.float64)
+            if piece.mask is not None:
+                d = d * piece.mask.to(device=ref.device, dtype=torch.float64)
+            pieces[name], delta[name] = piece, d
+        clipped, _norm, was_clipped = clip_update(delta, self.clip)
+        sums = self.sums[placement.model]
+        for name, d in clipped.items():
+            idx = pieces[name].index
+            if idx is None:
+                sums[name].add_(d.reshape(sums[name].shape))
+            else:
+                sums[name].view(-1).index_add_(0, idx.to(sums[name].device), d.reshape(-1))
+        self.clients += 1
+        self.clipped += int(was_clipped)
 
-    def noise_levels(self, std: dict[str, torch.Tensor | float]) -> dict[str, float]:
-        vals = [float(v) for v in std.values()]
-        return {"privacy.noise_std": float(np.sqrt(np.mean(np.square(vals)))) if vals else 0.0}
-
-
-class SlicedUpdates:
-    """The width family: a client's update covers its channels (its index policy, at the width it trained).
-
-    Uses the algorithm's pure functions ``width_plan``, ``_rates`` and ``selection`` (as its own
-    ``aggregate`` does), so the server recomputes every client's slice and every client's possible slices.
-    """
-
-    def __init__(self, algorithm: Any, ctx: Any, plan: PrivacyPlan) -> None:
-        self.algo = algorithm
-        self.ctx = ctx
-        self.plan = plan
-        self.spec = spec_for(ctx.model, ctx.info)
-        self._cache: tuple[Any, dict[str, torch.Tensor]] | None = None
-        self._dists: tuple[Any, Any] | None = None
-
-    def released(self, glob: Weights) -> list[str]:
-        skip = _bn_stat_keys(glob) if self.algo.static_bn else frozenset()  # static BN: statistics never leave
-        return [k for k, v in glob.items() if v.is_floating_point() and k not in skip]
-
-    def _rate_dist(self, state: Any, rnd: int) -> Any:
-        """``f(client) -> {rate: probability}``: the width each eligible client trains this round, as a law;
-        and ``g(client) -> rate``: the width it was assigned.  Built once per round (the width plan)."""
-        key = (rnd, id(state))
-        if self._dists is not None and self._dists[0] == key:
-            return self._dists[1]
-        algo, ctx = self.algo, self.ctx
-        wplan = algo.widths.plan(state.buffers, ctx, rnd)
-        rates = algo.widths.fleet_widths(ctx, rnd) if ctx.fleet is not None else None
-
-        def dist(c: int) -> dict[float, float]:
-            if wplan is None:
-                return {float(rates[c]) if rates is not None else 1.0: 1.0}
-            if not wplan.schedule.randomized:
-                return {wplan.rate(c): 1.0}
-            row = wplan.probs[int(wplan.inputs.tiers[c])]
-            return {float(wplan.inputs.levels[j]): float(p) for j, p in enumerate(row) if p > 0}
-
-        def trained(c: int) -> float:  # the width this client was assigned (its draw), as aggregate() recomputes
-            if wplan is not None:
-                return wplan.rate(c)
-            return float(rates[c]) if rates is not None else 1.0
-
-        self._dists = (key, (dist, trained))
-        return dist, trained
-
-    def delta(self, task: Any, res: Any, keys: Sequence[str]) -> Weights:
-        return {k: res.weights[k].detach().to(torch.float64) - task.weights[k].detach().to(torch.float64)
-                for k in keys if k in res.weights}
-
-    def place(self, sums: Weights, delta: Weights, res: Any, state: Any, rnd: int) -> None:
-        _, trained = self._rate_dist(state, rnd)
-        sel = self.algo.selection(self.ctx, rnd, res.client_id, trained(res.client_id))
-        for k, (full, _mask) in scatter_full(sums, self.spec, delta, sel).items():
-            sums[k].add_(full)
-
-    def expected(self, state: Any, rnd: int, keys: Sequence[str]) -> dict[str, torch.Tensor | float]:
-        """``E[n_j] = q * sum over eligible clients of P(the client's slice this round holds j)``."""
-
-        glob = {k: state.models["global"][k] for k in keys}
-        dist, _ = self._rate_dist(state, rnd)
-        weight: dict[bytes, float] = {}
-        chosen: dict[bytes, Any] = {}
-        for c in self.plan.eligible:
-            for rate, p in dist(c).items():
-                sel = self.algo.selection(self.ctx, rnd, c, rate)
-                key = b"|".join(str(g).encode() + b":" + sel[g].numpy().tobytes() for g in sorted(sel))
-                weight[key] = weight.get(key, 0.0) + p
-                chosen.setdefault(key, sel)
-        signature = tuple(sorted(weight.items()))
-        if self._cache is not None and self._cache[0] == signature:
-            return dict(self._cache[1])
-        counts = {k: torch.zeros(v.shape, dtype=torch.float64, device=v.device) for k, v in glob.items()}
-        for key, w in weight.items():
-            sel = chosen[key]
-            for k, (_full, mask) in scatter_full(glob, self.spec, extract(glob, self.spec, sel), sel).items():
-                counts[k].add_(mask.to(torch.float64), alpha=w)
-        out = {k: v * self.plan.sampling_rate for k, v in counts.items()}
-        self._cache = (signature, out)
-        return dict(out)
-
-    def noise_levels(self, std: dict[str, torch.Tensor | float]) -> dict[str, float]:
-        """RMS noise std over the elements of the prefix submodel of every fleet width (what a device of that
-        width deploys), ``privacy.noise_std.w<width>``: the utility cost of DP per width."""
-
-        levels = self.ctx.fleet.levels if self.ctx.fleet is not None else (1.0,)
-        full = {k: v if torch.is_tensor(v) else torch.tensor(float(v)) for k, v in std.items()}
-        out = {}
-        for rate in levels:
-            sel = Prefix().select(self.spec.groups, group_sizes(self.ctx.model, self.ctx.info, rate), rnd=0,
-                                  client=0, seed=0)
-            sub = extract({k: v for k, v in full.items() if v.dim() > 0}, self.spec, sel)
-            vals = torch.cat([v.reshape(-1) for v in sub.values()]) if sub else torch.zeros(1, dtype=torch.float64)
-            out[f"privacy.noise_std.w{rate:g}"] = float(torch.sqrt(torch.mean(vals.to(torch.float64) ** 2)))
+    def result(self) -> dict[str, Weights]:
+        """Every released model: old weights + noised sum / expected count (released every round)."""
+        owner, plan = self.owner, self.owner.plan
+        z, c = plan.update_noise, self.clip
+        gen = noise_generator(owner.ctx.seed, self.rnd) if z > 0 else None
+        out: dict[str, Weights] = {}
+        std: dict[str, dict[str, torch.Tensor | float]] = {}
+        for model, counts in self.counts.items():
+            glob = self.state.models[model]
+            new = dict(glob)
+            std[model] = {}
+            for k, n in counts.items():
+                total = self.sums[model][k]
+                if gen is not None:  # drawn on the CPU so every device gets the same numbers
+                    noise = torch.randn(total.shape, generator=gen, dtype=torch.float64)
+                    total = total + noise.to(total.device) * (z * c)
+                old = glob[k].to(torch.float64)
+                if torch.is_tensor(n):
+                    held = n > 0
+                    value = torch.where(held, old + total / n.clamp_min(1e-300), old)
+                    std[model][k] = torch.where(held, (z * (c or 0.0)) / n.clamp_min(1e-300), torch.zeros_like(n))
+                else:
+                    value = old + total / n
+                    std[model][k] = z * (c or 0.0) / n
+                new[k] = value.to(glob[k].dtype)
+            out[model] = new
+        owner.released(self, std)
         return out
 
 
-def make_adapter(algorithm: Any, ctx: Any, plan: PrivacyPlan) -> DenseUpdates | SlicedUpdates:
+def noise_levels(algorithm: Any, ctx: Any, state: Any, std: dict[str, dict[str, torch.Tensor | float]]
+                 ) -> dict[str, float]:
+    """RMS noise std over the elements of every model a device deploys (``privacy.noise_std.<label>``, from the
+    algorithm's deployed footprints), or over every released element (``privacy.noise_std``)."""
 
-    cls = SlicedUpdates if isinstance(algorithm, HeteroFL) else DenseUpdates
-    return cls(algorithm, ctx, plan)
+    def rms(values: list[torch.Tensor]) -> float:
+        flat = torch.cat([v.reshape(-1).to(torch.float64) for v in values]) if values else torch.zeros(1)
+        return float(torch.sqrt(torch.mean(flat ** 2)))
+
+    def dense(model: str, k: str) -> torch.Tensor:
+        v = std[model][k]
+        ref = state.models[model][k]
+        return v if torch.is_tensor(v) else torch.full(ref.shape, float(v), dtype=torch.float64, device=ref.device)
+
+    deployed = algorithm.deployed_footprints(state, ctx)
+    if not deployed:
+        return {"privacy.noise_std": rms([dense(m, k) for m in std for k in std[m]])}
+    out = {}
+    for label, f in deployed.items():
+        vals = []
+        for k, piece in f.pieces.items():
+            if k in std.get(f.model, {}):
+                ref = state.models[f.model][k]
+                vals.append(dense(f.model, k)[piece.coverage(ref)])
+        out[f"privacy.noise_std.{label}"] = rms(vals)
+    return out
 
 
 class PrivateRound:
@@ -199,7 +221,7 @@ class PrivateRound:
         self.algorithm = algorithm
         self.ctx = ctx
         self.plan = plan
-        self.adapter = make_adapter(algorithm, ctx, plan)
+        self._counts: dict = {}  # expected counts, reused while the footprints' signature is unchanged
         self.eligible = np.asarray(plan.eligible, dtype=np.int64)
         self.last: dict[str, Any] = {}
         self.next_clip: float | None = None
@@ -223,46 +245,25 @@ class PrivateRound:
         return self.eligible[rng.random(len(self.eligible)) < self.plan.sampling_rate]
 
     # ---------------------------------------------------------------- aggregation
-    def aggregate(self, state: Any, rnd: int, tasks: Sequence[Any], results: Iterable[Any]) -> Weights:
-        """The private mean update applied to the global weights (the algorithm's ``server_step`` input)."""
-        glob = state.models["global"]
-        keys = self.adapter.released(glob)
-        by_client = {int(t.client_id): t for t in tasks}
-        sums = {k: torch.zeros(glob[k].shape, dtype=torch.float64, device=glob[k].device) for k in keys}
-        clipped = reported = 0
-        clip_now = self.clip_of(state)
-        for res in results:
-            task = by_client[int(res.client_id)]
-            delta, _norm, was_clipped = clip_update(self.adapter.delta(task, res, keys), clip_now)
-            self.adapter.place(sums, delta, res, state, rnd)
-            reported += 1
-            clipped += int(was_clipped)
-        expected = self.adapter.expected(state, rnd, keys)
-        z, c = self.plan.update_noise, clip_now
-        gen = noise_generator(self.ctx.seed, rnd) if z > 0 else None
-        out = dict(glob)
-        std: dict[str, torch.Tensor | float] = {}
-        for k in keys:
-            n = expected[k]
-            total = sums[k]
-            if gen is not None:  # N(0, (zC)^2) on the sum, drawn on the CPU so every device gets the same numbers
-                total = total + torch.randn(total.shape, generator=gen, dtype=torch.float64).to(total.device) * (z * c)
-            old = glob[k].to(torch.float64)
-            if torch.is_tensor(n):
-                held = n > 0
-                new = torch.where(held, old + total / n.clamp_min(1e-300), old)
-                std[k] = torch.where(held, (z * (c or 0.0)) / n.clamp_min(1e-300), torch.zeros_like(n))
-            else:
-                new = old + total / n
-                std[k] = z * (c or 0.0) / n
-            out[k] = new.to(glob[k].dtype)
+    def reducer(self, state: Any, rnd: int) -> PrivateSum:
+        """The round's private reducer: the algorithm places its results into it as into any reducer."""
+        counts = expected_counts(self.algorithm, self.ctx, state, rnd, self.plan, self._counts)
+        return PrivateSum(self, state, rnd, counts, self.clip_of(state))
+
+    def released(self, reducer: PrivateSum, std: dict[str, dict[str, torch.Tensor | float]]) -> None:
+        """After a release: the round's metrics and (adaptive clipping) the next clipping norm."""
+        reported, clipped, clip_now = reducer.clients, reducer.clipped, reducer.clip
         self.last = {"privacy.clipped": round(clipped / reported, 6) if reported else 0.0}
         if self.plan.adaptive_clip:
-            self.next_clip = self._next_clip(clip_now, reported - clipped, reported, rnd)
+            self.next_clip = self._next_clip(clip_now, reported - clipped, reported, reducer.rnd)
             self.last.update({"privacy.clip": clip_now, "privacy.next_clip": self.next_clip})
-        if z > 0:
-            self.last.update({k: round(v, 8) for k, v in self.adapter.noise_levels(std).items()})
-        return out
+        if self.plan.update_noise > 0:
+            levels = noise_levels(self.algorithm, self.ctx, reducer.state, std)
+            self.last.update({k: round(v, 8) for k, v in levels.items()})
+
+    def aggregate(self, state: Any, rnd: int, results: Iterable[Any]) -> Weights:
+        """The private aggregate of ``results`` through the algorithm's placement (its new global weights)."""
+        return self.algorithm.aggregate(state, rnd, results, self.ctx, reducer=self.reducer(state, rnd))
 
     def _next_clip(self, clip: float, within: int, reported: int, rnd: int) -> float:
         """Andrew et al.'s geometric update from the noised fraction of updates within the norm: the sum of
@@ -281,4 +282,4 @@ class PrivateRound:
         return {"privacy.epsilon": self.plan.epsilon(rnd), **self.last}
 
 
-__all__ = ["DenseUpdates", "PrivateRound", "SlicedUpdates", "clip_update", "make_adapter", "noise_generator"]
+__all__ = ["PrivateRound", "PrivateSum", "clip_update", "expected_counts", "noise_generator", "noise_levels"]

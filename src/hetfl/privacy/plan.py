@@ -18,23 +18,6 @@ from hetfl.errors import ConfigError
 from hetfl.privacy.accountant import epsilon, noise_for_epsilon, require_dp_accounting
 from hetfl.privacy.config import PrivacyConfig
 
-#: Algorithms whose aggregate is a (per-element) mean of client weights: DP-FedAvg applies to them.
-SUPPORTED = ("fedavg", "heterofl", "fedrolex", "feddropout", "fjord")
-
-#: Why the others are refused (docs/privacy.md says the same at length).
-REFUSED = {
-    "feddf": "FedDF distills the averaged models on server data; the distillation is post-processing, but its "
-             "per-family averages are sample-weighted means of unclipped architectures that this round step does "
-             "not privatise",
-    "fedgen": "FedGen's server trains a generator on the clients' label counts, a release that the DP-FedAvg "
-              "accountant does not cover",
-    "dkd": "decentralized training has no trusted aggregator: every neighbour sees a node's model in the clear",
-    "dpsgd": "decentralized (parallel) SGD has no trusted aggregator: every neighbour sees a node's model in the "
-             "clear (this 'dpsgd' is decentralized SGD, not DP-SGD)",
-    "isolated": "isolated training releases every node's own model: there is no aggregate to privatise",
-}
-
-
 @dataclass(frozen=True)
 class PrivacyPlan:
     """The resolved ``[privacy]`` of one run."""
@@ -104,10 +87,11 @@ def check_algorithm(cfg: PrivacyConfig, algorithm_name: str, algorithm: Any, min
     """A ConfigError if an active ``[privacy]`` cannot be honoured by the algorithm (checked before any data)."""
     if not cfg.active:
         return
-    if algorithm_name not in SUPPORTED:
-        why = REFUSED.get(algorithm_name, "its aggregate is not a mean of client weights")
-        raise ConfigError(f"[privacy] cannot be honoured by algorithm {algorithm_name!r}: {why}. Client-level DP is "
-                          f"implemented for {', '.join(SUPPORTED)} (see docs/privacy.md)")
+    why = getattr(algorithm, "private_refusal", None)  # the algorithm's own reason, if it releases more than updates
+    if why:
+        raise ConfigError(f"[privacy] cannot be honoured by algorithm {algorithm_name!r}: {why}. Client-level DP "
+                          f"covers every algorithm whose clients release only their model updates (see "
+                          f"docs/privacy.md)")
     if getattr(algorithm, "aggregator", "mean") != "mean":
         raise ConfigError(f"[privacy] needs algorithm.aggregator = \"mean\" (the noise is calibrated to a sum of "
                           f"clipped updates), got {algorithm.aggregator!r}")
@@ -155,4 +139,4 @@ def check_resume(saved: PrivacyConfig, saved_rounds: int, rounds: int) -> None:
                           f"rounds={saved_rounds}, or start a new run")
 
 
-__all__ = ["REFUSED", "SUPPORTED", "PrivacyPlan", "check_algorithm", "check_resume", "eligible_clients", "plan_privacy"]
+__all__ = ["PrivacyPlan", "check_algorithm", "check_resume", "eligible_clients", "plan_privacy"]
