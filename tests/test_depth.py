@@ -268,3 +268,71 @@ def test_exit_heads_read_a_token_model_at_its_last_position_and_average_feature_
     conv1d = ExitHead(4, 3, channel_dim=1, ndim=3)  # (batch, channels, length): averaged, not the last step
     w = torch.randn(5, 4, 6)
     assert torch.allclose(conv1d(w), conv1d.fc(w.mean(dim=2)))
+
+
+def test_loss_rules_are_a_registry_any_depth_method_takes(tmp_path, digits_cfg):
+    """A new loss rule is one registered dataclass: the depth methods take it through algorithm.loss."""
+    from dataclasses import dataclass
+
+    import torch.nn.functional as F
+
+    from hetfl.errors import ConfigError
+    from hetfl.hetero.losses import LOSS_RULES, LossRule, loss_rule
+    from hetfl.results import read_metrics
+    from hetfl.runner import run
+
+    @dataclass(frozen=True)
+    class DeepestOnly(LossRule):
+        scale: float = 1.0
+
+        def loss(self, weight, labels=None):
+            return lambda z, y: self.scale * F.cross_entropy(z[-1], y)
+
+    LOSS_RULES.register("test_deepest_only")(DeepestOnly)
+    try:
+        assert loss_rule("test_deepest_only(scale=2.0)") == DeepestOnly(scale=2.0)
+        for rule in ("test_deepest_only(scale=2.0)", "exits(masked=true)", "mutual_kd(weight_max=0.5; rampup=0)"):
+            out = tmp_path / rule.split("(")[0]
+            run(digits_cfg(MLP, 'fleet.source="tiers"', 'fleet.mix="a-b"', "data.num_clients=6", "rounds=1",
+                           f'algorithm={{name="scalefl", levels="1x1,0.5x0.5", clients_per_round=4, loss="{rule}"}}'),
+                out, quiet=True)
+            assert read_metrics(out)[-1]["train_loss"] > 0
+    finally:
+        LOSS_RULES._entries.pop("test_deepest_only")
+    with pytest.raises(ConfigError, match="unknown loss rule 'nope'"):
+        run(digits_cfg(MLP, 'algorithm={name="depthfl", loss="nope"}'), tmp_path / "bad", quiet=True)
+    with pytest.raises(ConfigError, match="mutual_kd needs"):
+        run(digits_cfg(MLP, 'algorithm={name="depthfl", loss="mutual_kd(temperature=0.0)"}'), tmp_path / "bad2",
+            quiet=True)
+
+
+def test_masked_exits_zero_absent_labels():
+    from hetfl.hetero.losses import ExitsCE
+
+    z = torch.tensor([[[2.0, 5.0, -1.0]]])  # one exit, one sample, three classes
+    y = torch.tensor([0])
+    held = torch.tensor([True, False, True])
+    got = ExitsCE(masked=True).loss(0.0, held)(z, y)
+    want = torch.nn.functional.cross_entropy(torch.tensor([[2.0, 0.0, -1.0]]), y)
+    assert torch.allclose(got, want)
+
+
+def test_depth_levels_take_an_index_policy(tmp_path, digits_cfg):
+    """A rolling window on a width x depth level: the task holds the window's channels, the server places them
+    back there, and the deployed submodel is evaluated at the prefix."""
+    from hetfl.runner import prepare
+
+    exp = prepare(digits_cfg(MLP, 'fleet.source="tiers"', 'fleet.mix="a-b"', "data.num_clients=6",
+                             'algorithm={name="scalefl", levels="1x1,0.5x0.5", index_policy="rolling", '
+                             'clients_per_round=6}'))
+    algo, ctx = exp.algorithm, exp.ctx
+    state = algo.init_state(ctx)
+    narrow = [c for c in range(6) if algo.level_of(ctx, 5)(c)[0] == 0.5]
+    sel = algo.selection(ctx, 0.5, 5, narrow[0])
+    assert any(not torch.equal(v, torch.arange(len(v))) for v in sel.values())  # not the prefix in round 5
+    tasks = algo.configure_round(state, 5, narrow[:1], ctx)
+    placed = algo.placer(state, 5, ctx)(type("R", (), {"client_id": narrow[0], "weights": tasks[0].weights,
+                                                       "num_samples": 1, "extra": {}})())
+    glob = state.models["global"]
+    for key, piece in placed.pieces.items():  # the task's values sit exactly where the placement puts them
+        assert torch.equal(piece.gather(glob[key]), tasks[0].weights[key])

@@ -20,15 +20,13 @@ fleets are therefore configs (``"1x1,0.5x1"``, ``"1x1,1x0.5"``, ``"1x1,0.5x0.5"`
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hetfl.aggregation import Placement
@@ -48,9 +46,10 @@ from hetfl.data.base import DataInfo, Split
 from hetfl.errors import ConfigError
 from hetfl.hetero import group_sizes, spec_for, submodel_ref
 from hetfl.hetero.depth import encode_params, plan_for
-from hetfl.hetero.extract import extract, place_slice, slice_footprint
+from hetfl.hetero.extract import extract, place_slice, selection_signature, slice_footprint
+from hetfl.hetero.losses import ExitsCE, LossRule, MutualKD, loss_rule, mutual_kl
 from hetfl.hetero.multi_exit import multi_exit  # noqa: F401  (registers the multi_exit model these algorithms train)
-from hetfl.hetero.policy import Prefix, Selection
+from hetfl.hetero.policy import IndexPolicy, Prefix, Selection, index_policy
 from hetfl.hetero.sampling import width_schedule
 from hetfl.hetero.widths import Widths
 from hetfl.models import ModelRef
@@ -111,6 +110,10 @@ class MultiExitFL(Algorithm):
     #: which fleet tier's level a client trains in a round: a width schedule (hetfl.hetero.sampling) over the
     #: tiers, e.g. "mixture(q=0.25)": a client of tier t may train the level of any weaker tier
     level_schedule: str = "max"
+    #: which channels a level narrower than 1 keeps (hetfl.hetero.policy): "prefix", "rolling", "random", ...
+    index_policy: str = "prefix"
+    #: the client's loss over its exits (hetfl.hetero.losses), e.g. "exits(masked=true)"; "" = the method's own
+    loss: str = ""
 
     #: the global prediction: "ensemble" (mean of the exits' logits) or "last" (the deepest exit)
     global_output: ClassVar[str] = "last"
@@ -120,10 +123,24 @@ class MultiExitFL(Algorithm):
     def __post_init__(self) -> None:
         super().__post_init__()
         parse_levels(self.levels)
+        self.channels, self.loss_rule  # noqa: B018  (unknown names or bad parameters: ConfigError naming the field)
         if self.schedule.schedule.needs_validation:
             raise ConfigError(f"algorithm.level_schedule: {self.level_schedule!r} needs every width's validation "
                               f"loss, which the depth methods do not compute; use max, uniform, mixture(q=...) "
                               f"or coverage(target=...)")
+
+    @cached_property
+    def channels(self) -> IndexPolicy:
+        """The index policy: which channels a level narrower than the global model keeps."""
+        return index_policy(self.index_policy)
+
+    @cached_property
+    def loss_rule(self) -> LossRule:
+        """The client's loss over its exits: ``algorithm.loss``, or the method's own (:meth:`default_loss`)."""
+        return loss_rule(self.loss) if self.loss else self.default_loss()
+
+    def default_loss(self) -> LossRule:
+        return ExitsCE()
 
     @property
     def schedule(self) -> Widths:
@@ -162,16 +179,21 @@ class MultiExitFL(Algorithm):
         exits = [f for f in self.exit_fractions(ctx) if f < depth] if self.client_exits == "all" else []
         return submodel_ref(self._ref(ctx, depth, exits, output), width)
 
-    def selection(self, ctx: Context, width: float) -> Selection:
+    def selection(self, ctx: Context, width: float, rnd: int = 0, client: int = 0,
+                  policy: IndexPolicy | None = None) -> Selection:
+        """The channels a client of ``width`` keeps in round ``rnd`` (the index policy; ``policy``: another,
+        e.g. the prefix a deployed submodel is evaluated with)."""
         ref = self.global_ref(ctx)
         spec = spec_for(ref, ctx.info)
-        return Prefix().select(spec.groups, group_sizes(ref, ctx.info, width), rnd=0, client=0, seed=0)
+        return (policy or self.channels).select(spec.groups, group_sizes(ref, ctx.info, width), rnd=rnd,
+                                                client=client, seed=ctx.seed)
 
-    def submodel(self, glob: Weights, ctx: Context, ref: ModelRef, width: float) -> Weights:
+    def submodel(self, glob: Weights, ctx: Context, ref: ModelRef, width: float, rnd: int = 0, client: int = 0,
+                 policy: IndexPolicy | None = None) -> Weights:
         """The global weights ``ref`` holds: its blocks and exits, sliced to ``width``."""
         keys = keys_of(ref, ctx.info)
         return extract({k: glob[k] for k in keys}, spec_for(self.global_ref(ctx), ctx.info),
-                       self.selection(ctx, width))
+                       self.selection(ctx, width, rnd, client, policy))
 
     def level_of(self, ctx: Context, rnd: int) -> Callable[[int], Level]:
         """The level a client trains in round ``rnd``, as a function of its id (the round planned once): its
@@ -203,8 +225,8 @@ class MultiExitFL(Algorithm):
                 *(self.client_ref(ctx, lv, "ensemble") for lv in dict.fromkeys(self.level_table(ctx)))]
 
     def task_extra(self, state: ServerState, rnd: int, ctx: Context) -> dict[str, object]:
-        """Values every client of round ``rnd`` needs (e.g. a distillation weight)."""
-        return {}
+        """Values every client of round ``rnd`` needs: the loss rule's distillation weight."""
+        return {"kd": self.loss_rule.weight(rnd, ctx.rounds)}
 
     def configure_round(self, state: ServerState, rnd: int, clients: Sequence[int], ctx: Context) -> list[ClientTask]:
         train = self.round_train_config(ctx, rnd)
@@ -215,7 +237,7 @@ class MultiExitFL(Algorithm):
         for c in clients:
             level = level_of(c)
             ref = self.client_ref(ctx, level)
-            tasks.append(ClientTask(int(c), ref, self.submodel(glob, ctx, ref, level[0]), train,
+            tasks.append(ClientTask(int(c), ref, self.submodel(glob, ctx, ref, level[0], rnd, int(c)), train,
                                     round_seed(ctx.seed, rnd, int(c)), {**extra, "level": list(level)}))
         return tasks
 
@@ -225,7 +247,8 @@ class MultiExitFL(Algorithm):
         glob = state.models["global"]
         spec = spec_for(self.global_ref(ctx), ctx.info)
         level_of = self.level_of(ctx, rnd)
-        return lambda res: place_slice(glob, spec, res.weights, self.selection(ctx, level_of(res.client_id)[0]),
+        return lambda res: place_slice(glob, spec, res.weights,
+                                       self.selection(ctx, level_of(res.client_id)[0], rnd, res.client_id),
                                        self.weight_of(res))
 
     def level_law(self, ctx: Context, rnd: int) -> Callable[[int], dict[Level, float]]:
@@ -248,24 +271,27 @@ class MultiExitFL(Algorithm):
     def footprints(self, state: ServerState, rnd: int, ctx: Context
                    ) -> Callable[[int], list[tuple[float, Placement]]]:
         law = self.level_law(ctx, rnd)
-        cache: dict[Level, Placement] = {}
+        cache: dict[tuple, Placement] = {}
 
         def footprints(client: int) -> list[tuple[float, Placement]]:
-            return [(p, self._footprint(state, ctx, level, cache)) for level, p in law(client).items()]
+            return [(p, self._footprint(state, ctx, level, self.selection(ctx, level[0], rnd, client), cache))
+                    for level, p in law(client).items()]
 
         return footprints
 
-    def _footprint(self, state: ServerState, ctx: Context, level: Level, cache: dict[Level, Placement]) -> Placement:
-        if level not in cache:
+    def _footprint(self, state: ServerState, ctx: Context, level: Level, sel: Selection, cache: dict) -> Placement:
+        key = (level, selection_signature(sel))
+        if key not in cache:
             glob = state.models["global"]
             keys = [k for k in keys_of(self.client_ref(ctx, level), ctx.info) if glob[k].is_floating_point()]
-            cache[level] = slice_footprint(glob, spec_for(self.global_ref(ctx), ctx.info),
-                                           self.selection(ctx, level[0]), keys, level)
-        return cache[level]
+            cache[key] = slice_footprint(glob, spec_for(self.global_ref(ctx), ctx.info), sel, keys, key)
+        return cache[key]
 
     def deployed_footprints(self, state: ServerState, ctx: Context) -> dict[str, Placement]:
-        cache: dict[Level, Placement] = {}
-        return {level_label(lv): self._footprint(state, ctx, lv, cache) for lv in dict.fromkeys(self.level_table(ctx))}
+        """Every level's submodel as deployed: its blocks at the prefix of its width."""
+        cache: dict[tuple, Placement] = {}
+        return {level_label(lv): self._footprint(state, ctx, lv, self.selection(ctx, lv[0], policy=Prefix()), cache)
+                for lv in dict.fromkeys(self.level_table(ctx))}
 
     def server_step(self, state: ServerState, update: Weights, ctx: Context) -> ServerState:
         models = {**state.models, "global": update} if update else state.models
@@ -284,7 +310,8 @@ class MultiExitFL(Algorithm):
             return np.flatnonzero(np.isin(fixed_tiers, tiers)) if tiers and len(table) > 1 else None
 
         ref = self.global_ref(ctx, self.global_output)
-        targets = {"global": EvalTarget(ref, self.submodel(glob, ctx, ref, 1.0), clients=clients_of(table[0]))}
+        targets = {"global": EvalTarget(ref, self.submodel(glob, ctx, ref, 1.0, policy=Prefix()),
+                                        clients=clients_of(table[0]))}
         if not self.eval_levels:
             return targets
         levels = dict.fromkeys([*table, *((1.0, f) for f in self.exit_fractions(ctx))])
@@ -300,41 +327,27 @@ class MultiExitFL(Algorithm):
                 continue
             seen.add(same)
             ref = self.client_ref(ctx, level, "last")
-            targets[level_label(level)] = EvalTarget(ref, self.submodel(glob, ctx, ref, level[0]),
+            targets[level_label(level)] = EvalTarget(ref, self.submodel(glob, ctx, ref, level[0], policy=Prefix()),
                                                      clients=clients_of(level))
         return targets
 
     # ------------------------------------------------------------------ client
-    def exit_loss(self, task: ClientTask):
-        """``loss(logits, y)`` over the stacked exits' logits ``(exits, batch, classes)``: CE of each exit."""
-
-        def loss(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            total = F.cross_entropy(z[0], y)
-            for i in range(1, z.shape[0]):
-                total = total + F.cross_entropy(z[i], y)
-            return total
-
-        return loss
+    def exit_loss(self, task: ClientTask, labels: torch.Tensor | None = None):
+        """``loss(logits, y)`` over the stacked exits' logits ``(exits, batch, classes)``: the loss rule at the
+        task's distillation weight (``labels``: the classes the client holds, for masked rules)."""
+        return self.loss_rule.loss(float(task.extra.get("kd", 0.0)), labels)
 
     def local_update(self, task: ClientTask, model: nn.Module, data: Split, device: torch.device) -> ClientResult:
-        stats = local_sgd(model, data, task.train, seed=task.seed, device=device, loss_fn=self.exit_loss(task))
+        labels = None
+        if self.loss_rule.masked:
+            with torch.no_grad():
+                model.eval()
+                labels = torch.zeros(int(model(data.x[:1]).shape[-1]), dtype=torch.bool, device=data.y.device)
+            labels[data.y] = True
+        stats = local_sgd(model, data, task.train, seed=task.seed, device=device,
+                          loss_fn=self.exit_loss(task, labels))
         return ClientResult(task.client_id, len(data), weights_of(model),
                             {"train_loss": stats.loss, "steps": stats.steps}, {"level": task.extra.get("level")})
-
-
-def mutual_kl(z: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """DepthFL's mutual distillation: for every exit i, the mean over the other exits j of
-    KL(softmax(z_j / T) detached || softmax(z_i / T)) (summed over classes, averaged over the batch), times
-    T^2, summed over i."""
-    n = z.shape[0]
-    logp = F.log_softmax(z / temperature, dim=-1)
-    p = logp.detach().exp()
-    total = z.new_zeros(())
-    for i in range(n):
-        for j in range(n):
-            if i != j:
-                total = total + F.kl_div(logp[i], p[j], reduction="batchmean") / (n - 1)
-    return total * temperature**2
 
 
 @ALGORITHMS.register("depthfl")
@@ -350,28 +363,16 @@ class DepthFL(MultiExitFL):
     global_output: ClassVar[str] = "ensemble"
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         if self.kd < 0 or self.kd_rampup < 0 or self.temperature <= 0:
             raise ConfigError("algorithm.kd and algorithm.kd_rampup must be >= 0 and algorithm.temperature > 0")
+        super().__post_init__()
+
+    def default_loss(self) -> LossRule:
+        """DepthFL's own rule from its fields: mutual distillation at ``kd``, ramped over ``kd_rampup`` rounds."""
+        return MutualKD(weight_max=self.kd, rampup=self.kd_rampup, temperature=self.temperature)
 
     def kd_weight(self, rnd: int) -> float:
-        if self.kd == 0 or self.kd_rampup == 0:
-            return self.kd
-        t = min(rnd - 1, self.kd_rampup) / self.kd_rampup
-        return self.kd * math.exp(-5.0 * (1.0 - t) ** 2)
+        return self.loss_rule.weight(rnd, 0)
 
-    def task_extra(self, state: ServerState, rnd: int, ctx: Context) -> dict[str, object]:
-        return {"kd": self.kd_weight(rnd)}
 
-    def exit_loss(self, task: ClientTask):
-        ce = super().exit_loss(task)
-        weight = float(task.extra.get("kd", 0.0))
-        if weight == 0:
-            return ce
-
-        def loss(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            if z.shape[0] < 2:
-                return ce(z, y)
-            return ce(z, y) + weight * mutual_kl(z, self.temperature)
-
-        return loss
+__all__ = ["DepthFL", "MultiExitFL", "level_label", "levels_for_tiers", "mutual_kl", "parse_levels"]

@@ -268,7 +268,7 @@ class HeteroFL(Algorithm):
         with Scaler(model, scaled, rate):
             kwargs = {"forward": forward} if forward is not None else {}
             stats = local_sgd(model, data, task.train, seed=task.seed, device=device, loss_fn=loss_fn, **kwargs)
-        extra: dict[str, object] = {"rate": rate}
+        extra: dict[str, object] = {}  # the server recomputes the width it assigned: the client reports none
         if self.classifier_rule and labels is not None:
             extra["labels"] = labels.cpu()
         return ClientResult(task.client_id, len(data), weights_of(model),

@@ -20,13 +20,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-
-from hetfl.algorithms.base import ClientTask, Context, ServerState
 from hetfl.algorithms.depthfl import MultiExitFL
 from hetfl.algorithms.registry import ALGORITHMS
 from hetfl.errors import ConfigError
+from hetfl.hetero.losses import DepthWeightedKD, LossRule
 
 
 @ALGORITHMS.register("scalefl")
@@ -40,27 +37,11 @@ class ScaleFL(MultiExitFL):
     kd_start: float = 0.25  # fraction of the rounds after which the KL term applies
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         if self.kd_gamma < 0 or self.temperature <= 0 or not 0 <= self.kd_start <= 1:
             raise ConfigError("algorithm.kd_gamma must be >= 0, algorithm.temperature > 0 and algorithm.kd_start "
                               "in [0, 1]")
+        super().__post_init__()
 
-    def task_extra(self, state: ServerState, rnd: int, ctx: Context) -> dict[str, object]:
-        return {"kd": self.kd_gamma if rnd > self.kd_start * ctx.rounds else 0.0}
-
-    def exit_loss(self, task: ClientTask):
-        gamma, temp = float(task.extra.get("kd", 0.0)), self.temperature
-
-        def loss(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            n = z.shape[0]
-            total = F.cross_entropy(z[n - 1], y) * float(n)
-            for j in range(n - 1):
-                term = F.cross_entropy(z[j], y)
-                if gamma > 0:
-                    teacher = F.log_softmax(z[n - 1] / temp, dim=-1)  # not detached, as in ScaleFL's code
-                    kl = (teacher.exp() * (teacher - F.log_softmax(z[j] / temp, dim=-1))).mean()
-                    term = term + gamma * temp**2 * kl
-                total = total + term * float(j + 1)
-            return total / (n * (n + 1) / 2)
-
-        return loss
+    def default_loss(self) -> LossRule:
+        """ScaleFL's own rule from its fields (hetfl.hetero.losses.DepthWeightedKD)."""
+        return DepthWeightedKD(gamma=self.kd_gamma, temperature=self.temperature, start=self.kd_start)

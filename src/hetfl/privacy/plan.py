@@ -18,6 +18,7 @@ from hetfl.errors import ConfigError
 from hetfl.privacy.accountant import epsilon, noise_for_epsilon, require_dp_accounting
 from hetfl.privacy.config import PrivacyConfig
 
+
 @dataclass(frozen=True)
 class PrivacyPlan:
     """The resolved ``[privacy]`` of one run."""
