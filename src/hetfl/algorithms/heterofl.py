@@ -46,6 +46,7 @@ from hetfl.data.server import ServerDataSpec
 from hetfl.errors import ConfigError
 from hetfl.hetero import group_sizes, prefix_submodel, spec_for, submodel_ref
 from hetfl.hetero.extract import extract, place_slice, selection_signature, slice_footprint
+from hetfl.hetero.losses import masked_cross_entropy
 from hetfl.hetero.ordered import nested_widths, ordered_forward
 from hetfl.hetero.policy import IndexPolicy, Prefix, Selection, index_policy
 from hetfl.hetero.sampling import width_schedule
@@ -58,15 +59,6 @@ BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 def _bn_stat_keys(weights: Weights) -> frozenset[str]:
     return frozenset(k for k in weights if k.rsplit(".", 1)[-1] in BN_STATS)
-
-
-def masked_cross_entropy(mask: torch.Tensor):
-    """Cross-entropy with the logits of classes absent on the client set to 0 (HeteroFL's rule)."""
-
-    def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.masked_fill(~mask, 0.0), y)
-
-    return loss
 
 
 @ALGORITHMS.register("heterofl")
