@@ -336,3 +336,38 @@ def test_depth_levels_take_an_index_policy(tmp_path, digits_cfg):
     glob = state.models["global"]
     for key, piece in placed.pieces.items():  # the task's values sit exactly where the placement puts them
         assert torch.equal(piece.gather(glob[key]), tasks[0].weights[key])
+
+
+def test_depth_rules_are_a_registry(tmp_path, digits_cfg):
+    """Which blocks a level keeps is a registered rule: 'round' keeps fewer blocks than 'ceil' at 0.4 of 3, and a
+    new rule registered in the test runs through algorithm.depth_rule."""
+    from dataclasses import dataclass
+
+    from hetfl.errors import ConfigError
+    from hetfl.hetero.depth import DEPTH_RULES, depth_rule, kept_blocks
+    from hetfl.runner import prepare, run
+
+    assert kept_blocks(3, 0.4) == 2 and kept_blocks(3, 0.4, "round") == 1 and kept_blocks(3, 1.0, "round") == 3
+
+    @dataclass(frozen=True)
+    class OneBlock:
+        def count(self, num_blocks, depth):
+            return 1 if depth < 1 else num_blocks
+
+    DEPTH_RULES.register("test_one_block")(OneBlock)
+    try:
+        cfg = digits_cfg('model={name="mlp", hidden="32,32,32"}', 'fleet.source="tiers"', 'fleet.mix="a-b"',
+                         "data.num_clients=6", "rounds=1",
+                         'algorithm={name="depthfl", levels="1x1,1x0.75", depth_rule="test_one_block", '
+                         'clients_per_round=4}')
+        exp = prepare(cfg)
+        weak = exp.algorithm.client_ref(exp.ctx, (1.0, 0.75))
+        assert ("blocks", "test_one_block") in weak.params
+        keys = weak.build(exp.ctx.info).state_dict()
+        assert not any(k.startswith("net.2") or k.startswith("fc2") for k in keys)  # one block kept
+        run(cfg, tmp_path / "r", quiet=True)
+    finally:
+        DEPTH_RULES._entries.pop("test_one_block")
+        depth_rule.cache_clear()
+    with pytest.raises(ConfigError, match="unknown depth rule 'nope'"):
+        run(digits_cfg(MLP, 'algorithm={name="depthfl", depth_rule="nope"}'), tmp_path / "bad", quiet=True)

@@ -45,7 +45,7 @@ from hetfl.algorithms.registry import ALGORITHMS
 from hetfl.data.base import DataInfo, Split
 from hetfl.errors import ConfigError
 from hetfl.hetero import group_sizes, spec_for, submodel_ref
-from hetfl.hetero.depth import encode_params, plan_for
+from hetfl.hetero.depth import depth_rule, encode_params, plan_for
 from hetfl.hetero.extract import extract, place_slice, selection_signature, slice_footprint
 from hetfl.hetero.losses import ExitsCE, LossRule, MutualKD, loss_rule, mutual_kl
 from hetfl.hetero.multi_exit import multi_exit  # noqa: F401  (registers the multi_exit model these algorithms train)
@@ -114,6 +114,8 @@ class MultiExitFL(Algorithm):
     index_policy: str = "prefix"
     #: the client's loss over its exits (hetfl.hetero.losses), e.g. "exits(masked=true)"; "" = the method's own
     loss: str = ""
+    #: how many blocks a level's depth fraction keeps (hetfl.hetero.depth.DEPTH_RULES): "ceil", "round", ...
+    depth_rule: str = "ceil"
 
     #: the global prediction: "ensemble" (mean of the exits' logits) or "last" (the deepest exit)
     global_output: ClassVar[str] = "last"
@@ -123,7 +125,7 @@ class MultiExitFL(Algorithm):
     def __post_init__(self) -> None:
         super().__post_init__()
         parse_levels(self.levels)
-        self.channels, self.loss_rule  # noqa: B018  (unknown names or bad parameters: ConfigError naming the field)
+        self.channels, self.loss_rule, depth_rule(self.depth_rule)  # noqa: B018  (unknown names or bad parameters: ConfigError naming the field)
         if self.schedule.schedule.needs_validation:
             raise ConfigError(f"algorithm.level_schedule: {self.level_schedule!r} needs every width's validation "
                               f"loss, which the depth methods do not compute; use max, uniform, mixture(q=...) "
@@ -168,6 +170,8 @@ class MultiExitFL(Algorithm):
                               "base model (mlp, cnn, resnet, transformer, ...)")
         params = (("base", ctx.model.name), ("base_params", encode_params(ctx.model.params)), ("depth", float(depth)),
                   ("exits", ",".join(f"{f:g}" for f in exits)), ("output", output))
+        if self.depth_rule != "ceil":  # the default stays out of the ref: the same models as before the rule existed
+            params += (("blocks", self.depth_rule),)
         return ModelRef("multi_exit", ctx.model.width, params)
 
     def global_ref(self, ctx: Context, output: str = "all") -> ModelRef:
@@ -322,7 +326,8 @@ class MultiExitFL(Algorithm):
         plan = plan_for(ctx.model.name, encode_params(ctx.model.params), ctx.info)
         seen = {(1.0, plan.num_blocks)} if self.global_output == "last" else set()
         for level in sorted(levels, reverse=True):
-            same = (level[0], plan.kept(level[1]))  # two depth fractions that keep the same blocks: one model
+            # two depth fractions that keep the same blocks: one model
+            same = (level[0], plan.kept(level[1], self.depth_rule))
             if same in seen:
                 continue
             seen.add(same)

@@ -54,7 +54,7 @@ class InclusiveFL(MultiExitFL):
         deeper level adds."""
         plan = plan_for(ctx.model.name, encode_params(ctx.model.params), ctx.info)
         model_keys = shapes_of(self.global_ref(ctx), ctx.info)
-        kept = sorted({plan.kept(d) for _, d in self.level_table(ctx)})
+        kept = sorted({plan.kept(d, self.depth_rule) for _, d in self.level_table(ctx)})
         out: dict[str, list[str]] = {}
         for top, deeper in zip(kept, kept[1:]):
             units = [u for u in plan.units[top - 1] if _layer(model_keys, u)]

@@ -52,6 +52,7 @@ from hetfl.data.base import DataInfo
 from hetfl.errors import ConfigError
 from hetfl.hetero import example_input
 from hetfl.models.registry import build_model
+from hetfl.registry import Registry, build_entry
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 _GROUP_STARTERS = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding, nn.RNNBase)
@@ -77,18 +78,48 @@ class BlockPlan:
     def num_blocks(self) -> int:
         return len(self.units)
 
-    def kept(self, depth: float) -> int:
-        """Blocks kept at depth fraction ``depth``: ``max(1, ceil(depth * K))`` (as width counts channels)."""
-        return kept_blocks(self.num_blocks, depth)
+    def kept(self, depth: float, rule: str = "ceil") -> int:
+        """Blocks kept at depth fraction ``depth`` under the depth ``rule`` (default ``max(1, ceil(depth * K))``,
+        as width counts channels)."""
+        return kept_blocks(self.num_blocks, depth, rule)
 
     def describe(self) -> str:
         return "\n".join(f"block {k + 1}: {', '.join(u)}" for k, u in enumerate(self.units))
 
 
-def kept_blocks(num_blocks: int, depth: float) -> int:
+#: Depth rules: how many of a model's ``K`` blocks a level of depth fraction ``d`` keeps (the first ones, with an
+#: exit after the last).  A new rule is one registered dataclass with ``count(K, d)``; ``algorithm.depth_rule``.
+DEPTH_RULES: Registry = Registry("depth rule")
+
+
+@DEPTH_RULES.register("ceil")
+@dataclass(frozen=True)
+class CeilBlocks:
+    """``max(1, ceil(d K))``: a level never keeps less than its share (the default, as width counts channels)."""
+
+    def count(self, num_blocks: int, depth: float) -> int:
+        return max(1, math.ceil(round(depth * num_blocks, 9)))
+
+
+@DEPTH_RULES.register("round")
+@dataclass(frozen=True)
+class RoundBlocks:
+    """``max(1, round-half-up(d K))``: the nearest block count (a 0.5-depth level of a 3-block model keeps 2)."""
+
+    def count(self, num_blocks: int, depth: float) -> int:
+        return max(1, math.floor(round(depth * num_blocks, 9) + 0.5))
+
+
+@lru_cache(maxsize=32)
+def depth_rule(text: str, where: str = "algorithm.depth_rule") -> CeilBlocks | RoundBlocks:
+    """The depth rule named in ``text`` (``"ceil"``, ``"round"``, ...)."""
+    return build_entry(DEPTH_RULES, text, where)
+
+
+def kept_blocks(num_blocks: int, depth: float, rule: str = "ceil") -> int:
     if not 0 < depth <= 1:
         raise DepthError(f"depth must be in (0, 1], got {depth}")
-    return max(1, math.ceil(round(depth * num_blocks, 9)))
+    return min(num_blocks, depth_rule(rule).count(num_blocks, depth))
 
 
 def _trace(model: nn.Module, example: torch.Tensor) -> torch.fx.GraphModule:
@@ -244,7 +275,7 @@ def parse_fractions(text: str, where: str) -> tuple[float, ...]:
 
 
 def build_multi_exit(base: nn.Module, plan: BlockPlan, info: DataInfo, example: torch.Tensor, *, depth: float,
-                     exits: Sequence[float], output: str) -> torch.fx.GraphModule:
+                     exits: Sequence[float], output: str, blocks: str = "ceil") -> torch.fx.GraphModule:
     """``base`` cut after ``plan.kept(depth)`` blocks, with an exit after every block an ``exits`` fraction
     keeps (up to the cut) and after the cut itself.  ``output``: ``"all"`` stacks the exits' logits
     (shallow first, shape ``(exits, batch, classes)``), ``"last"`` gives the deepest exit's, ``"ensemble"``
@@ -252,8 +283,8 @@ def build_multi_exit(base: nn.Module, plan: BlockPlan, info: DataInfo, example: 
     if output not in OUTPUTS:
         raise DepthError(f"multi_exit output must be one of {', '.join(OUTPUTS)}, got {output!r}")
     K = plan.num_blocks
-    keep = plan.kept(depth)
-    exit_blocks = sorted({kept_blocks(K, f) for f in exits if kept_blocks(K, f) < keep} | {keep})
+    keep = plan.kept(depth, blocks)
+    exit_blocks = sorted({kept_blocks(K, f, blocks) for f in exits if kept_blocks(K, f, blocks) < keep} | {keep})
     gm = _trace(base, example)  # the cut tensors' sizes at this width (eval mode: no statistics move)
     ends = {name: k + 1 for k, name in enumerate(plan.cuts[:-1])}
     graph = torch.fx.Graph()
@@ -324,4 +355,4 @@ def decode_params(text: str) -> tuple[tuple[str, object], ...]:
 
 
 __all__ = ["BlockPlan", "DepthError", "ExitHead", "build_multi_exit", "decode_params", "derive_blocks",
-           "encode_params", "exit_key", "kept_blocks", "parse_fractions", "plan_for"]
+           "encode_params", "exit_key", "kept_blocks", "DEPTH_RULES", "depth_rule", "parse_fractions", "plan_for"]

@@ -26,12 +26,15 @@ def multi_exit(
     depth: float = 1.0,
     exits: str = "",
     output: str = "last",
+    blocks: str = "ceil",
 ) -> nn.Module:
-    """Registered model ``base`` cut to a fraction ``depth`` of its blocks, with exits after ``exits`` fractions."""
+    """Registered model ``base`` cut to a fraction ``depth`` of its blocks (counted by the depth rule ``blocks``),
+    with exits after ``exits`` fractions."""
     width = check_width(width)
     if base == "multi_exit":
         raise ConfigError("model.base of 'multi_exit' cannot be multi_exit")
     plan = plan_for(base, base_params, info)
     net = build_model(base, info, width=width, **dict(decode_params(base_params)))
     return build_multi_exit(net, plan, info, example_input(info), depth=float(depth),
-                            exits=parse_fractions(exits, "model.exits of 'multi_exit'"), output=output)
+                            exits=parse_fractions(exits, "model.exits of 'multi_exit'"), output=output,
+                            blocks=blocks)
