@@ -29,9 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hetfl.aggregation import Placement
 from hetfl.algorithms.base import (
-    Algorithm,
     ClientResult,
     ClientTask,
     Context,
@@ -42,14 +40,15 @@ from hetfl.algorithms.base import (
     weights_of,
 )
 from hetfl.algorithms.registry import ALGORITHMS
+from hetfl.algorithms.submodel import SubmodelFL, keys_of
 from hetfl.data.base import DataInfo, Split
 from hetfl.errors import ConfigError
 from hetfl.hetero import group_sizes, spec_for, submodel_ref
 from hetfl.hetero.depth import depth_rule, encode_params, plan_for
-from hetfl.hetero.extract import extract, place_slice, selection_signature, slice_footprint
+from hetfl.hetero.extract import extract
 from hetfl.hetero.losses import ExitsCE, LossRule, MutualKD, loss_rule, mutual_kl
 from hetfl.hetero.multi_exit import multi_exit  # noqa: F401  (registers the multi_exit model these algorithms train)
-from hetfl.hetero.policy import IndexPolicy, Prefix, Selection, index_policy
+from hetfl.hetero.policy import IndexPolicy, Prefix
 from hetfl.hetero.sampling import width_schedule
 from hetfl.hetero.widths import Widths
 from hetfl.models import ModelRef
@@ -87,13 +86,6 @@ def level_label(level: Level) -> str:
     return f"w{level[0]:g}d{level[1]:g}"
 
 
-@lru_cache(maxsize=256)
-def keys_of(ref: ModelRef, info: DataInfo) -> tuple[str, ...]:
-    """State-dict keys of the model ``ref`` builds (built once, without moving the global generator)."""
-    with torch.random.fork_rng(devices=[]):
-        return tuple(ref.build(info).state_dict())
-
-
 @lru_cache(maxsize=64)
 def shapes_of(ref: ModelRef, info: DataInfo) -> dict[str, tuple[int, ...]]:
     """State-dict shapes of the model ``ref`` builds (cached; do not modify the returned dict)."""
@@ -102,16 +94,17 @@ def shapes_of(ref: ModelRef, info: DataInfo) -> dict[str, tuple[int, ...]]:
 
 
 @dataclass(frozen=True)
-class MultiExitFL(Algorithm):
-    """Base of the depth-heterogeneous methods (not registered): see the module docstring."""
+class MultiExitFL(SubmodelFL):
+    """Base of the depth-heterogeneous methods (not registered): see the module docstring.
+
+    A level is a ``(width, depth)`` pair; the round's parts (level plan, index policy, placement, footprints)
+    are :class:`~hetfl.algorithms.submodel.SubmodelFL`'s."""
 
     levels: str = "1x1,1x0.75,1x0.5,1x0.25"
     eval_levels: bool = True
     #: which fleet tier's level a client trains in a round: a width schedule (hetfl.hetero.sampling) over the
     #: tiers, e.g. "mixture(q=0.25)": a client of tier t may train the level of any weaker tier
     level_schedule: str = "max"
-    #: which channels a level narrower than 1 keeps (hetfl.hetero.policy): "prefix", "rolling", "random", ...
-    index_policy: str = "prefix"
     #: the client's loss over its exits (hetfl.hetero.losses), e.g. "exits(masked=true)"; "" = the method's own
     loss: str = ""
     #: how many blocks a level's depth fraction keeps (hetfl.hetero.depth.DEPTH_RULES): "ceil", "round", ...
@@ -130,11 +123,6 @@ class MultiExitFL(Algorithm):
             raise ConfigError(f"algorithm.level_schedule: {self.level_schedule!r} needs every width's validation "
                               f"loss, which the depth methods do not compute; use max, uniform, mixture(q=...) "
                               f"or coverage(target=...)")
-
-    @cached_property
-    def channels(self) -> IndexPolicy:
-        """The index policy: which channels a level narrower than the global model keeps."""
-        return index_policy(self.index_policy)
 
     @cached_property
     def loss_rule(self) -> LossRule:
@@ -183,14 +171,17 @@ class MultiExitFL(Algorithm):
         exits = [f for f in self.exit_fractions(ctx) if f < depth] if self.client_exits == "all" else []
         return submodel_ref(self._ref(ctx, depth, exits, output), width)
 
-    def selection(self, ctx: Context, width: float, rnd: int = 0, client: int = 0,
-                  policy: IndexPolicy | None = None) -> Selection:
-        """The channels a client of ``width`` keeps in round ``rnd`` (the index policy; ``policy``: another,
-        e.g. the prefix a deployed submodel is evaluated with)."""
-        ref = self.global_ref(ctx)
-        spec = spec_for(ref, ctx.info)
-        return (policy or self.channels).select(spec.groups, group_sizes(ref, ctx.info, width), rnd=rnd,
-                                                client=client, seed=ctx.seed)
+    def level_ref(self, ctx: Context, level: Level) -> ModelRef:
+        return self.client_ref(ctx, level)
+
+    def level_width(self, level: Level) -> float:
+        return float(level[0])
+
+    def plan_law(self, state: ServerState, ctx: Context, rnd: int):
+        return self.level_of(ctx, rnd), self.level_law(ctx, rnd)
+
+    def deployed_levels(self, ctx: Context) -> dict[str, Level]:
+        return {level_label(lv): lv for lv in dict.fromkeys(self.level_table(ctx))}
 
     def submodel(self, glob: Weights, ctx: Context, ref: ModelRef, width: float, rnd: int = 0, client: int = 0,
                  policy: IndexPolicy | None = None) -> Weights:
@@ -237,23 +228,13 @@ class MultiExitFL(Algorithm):
         glob = state.models["global"]
         extra = self.task_extra(state, rnd, ctx)
         tasks = []
-        level_of = self.level_of(ctx, rnd)
+        plan = self.level_plan(state, ctx, rnd)
         for c in clients:
-            level = level_of(c)
+            level = plan.of(int(c))
             ref = self.client_ref(ctx, level)
             tasks.append(ClientTask(int(c), ref, self.submodel(glob, ctx, ref, level[0], rnd, int(c)), train,
                                     round_seed(ctx.seed, rnd, int(c)), {**extra, "level": list(level)}))
         return tasks
-
-    def placer(self, state: ServerState, rnd: int, ctx: Context) -> Callable[[ClientResult], Placement]:
-        """A result's blocks and exits in the global tensors, sliced to its level's width (the level plan made
-        once for the round: pure in (seed, round, client))."""
-        glob = state.models["global"]
-        spec = spec_for(self.global_ref(ctx), ctx.info)
-        level_of = self.level_of(ctx, rnd)
-        return lambda res: place_slice(glob, spec, res.weights,
-                                       self.selection(ctx, level_of(res.client_id)[0], rnd, res.client_id),
-                                       self.weight_of(res))
 
     def level_law(self, ctx: Context, rnd: int) -> Callable[[int], dict[Level, float]]:
         """The level any client trains in round ``rnd``, as a law ``{level: probability}``."""
@@ -271,31 +252,6 @@ class MultiExitFL(Algorithm):
             return out
 
         return level_law
-
-    def footprints(self, state: ServerState, rnd: int, ctx: Context
-                   ) -> Callable[[int], list[tuple[float, Placement]]]:
-        law = self.level_law(ctx, rnd)
-        cache: dict[tuple, Placement] = {}
-
-        def footprints(client: int) -> list[tuple[float, Placement]]:
-            return [(p, self._footprint(state, ctx, level, self.selection(ctx, level[0], rnd, client), cache))
-                    for level, p in law(client).items()]
-
-        return footprints
-
-    def _footprint(self, state: ServerState, ctx: Context, level: Level, sel: Selection, cache: dict) -> Placement:
-        key = (level, selection_signature(sel))
-        if key not in cache:
-            glob = state.models["global"]
-            keys = [k for k in keys_of(self.client_ref(ctx, level), ctx.info) if glob[k].is_floating_point()]
-            cache[key] = slice_footprint(glob, spec_for(self.global_ref(ctx), ctx.info), sel, keys, key)
-        return cache[key]
-
-    def deployed_footprints(self, state: ServerState, ctx: Context) -> dict[str, Placement]:
-        """Every level's submodel as deployed: its blocks at the prefix of its width."""
-        cache: dict[tuple, Placement] = {}
-        return {level_label(lv): self._footprint(state, ctx, lv, self.selection(ctx, lv[0], policy=Prefix()), cache)
-                for lv in dict.fromkeys(self.level_table(ctx))}
 
     def server_step(self, state: ServerState, update: Weights, ctx: Context) -> ServerState:
         models = {**state.models, "global": update} if update else state.models

@@ -18,7 +18,7 @@ label), unweighted element averaging.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import ClassVar, Literal
@@ -28,9 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hetfl.aggregation import Placement
 from hetfl.algorithms.base import (
-    Algorithm,
     ClientResult,
     ClientTask,
     Context,
@@ -41,17 +39,19 @@ from hetfl.algorithms.base import (
     weights_of,
 )
 from hetfl.algorithms.registry import ALGORITHMS
+from hetfl.algorithms.submodel import SubmodelFL
 from hetfl.data.base import DataInfo, Split
 from hetfl.data.server import ServerDataSpec
 from hetfl.errors import ConfigError
 from hetfl.hetero import group_sizes, prefix_submodel, spec_for, submodel_ref
-from hetfl.hetero.extract import extract, place_slice, selection_signature, slice_footprint
+from hetfl.hetero.extract import extract
 from hetfl.hetero.losses import masked_cross_entropy
 from hetfl.hetero.ordered import nested_widths, ordered_forward
-from hetfl.hetero.policy import IndexPolicy, Prefix, Selection, index_policy
+from hetfl.hetero.policy import Prefix
 from hetfl.hetero.sampling import width_schedule
 from hetfl.hetero.scaler import Scaler, scaler_absorbed, scaler_layers
 from hetfl.hetero.widths import Widths
+from hetfl.models import ModelRef
 from hetfl.train import local_sgd
 
 BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
@@ -63,10 +63,12 @@ def _bn_stat_keys(weights: Weights) -> frozenset[str]:
 
 @ALGORITHMS.register("heterofl")
 @dataclass(frozen=True)
-class HeteroFL(Algorithm):
-    """HeteroFL: every client trains the prefix submodel of its width; overlaps are averaged."""
+class HeteroFL(SubmodelFL):
+    """HeteroFL: every client trains the prefix submodel of its width; overlaps are averaged.
 
-    index_policy: str = "prefix"  # which channels (hetfl.hetero.policy), e.g. "rolling(stride=2)"
+    A level is a width; the round's parts (level plan, index policy, placement, footprints) are
+    :class:`~hetfl.algorithms.submodel.SubmodelFL`'s."""
+
     width_schedule: str = "max"  # which width per client and round (hetfl.hetero.sampling), e.g. "mixture(q=0.25)"
     ordered: bool = False  # FjORD: also train nested narrower widths, one drawn per minibatch
     self_distill: bool = False  # FjORD + KD: the client's widest width teaches the sampled narrower one
@@ -100,23 +102,33 @@ class HeteroFL(Algorithm):
 
     # ------------------------------------------------------------------ the parts
     @cached_property
-    def channels(self) -> IndexPolicy:
-        """The index policy: which channels a client of a given width keeps."""
-        return index_policy(self.index_policy)
-
-    @cached_property
     def widths(self) -> Widths:
         """The width schedule: which width each client trains in a round."""
         return Widths(width_schedule(self.width_schedule))
 
-    def selection(self, ctx: Context, rnd: int, client: int, rate: float) -> Selection:
-        spec = spec_for(ctx.model, ctx.info)
-        return self.channels.select(spec.groups, group_sizes(ctx.model, ctx.info, rate), rnd=rnd, client=client,
-                                    seed=ctx.seed)
+    def level_ref(self, ctx: Context, level: float) -> ModelRef:
+        return submodel_ref(ctx.model, level)
+
+    def level_width(self, level: float) -> float:
+        return float(level)
+
+    def plan_law(self, state: ServerState, ctx: Context, rnd: int):
+        return self.widths.rate_of(state.buffers, ctx, rnd), self.widths.law(state.buffers, ctx, rnd)
+
+    def skip_keys(self, glob: Weights) -> frozenset[str]:
+        return _bn_stat_keys(glob) if self.static_bn else frozenset()
+
+    def class_mask(self, res: ClientResult) -> torch.Tensor | None:
+        return res.extra.get("labels") if self.classifier_rule else None
+
+    def deployed_levels(self, ctx: Context) -> dict[str, float]:
+        """The prefix submodel of every fleet width (what a device of that width deploys)."""
+        return {f"w{rate:g}": rate for rate in (ctx.fleet.levels if ctx.fleet is not None else (1.0,))}
 
     def client_rates(self, state: ServerState, ctx: Context, rnd: int, clients: Sequence[int]) -> list[float]:
         """The width each client trains in round ``rnd``: a pure function of (seed, round, client, state)."""
-        return self.widths.rates(state.buffers, ctx, rnd, clients)
+        plan = self.level_plan(state, ctx, rnd)
+        return [plan.of(int(c)) for c in clients]
 
     def uses_scaler(self, model: nn.Module) -> bool:
         """The resolved ``scaler`` setting for ``model`` (``"auto"``: :func:`scaler_absorbed`)."""
@@ -163,58 +175,13 @@ class HeteroFL(Algorithm):
         levels = ctx.fleet.levels if ctx.fleet is not None else (1.0,)
         tasks = []
         for c, rate in zip(clients, self.client_rates(state, ctx, rnd, clients)):
-            sel = self.selection(ctx, rnd, int(c), rate)
+            sel = self.selection(ctx, rate, rnd, int(c))
             extra: dict[str, object] = {"rate": rate, "info": info_to_plain(ctx.info)}
             if self.ordered:
                 extra["widths"] = nested_widths(levels, rate)
             tasks.append(ClientTask(int(c), submodel_ref(ctx.model, rate), extract(glob, spec, sel), train,
                                     round_seed(ctx.seed, rnd, int(c)), extra))
         return tasks
-
-    def placer(self, state: ServerState, rnd: int, ctx: Context) -> Callable[[ClientResult], Placement]:
-        """A result's channels in the global tensors: the server recomputes the width it assigned (pure in
-        seed, round, client and state) and the index policy's selection; classifier rows by held labels."""
-        glob = state.models["global"]
-        spec = spec_for(ctx.model, ctx.info)
-        skip = _bn_stat_keys(glob) if self.static_bn else frozenset()
-        rate_of = self.widths.rate_of(state.buffers, ctx, rnd)
-
-        def place(res: ClientResult) -> Placement:
-            sel = self.selection(ctx, rnd, res.client_id, rate_of(res.client_id))
-            mask = res.extra.get("labels") if self.classifier_rule else None
-            return place_slice(glob, spec, res.weights, sel, self.weight_of(res), mask, skip)
-
-        return place
-
-    def footprints(self, state: ServerState, rnd: int, ctx: Context
-                   ) -> Callable[[int], list[tuple[float, Placement]]]:
-        """Every width a client may train this round (its law under a randomised schedule), as slices."""
-        glob = state.models["global"]
-        spec = spec_for(ctx.model, ctx.info)
-        skip = _bn_stat_keys(glob) if self.static_bn else frozenset()
-        keys = [k for k, v in glob.items() if v.is_floating_point() and k not in skip]
-        law = self.widths.law(state.buffers, ctx, rnd)
-
-        def footprints(client: int) -> list[tuple[float, Placement]]:
-            out = []
-            for rate, p in law(client).items():
-                sel = self.selection(ctx, rnd, client, rate)
-                out.append((p, slice_footprint(glob, spec, sel, keys, selection_signature(sel))))
-            return out
-
-        return footprints
-
-    def deployed_footprints(self, state: ServerState, ctx: Context) -> dict[str, Placement]:
-        """The prefix submodel of every fleet width (what a device of that width deploys)."""
-        glob = state.models["global"]
-        spec = spec_for(ctx.model, ctx.info)
-        keys = [k for k, v in glob.items() if v.is_floating_point()]
-        levels = ctx.fleet.levels if ctx.fleet is not None else (1.0,)
-        out = {}
-        for rate in levels:
-            sel = Prefix().select(spec.groups, group_sizes(ctx.model, ctx.info, rate), rnd=0, client=0, seed=0)
-            out[f"w{rate:g}"] = slice_footprint(glob, spec, sel, keys, rate)
-        return out
 
     def server_step(self, state: ServerState, update: Weights, ctx: Context) -> ServerState:
         models = {**state.models, "global": update} if update else state.models
