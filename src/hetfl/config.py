@@ -222,6 +222,46 @@ class GraphConfig:
                 raise ConfigError(f"graph.{name} {msg}, got {getattr(self, name)!r}")
 
 
+ASYNC_MODES = ("sync", "fedbuff")
+STALENESS = ("sqrt", "constant")
+
+
+@dataclass(frozen=True)
+class AsyncConfig:
+    """``[asynchronous]``: synchronous rounds (the default) or buffered asynchronous aggregation (FedBuff).
+
+    * ``mode``: ``"sync"`` (a round waits for its clients) or ``"fedbuff"`` (``concurrency`` clients are always
+      in flight on the virtual clock; every ``buffer`` results the server takes one step; docs/async.md).
+    * ``concurrency`` / ``buffer``: clients in flight and results per server step (0 = algorithm's
+      clients per round).
+    * ``staleness``: the weight of a result trained on a model ``s`` server steps old: ``"sqrt"``
+      ``1 / sqrt(1 + s)`` (FedBuff's) or ``"constant"`` 1.
+    * ``server_lr``: the server step on the mean of the weighted updates.
+    """
+
+    mode: str = "sync"
+    concurrency: int = 0
+    buffer: int = 0
+    staleness: str = "sqrt"
+    server_lr: float = 1.0
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.mode in ASYNC_MODES, "mode", f"must be one of {', '.join(map(repr, ASYNC_MODES))}"),
+            (self.concurrency >= 0, "concurrency", "must be >= 0 (0 = the algorithm's clients per round)"),
+            (self.buffer >= 0, "buffer", "must be >= 0 (0 = the algorithm's clients per round)"),
+            (self.staleness in STALENESS, "staleness", f"must be one of {', '.join(map(repr, STALENESS))}"),
+            (self.server_lr > 0 and math.isfinite(self.server_lr), "server_lr", "must be > 0"),
+        ]
+        for ok, name, msg in checks:
+            if not ok:
+                raise ConfigError(f"asynchronous.{name} {msg}, got {getattr(self, name)!r}")
+
+    @property
+    def active(self) -> bool:
+        return self.mode != "sync"
+
+
 SAMPLING = ("poisson",)
 ACCOUNTANTS = ("rdp", "pld")
 
@@ -312,6 +352,7 @@ class RunConfig:
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     graph: GraphConfig = field(default_factory=GraphConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    asynchronous: AsyncConfig = field(default_factory=AsyncConfig)
     # train same-shape clients as one vmapped model: "auto" (CUDA only, if a start-up micro-benchmark
     # says it is faster), true, false (hetfl.engines.batched)
     batched: bool | str = "auto"
@@ -519,6 +560,7 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
         faults=plain(cfg.faults),
         graph=plain(cfg.graph),
         privacy=plain(cfg.privacy),
+        asynchronous=plain(cfg.asynchronous),
     )
     return out
 

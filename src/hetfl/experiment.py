@@ -13,6 +13,7 @@ import torch
 
 from hetfl.algorithms import ALGORITHMS
 from hetfl.algorithms.base import Algorithm, Context
+from hetfl.asynchronous import check_async
 from hetfl.config import RunConfig
 from hetfl.data.augment import check_augment
 from hetfl.data.base import Dataset
@@ -63,6 +64,8 @@ def prepare(cfg: RunConfig) -> Experiment:
     algo_cls = ALGORITHMS.get(cfg.algorithm.name, "algorithm.name")
     algorithm = algo_cls(**dict(cfg.algorithm.params))
     check_algorithm(cfg.privacy, cfg.algorithm.name, algorithm, cfg.faults.min_clients)  # before partitioning
+    if cfg.asynchronous.active:
+        check_async(algorithm, cfg.privacy.active, cfg.faults.deadline_s, cfg.engine)
     # server-side data (e.g. FedDF's transfer set) leaves the training split before anything is partitioned
     dataset, server_data = draw_server_data(dataset, algorithm.server_data_spec(), cfg.seed, cfg.data.data_dir)
     part = make_partitioner({"name": cfg.data.partition.name, **cfg.data.partition.kwargs})
@@ -82,6 +85,7 @@ def prepare(cfg: RunConfig) -> Experiment:
     fleet = build_fleet(cfg.fleet, federation.num_clients, cfg.seed, sizes=federation.sizes)
     ctx = Context(info=dataset.info, model=model_ref, train=cfg.train, client_sizes=federation.sizes,
                   seed=cfg.seed, rounds=cfg.rounds, fleet=fleet, faults=cfg.faults,
+                  asynchronous=cfg.asynchronous if cfg.asynchronous.active else None,
                   server_data=None if server_data is None else server_data.to(device))
     for ref in algorithm.model_refs(ctx):
         if ref != model_ref:
@@ -91,6 +95,7 @@ def prepare(cfg: RunConfig) -> Experiment:
                                                         cfg.faults.min_clients))  # [privacy]: refused or resolved
     if algorithm.decentralized:  # no server: nodes on the [graph] (hetfl.decentralized)
         algorithm.check_setup(ctx, cfg.graph)
+
     return Experiment(cfg, dataset, federation, algorithm, ctx, device)
 
 

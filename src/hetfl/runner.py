@@ -104,6 +104,16 @@ def run_or_resume(cfg: RunConfig, run_dir: str | Path, *, quiet: bool = True) ->
     return "done"
 
 
+def virtual_clock(row: dict[str, Any], rows: list[dict[str, Any]]) -> float:
+    """``virtual_time_s`` of a metrics row: the simulated seconds since the run began (the fleet's time model,
+    :mod:`hetfl.reliability.plan`): the previous row's plus this round's ``round_sim_time_s``, unless the round
+    rule keeps its own clock (FedBuff, :mod:`hetfl.asynchronous`)."""
+    if "virtual_time_s" not in row:
+        before = float(rows[-1].get("virtual_time_s", 0.0) or 0.0) if rows else 0.0
+        row["virtual_time_s"] = round(before + float(row.get("round_sim_time_s", 0.0) or 0.0), 6)
+    return float(row["virtual_time_s"])
+
+
 def run(
     cfg: RunConfig | None = None,
     out_dir: str | Path | None = None,
@@ -169,6 +179,7 @@ def run(
                     bar.log(f"round {rnd}: {message}")
                 row: dict[str, Any] = {"round": rnd, **report.as_metrics()}
                 row.update(exp.algorithm.round_metrics(state))
+                virtual_clock(row, rows)
                 if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
                     t1 = time.perf_counter()
                     bar.phase(rnd, "evaluating")

@@ -52,6 +52,7 @@ class Context:
     faults: FaultsConfig | None = None  # [faults]: dropouts, deadline, update validation (None = defaults)
     server_data: ServerData | None = None  # drawn by the runner when algorithm.server_data_spec() asks
     privacy: Any = None  # the resolved [privacy] (hetfl.privacy.plan.PrivacyPlan), None = no privacy step
+    asynchronous: Any = None  # [asynchronous] when active (hetfl.config.AsyncConfig), None = synchronous rounds
 
     @property
     def num_clients(self) -> int:

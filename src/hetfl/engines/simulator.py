@@ -15,10 +15,11 @@ from collections.abc import Iterator
 import torch
 
 from hetfl.algorithms.base import Algorithm, ClientResult, ClientTask, Context, ServerState
+from hetfl.asynchronous import make_round
 from hetfl.data.federation import Federation
 from hetfl.engines.batched import make_batcher
 from hetfl.model_cache import ModelCache
-from hetfl.rounds import Outcome, Round, RoundReport, in_order
+from hetfl.rounds import Outcome, RoundReport, in_order
 
 
 class Simulator:
@@ -33,7 +34,8 @@ class Simulator:
         self.ctx = ctx
         self.device = torch.device(device)
         self.models = ModelCache(ctx, self.device)
-        self.round = Round(algorithm, ctx, self, federation.dataset.train.x[:1])  # the round, with [faults]
+        # the round, with [faults]; FedBuff's server rule under [asynchronous] (hetfl.asynchronous)
+        self.round = make_round(algorithm, ctx, self, federation.dataset.train.x[:1])
         # same-shape clients trained as one vmapped model (hetfl.engines.batched); None: sequential
         self.batcher = make_batcher(batched, algorithm, federation, ctx, self.device, self.models.get)
 

@@ -54,6 +54,7 @@ class FleetConfig:
     assignment: str = "fixed"
     budget_quantile: float = 0.95
     bandwidth_mbps: float = 20.0
+    bandwidth_spread: float = 0.5  # sigma of the lognormal draw of each client's bandwidth (0: every client the same)
     size_correlation: str = "none"  # data size vs capability: none, positive, negative
 
     def __post_init__(self) -> None:
@@ -66,6 +67,9 @@ class FleetConfig:
             raise ConfigError(f"fleet.budget_quantile must be in (0, 1], got {self.budget_quantile}")
         if self.bandwidth_mbps <= 0:
             raise ConfigError(f"fleet.bandwidth_mbps must be > 0, got {self.bandwidth_mbps}")
+        if not 0.0 <= self.bandwidth_spread <= 5.0:
+            raise ConfigError(f"fleet.bandwidth_spread must be in [0, 5] (a lognormal sigma), "
+                              f"got {self.bandwidth_spread}")
         if self.size_correlation not in CORRELATIONS:
             raise ConfigError(f"fleet.size_correlation must be one of {', '.join(CORRELATIONS)}, "
                               f"got {self.size_correlation!r}")
@@ -189,7 +193,7 @@ def build_fleet(cfg: FleetConfig, num_clients: int, seed: int, sizes: np.ndarray
         return correlate_with_sizes(build_fleet(dataclasses.replace(cfg, size_correlation="none"), num_clients,
                                                 seed), sizes, cfg.size_correlation, seed)
     rng = np.random.default_rng([seed, 0x666C6565])
-    bandwidth = rng.lognormal(np.log(cfg.bandwidth_mbps), 0.5, size=num_clients)
+    bandwidth = rng.lognormal(np.log(cfg.bandwidth_mbps), cfg.bandwidth_spread, size=num_clients)
     if cfg.source == "uniform":
         ones = np.ones(num_clients)
         return Fleet(ones, ones, np.full(num_clients, 4.0), bandwidth, (1.0,), np.array([1.0]), "fixed")
