@@ -22,8 +22,10 @@ tensors, ``torch.optim.SGD``, ``load_state_dict``, a float32 running sum of the 
 Reported per side: **seconds per round**, the steady rounds (2..R) from each side's own clock, minus
 hetfl's evaluation (pfl evaluates nothing here; the floor neither); and the **fixed cost**: the process's
 wall time (launch to exit, measured here) minus R x seconds per round -- start-up (imports, data,
-processes), the first round's warm-up and the teardown.  Median and [min-max] over the repeats, and
-``ratio = pfl / hetfl`` of the medians (> 1: hetfl is faster).
+processes), the first round's warm-up and the teardown; and the **CPU seconds** of the whole run (user +
+system time of every process it started, start-up included), which a shared machine's load does not
+inflate as it does wall time.  Median and [min-max] over the repeats, and ``ratio = pfl / hetfl`` of the
+medians of seconds per round (> 1: hetfl is faster).
 
     python benchmarks/race_pfl.py --pfl-python /work/venvs/pfl/bin/python                 # the race (~15 min)
     python benchmarks/race_pfl.py --pfl-python /work/venvs/pfl/bin/python --workloads 2nn --procs 1
@@ -37,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -250,7 +253,18 @@ local = false
 """
 
 
-def run_hetfl(w: dict, data: Path, rounds: int, procs: int, sets: list[str], tmp: Path) -> tuple[float, float]:
+def _timed(cmd: list[str], **kw) -> tuple[float, float]:
+    """Run ``cmd`` to its end: (wall seconds, CPU seconds of its whole process tree, user + system)."""
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, env={**os.environ, **ONE_THREAD}, stdout=subprocess.DEVNULL, **kw)
+    wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+
+
+def run_hetfl(w: dict, data: Path, rounds: int, procs: int, sets: list[str], tmp: Path
+              ) -> tuple[float, float, float]:
     cfg = tmp / "hetfl.toml"
     cfg.write_text(hetfl_config(w, data, rounds))
     out = tmp / f"hetfl-run-{time.monotonic_ns()}"
@@ -258,25 +272,20 @@ def run_hetfl(w: dict, data: Path, rounds: int, procs: int, sets: list[str], tmp
            "--threads-per-worker", "1"]
     for s in sets:
         cmd += ["--set", s]
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, env={**os.environ, **ONE_THREAD}, stdout=subprocess.DEVNULL)
-    wall = time.perf_counter() - t0
+    wall, cpu = _timed(cmd)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     # time_s: the run's clock at the end of each round; evaluation (the last round's) is not training
     ends = [r["time_s"] - sum(q.get("eval_time_s", 0.0) for q in rows[:i + 1]) for i, r in enumerate(rows)]
     per_round = (ends[-1] - ends[0]) / (len(ends) - 1)
-    return per_round, wall - rounds * per_round
+    return per_round, wall - rounds * per_round, cpu
 
 
-def run_stamped(cmd: list[str], result: Path, rounds: int) -> tuple[float, float]:
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, env={**os.environ, **ONE_THREAD}, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.PIPE)
-    wall = time.perf_counter() - t0
+def run_stamped(cmd: list[str], result: Path, rounds: int) -> tuple[float, float, float]:
+    wall, cpu = _timed(cmd, stderr=subprocess.PIPE)
     stamps = json.loads(result.read_text())["stamps"]
     assert len(stamps) == rounds, f"{cmd}: {len(stamps)} rounds timed, expected {rounds}"
     per_round = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
-    return per_round, wall - rounds * per_round
+    return per_round, wall - rounds * per_round, cpu
 
 
 def side_args(workload: str, data: Path, rounds: int, result: Path, overrides: dict, amp: str) -> list[str]:
@@ -284,7 +293,7 @@ def side_args(workload: str, data: Path, rounds: int, result: Path, overrides: d
             "--result", str(result), "--overrides", json.dumps(overrides), "--pfl-amp", amp]
 
 
-def run_pfl(python: str, workload, data, rounds, procs, result, overrides, amp) -> tuple[float, float]:
+def run_pfl(python: str, workload, data, rounds, procs, result, overrides, amp) -> tuple[float, float, float]:
     env_cmd = [python]
     if procs > 1:  # pfl's multi-process simulation: one rank per process, gloo all-reduce of the update
         env_cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
@@ -292,7 +301,7 @@ def run_pfl(python: str, workload, data, rounds, procs, result, overrides, amp) 
     return run_stamped(cmd, result, rounds)
 
 
-def run_floor(workload, data, rounds, result, overrides) -> tuple[float, float]:
+def run_floor(workload, data, rounds, result, overrides) -> tuple[float, float, float]:
     cmd = [sys.executable, *side_args(workload, data, rounds, result, overrides, "none"), "--side", "floor"]
     return run_stamped(cmd, result, rounds)
 
@@ -336,10 +345,10 @@ def race(args: argparse.Namespace) -> None:
                         else:
                             t = run_floor(name, data, rounds, result, overrides)
                         times.setdefault((name, procs, side), []).append(t)
-                        print(f"  repeat {rep} {procs} proc {side:5s}: {t[0]:.3f} s/round, fixed {t[1]:.2f} s",
-                              flush=True)
+                        print(f"  repeat {rep} {procs} proc {side:5s}: {t[0]:.3f} s/round, fixed {t[1]:.2f} s, "
+                              f"CPU {t[2]:.1f} s in all, load {os.getloadavg()[0]:.1f}", flush=True)
         print("\n| workload | processes | pfl s/round | hetfl s/round | pfl / hetfl | plain loop s/round "
-              "| pfl fixed s | hetfl fixed s |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+              "| pfl fixed s | hetfl fixed s | pfl CPU s | hetfl CPU s |\n|---|" + "---:|" * 9)
         ratios = []
         for name in workloads:
             floor = [t[0] for t in times.get((name, 1, "floor"), [])]
@@ -350,7 +359,9 @@ def race(args: argparse.Namespace) -> None:
                 print(f"| {name} | {procs} | {fmt(p) if p else '-'} | {fmt(h)} | {ratio:.2f} | "
                       f"{fmt(floor) if procs == 1 and floor else '-'} | "
                       f"{fmt([t[1] for t in times[(name, procs, 'pfl')]]) if p else '-'} | "
-                      f"{fmt([t[1] for t in times[(name, procs, 'hetfl')]])} |")
+                      f"{fmt([t[1] for t in times[(name, procs, 'hetfl')]])} | "
+                      f"{fmt([t[2] for t in times[(name, procs, 'pfl')]]) if p else '-'} | "
+                      f"{fmt([t[2] for t in times[(name, procs, 'hetfl')]])} |")
                 ratios.append(f"ratio_{name}_p{procs}={ratio:.3f}")
         print(" ".join(ratios))
 
