@@ -20,7 +20,7 @@ FEATURES = DataInfo((60,), 10)
 TOKENS = DataInfo((16,), 20, vocab_size=20)
 
 TOKEN_MODELS = {"lstm", "transformer"}
-ALL = ["cnn", "heterofl_conv", "leaf_cnn", "lstm", "mlp", "multi_exit", "resnet", "transformer"]
+ALL = ["cnn", "heterofl_conv", "leaf_cnn", "lstm", "mlp", "multi_exit", "resnet", "simple_cnn", "transformer"]
 
 
 def info_for(name: str) -> DataInfo:
@@ -84,10 +84,12 @@ def test_sgd_step_reduces_loss(name):
     model = make(name, width=0.5).train()
     x, y = batch_for(info)
     opt = torch.optim.SGD(model.parameters(), lr=0.02)
+    torch.manual_seed(1)  # the same dropout masks (simple_cnn) in both forward passes
     before = F.cross_entropy(model(x), y)
     opt.zero_grad()
     before.backward()
     opt.step()
+    torch.manual_seed(1)
     with torch.no_grad():
         after = F.cross_entropy(model(x), y)
     assert torch.isfinite(after)
@@ -115,6 +117,7 @@ def test_deterministic_given_seed(name):
 def test_published_parameter_counts():
     assert count_parameters(make("cnn", MNIST)) == 1_663_370  # FedAvg CNN
     assert count_parameters(make("mlp", MNIST)) == 199_210  # FedAvg 2NN
+    assert count_parameters(make("simple_cnn", CIFAR)) == 1_626_442  # pfl-research's benchmark CNN (1.63M)
     assert count_parameters(make("heterofl_conv", MNIST)) == 1_556_874  # HeteroFL conv "a" (1.56M)
     shakespeare = DataInfo((80,), 80, vocab_size=80)
     assert count_parameters(make("lstm", shakespeare)) == 819_920  # LEAF Shakespeare LSTM

@@ -127,7 +127,9 @@ def _as_inputs(x: np.ndarray, path: Path) -> np.ndarray:
     elif x.ndim == 4 and x.shape[3] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
         x = x.transpose(0, 3, 1, 2)  # channels last -> first
     out = x.astype(np.float32)
-    return out / np.float32(255.0) if x.dtype == np.uint8 else out
+    if x.dtype == np.uint8:
+        out /= np.float32(255.0)  # in place: no second float32 copy of the whole array
+    return out
 
 
 def npz(*, data_dir: str | None = None, seed: int = 0, test_fraction: float = 0.2) -> Dataset:

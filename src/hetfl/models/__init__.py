@@ -1,8 +1,8 @@
 """Plain ``nn.Module`` models with a width multiplier, looked up by name in :data:`MODELS`.
 
-Registered: ``mlp``, ``cnn``, ``leaf_cnn``, ``heterofl_conv``, ``resnet`` (image or feature inputs) and ``lstm``,
-``transformer`` (token inputs); ``multi_exit`` (:mod:`hetfl.hetero.multi_exit`) wraps any of them cut in
-depth, with early exits.  Build one with :func:`build_model`.
+Registered: ``mlp``, ``cnn``, ``simple_cnn``, ``leaf_cnn``, ``heterofl_conv``, ``resnet`` (image or feature
+inputs) and ``lstm``, ``transformer`` (token inputs); ``multi_exit`` (:mod:`hetfl.hetero.multi_exit`) wraps any
+of them cut in depth, with early exits.  Build one with :func:`build_model`.
 """
 
 from hetfl.models import cnn, leaf, lstm, mlp, resnet, transformer  # noqa: F401  (registers the families)
