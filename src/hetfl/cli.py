@@ -15,20 +15,23 @@ A user error (bad config, missing data, ...) prints one paragraph on stderr and 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from hetfl.catalog import REGISTRIES
 from hetfl.config import apply_overrides, parse_toml
+from hetfl.data.fetch import no_downloads
 from hetfl.errors import HetflError
 from hetfl.plot import plot_runs, summary_table
 from hetfl.registry import describe
 from hetfl.report import write_report
 from hetfl.resolve import config_from_dict, load_config
-from hetfl.results import CONFIG, METRICS, RunDir
-from hetfl.runner import _merge_resume, run
+from hetfl.results import CONFIG, METRICS, RunDir, config_text, read_summary
+from hetfl.runner import _merge_resume, prepare, run
 from hetfl.sweep import load_study, run_sweep
 
 EXIT_USER_ERROR = 2
@@ -59,8 +62,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="torch threads in each worker process (default 1) (shorthand for --set threads_per_worker=N)")
     r.add_argument("--quiet", action="store_true", help="no progress bar or round messages; only the final line "
                                                          "(run directory, rounds, test accuracy, wall time) is printed")
-    r.add_argument("--dry-run", action="store_true", help="load and validate the config (and --resume DIR) and stop: "
-                                                           "nothing is trained, downloaded or written")
+    r.add_argument("--dry-run", action="store_true", help="make every check the run makes before it starts (config, "
+                                                           "--resume DIR, data, partition, models, fleet), print the "
+                                                           "resolved config and stop: nothing is trained or written")
     r.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     sub.add_parser("list", allow_abbrev=False, help="list every registry: datasets, partitioners, models, algorithms")
@@ -75,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", allow_abbrev=False,
                         help="run a study grid (policy x fleet x ... x seed) in parallel, resumable")
     sw.add_argument("study", help="study TOML: a base config, grid axes of --set overrides, seeds")
-    sw.add_argument("--workers", type=int, help="worker processes (default: the study's, else one per core)")
+    sw.add_argument("--workers", help="worker processes: N >= 1, or auto (0 also means auto: the study's "
+                                      "workers, else one per core)")
     sw.add_argument("--out", help="sweep directory (default: runs/sweeps/<study name>); rerun to resume")
     sw.add_argument("--dry-run", action="store_true", help="validate the study and every cell's config, run nothing")
 
@@ -129,7 +134,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = run_config(args)
     if args.dry_run:
         return _dry_run(cfg, args)
-    summary = run(cfg, args.out, resume=args.resume, quiet=args.quiet, config_path=args.config)
+    warn_workers(cfg)
+    done = read_summary(args.resume) if args.resume else None
+    if done and done.get("status") == "complete" and cfg is not None and done.get("rounds_completed") == cfg.rounds:
+        print(f"hetfl run: {args.resume} is already complete ({cfg.rounds} of {cfg.rounds} rounds); nothing to do. "
+              f"Extend it with `hetfl run --resume {shlex.quote(args.resume)} --set rounds={2 * cfg.rounds}`",
+              file=sys.stderr)
+        summary = {**done, "run_dir": done.get("run_dir", args.resume)}
+    else:
+        summary = run(cfg, args.out, resume=args.resume, quiet=args.quiet, config_path=args.config)
     acc = summary.get("test_accuracy")
     acc_text = f"{acc:.4f}" if isinstance(acc, float) else "n/a"
     print(f"{summary['run_dir']}  rounds={summary['rounds_completed']}  test_accuracy={acc_text}  "
@@ -150,11 +163,35 @@ def _dry_run(cfg: Any, args: argparse.Namespace) -> int:
             raise HetflError(f"{args.resume!r} is not a hetfl run directory (no {CONFIG}); nothing to resume")
         saved = config_from_dict(parse_toml((run_dir.path / CONFIG).read_text(), str(run_dir.path / CONFIG)))
         cfg = _merge_resume(saved, cfg)
+    warn_workers(cfg)
+    checked = "data, partition, models, fleet and privacy checked"
+    with no_downloads("--dry-run downloads nothing") as refused:
+        try:  # every check the real run makes before it writes anything
+            prepare(cfg)
+        except HetflError:
+            if not refused:
+                raise
+            checked = (f"the data is not on this machine ({refused[0]} would be downloaded), so the checks that "
+                       f"need it (partition, models on the data, fleet) run when `hetfl run` has it")
     what = f"--resume {args.resume}" if args.resume else args.config
-    print(f"{what}: valid (dataset {cfg.data.name}, partition {cfg.data.partition.name}, "
+    print(config_text(cfg), end="")
+    print(f"# {what}: valid (dataset {cfg.data.name}, partition {cfg.data.partition.name}, "
           f"model {cfg.model.name}, algorithm {cfg.algorithm.name}, {cfg.rounds} rounds, "
-          f"engine {cfg.engine}); --dry-run: nothing trained or written")
+          f"engine {cfg.engine}); {checked}; --dry-run: the resolved config above, nothing trained or written")
     return 0
+
+
+def warn_workers(cfg: Any) -> None:
+    """One line on stderr when ``workers`` asks for more processes than this process has cores: they would
+    share the cores, each round slower rather than faster."""
+    from hetfl.engines.workers import available_cores
+
+    workers = getattr(cfg, "workers", "auto")
+    cores = available_cores()
+    if isinstance(workers, int) and workers > cores:
+        print(f"hetfl run: warning: workers={workers} is more than the {cores} core(s) this process may use; up to "
+              f"{workers} processes (at most one per client of a round) would share them, each round slower rather "
+              f"than faster. Use --workers auto, or at most {cores}", file=sys.stderr)
 
 
 def _toml_str(s: str) -> str:
@@ -200,8 +237,7 @@ def _cmd_summary(args: argparse.Namespace) -> int:
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
 
-    if args.workers is not None and args.workers < 1:
-        raise HetflError(f"--workers must be >= 1, got {args.workers}")
+    workers = _sweep_workers(args.workers)
     study = load_study(args.study)
     if args.dry_run:
         cells = study.cells()
@@ -209,8 +245,22 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             study.config(c)
         print(f"{args.study}: valid ({len(cells)} cells); --dry-run: nothing run or written")
         return 0
-    result = run_sweep(study, args.out or Path("runs") / "sweeps" / study.name, workers=args.workers)
+    result = run_sweep(study, args.out or Path("runs") / "sweeps" / study.name, workers=workers)
     return 1 if result["failed"] else 0
+
+
+def _sweep_workers(text: str | None) -> int | None:
+    """``hetfl sweep --workers``: N >= 1 cells side by side, or auto / 0 (None: the study's, else one per core),
+    read as ``hetfl run --workers`` reads them."""
+    if text is None or text.strip().lower() in ("auto", "0"):
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 1:
+        raise HetflError(f"--workers must be an integer >= 1, or auto (0 also means auto), got {text!r}")
+    return n
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -246,6 +296,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
+    shown = warnings.showwarning
+    warnings.showwarning = _one_line_warnings(shown)
     try:
         return COMMANDS[args.command](args)
     except HetflError as exc:
@@ -253,9 +305,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"hetfl {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("hetfl: interrupted; resume with `hetfl run --resume RUN_DIR`", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(interrupted_message(getattr(exc, "run_dir", None)), file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = shown
+
+
+def interrupted_message(run_dir: str | None) -> str:
+    """What Ctrl-C prints: the command that continues the run, with its real directory."""
+    if run_dir is None:
+        return "hetfl: interrupted before a run directory was written; nothing to resume"
+    return f"hetfl: interrupted; resume with `hetfl run --resume {shlex.quote(run_dir)}`"
+
+
+def _one_line_warnings(fallback: Any) -> Any:
+    """A ``warnings.showwarning`` that prints hetfl's own warnings (e.g. a data file that fails its checksum)
+    as one line, without Python's second line quoting hetfl's source; other packages' as ``fallback`` does."""
+    here = Path(__file__).resolve().parent
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+             line: str | None = None) -> None:
+        if category.__module__.split(".")[0] == "hetfl" or Path(filename).resolve().is_relative_to(here):
+            print(f"hetfl: warning: {message}", file=file or sys.stderr)
+        else:
+            fallback(message, category, filename, lineno, file, line)
+
+    return show
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -532,7 +532,28 @@ def parse_toml(text: str, source: str = "<config>") -> dict[str, Any]:
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source} is not valid TOML: {exc}") from None
+        raise ConfigError(f"{source} is not valid TOML: {exc}{_toml_hint(text, str(exc))}") from None
+
+
+def _toml_hint(text: str, message: str) -> str:
+    """What the TOML reader's message leaves out: the key given twice, or that a bare word needs quotes."""
+    import re
+
+    at = re.search(r"at line (\d+)", message)
+    if at is None or not 0 < int(at.group(1)) <= len(text.splitlines()):
+        return ""
+    lines = text.splitlines()
+    line = lines[int(at.group(1)) - 1].strip()
+    key, eq, value = line.partition("=")
+    key, value = key.strip(), value.split("#", 1)[0].strip()
+    if message.startswith("Cannot overwrite a value") and eq:
+        heads = [h.strip() for h in lines[:int(at.group(1)) - 1] if h.strip().startswith("[")]
+        where = f" in {heads[-1]}" if heads else ""
+        return f": key {key!r}{where} is set twice (line {at.group(1)}: {line}); keep one of them"
+    if message.startswith("Invalid value") and eq and re.fullmatch(r"[A-Za-z_][\w.-]*", value) \
+            and value not in ("true", "false", "inf", "nan"):
+        return f": {key} = {value} is not a TOML value; a string needs quotes: {key} = \"{value}\""
+    return ""
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

@@ -190,8 +190,9 @@ def run(
                                            "run_dir": str(run_dir.path)})
                 bar.update(rnd, row)
         status = "complete"
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         status = "interrupted"
+        exc.run_dir = str(run_dir.path)  # type: ignore[attr-defined]  (the CLI's resume hint names it)
         raise
     except BaseException:
         status = "failed"
