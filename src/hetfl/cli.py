@@ -2,13 +2,13 @@
 
     hetfl run CONFIG [--set k=v ...] [--out DIR] [--resume DIR] [--seed N] [--device cpu|cuda] [--workers N|auto]
               [--quiet]
-    hetfl list
+    hetfl list [ENTRY]                        (ENTRY: its parameters and defaults, e.g. hetfl list heterofl)
     hetfl plot [DIR ...] [--out DIR]          (no DIR: every run under runs/)
     hetfl summary [DIR ...]
     hetfl sweep STUDY.toml [--workers N] [--out DIR]
     hetfl report SWEEP_DIR [--out FILE]
 
-A user error (bad config, missing data, ...) prints one paragraph on stderr and exits with code 2;
+``hetfl --version`` prints the version.  A user error (bad config, missing data, ...) prints one paragraph on stderr and exits with code 2;
 ``--debug`` shows the traceback instead.
 """
 
@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hetfl", description="Federated learning across heterogeneous devices.",
                                 allow_abbrev=False)
     p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    p.add_argument("--version", action="version", version=f"hetfl {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     r = sub.add_parser("run", allow_abbrev=False, help="run (or resume) an experiment from a TOML config")
@@ -67,7 +68,11 @@ def _parser() -> argparse.ArgumentParser:
                                                            "resolved config and stop: nothing is trained or written")
     r.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
-    sub.add_parser("list", allow_abbrev=False, help="list every registry: datasets, partitioners, models, algorithms")
+    ls = sub.add_parser("list", allow_abbrev=False,
+                        help="list every registry (datasets, partitioners, models, algorithms, ...), or one entry's "
+                             "parameters and defaults: hetfl list heterofl")
+    ls.add_argument("entry", nargs="?", metavar="ENTRY", help="an entry's name: show where it is set, its parameters "
+                                                               "and their defaults")
 
     pl = sub.add_parser("plot", allow_abbrev=False, help="plot accuracy/loss vs round and vs bytes for run directories")
     pl.add_argument("runs", nargs="*", metavar="DIR", help="run directories (default: every run under runs/)")
@@ -198,8 +203,25 @@ def _toml_str(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def _version() -> str:
+    """The installed distribution's version (the package's own when it runs from a source tree)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from hetfl import __version__
+
+    try:
+        return version("hetfl")
+    except PackageNotFoundError:  # pragma: no cover
+        return __version__
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
 
+    if args.entry:
+        from hetfl.reference import describe_entry
+
+        print(describe_entry(args.entry))
+        return 0
     for kind, reg in REGISTRIES.items():
         print(f"{kind}:")
         for name, obj in reg.items():
