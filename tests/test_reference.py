@@ -28,7 +28,7 @@ def test_every_key_is_listed_under_its_section():
         sections[title.strip("`[] ")] = body
     for key in all_keys():
         section, _, name = key.rpartition(".")
-        assert f"| `{name}` |" in sections["Top level" if not section else section], key
+        assert f"| `{name}` |" in sections[section or "Top level"], key
     for key in ("engine", "workers", "threads_per_worker", "worker_timeout_s", "batched", "data.verify",
                 "train.augment", "train.memory_format", "fleet.size_correlation", "graph.name", "graph.mixing"):
         assert key in all_keys(), key  # the keys issue 39 found missing from the README's table

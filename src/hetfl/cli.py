@@ -3,12 +3,13 @@
     hetfl run CONFIG [--set k=v ...] [--out DIR] [--resume DIR] [--seed N] [--device cpu|cuda] [--workers N|auto]
               [--quiet]
     hetfl list [ENTRY]                        (ENTRY: its parameters and defaults, e.g. hetfl list heterofl)
-    hetfl plot [DIR ...] [--out DIR]          (no DIR: every run under runs/)
+    hetfl plot [DIR ...] [--out DIR]          (no DIR: every run under runs/; --out default: plots/)
     hetfl summary [DIR ...]
     hetfl sweep STUDY.toml [--workers N] [--out DIR]
     hetfl report SWEEP_DIR [--out FILE]
 
-``hetfl --version`` prints the version.  A user error (bad config, missing data, ...) prints one paragraph on stderr and exits with code 2;
+``hetfl --version`` prints the version.  A user error (bad config, missing data, ...) prints one paragraph on
+stderr and exits with code 2;
 ``--debug`` shows the traceback instead.
 """
 
@@ -74,9 +75,11 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("entry", nargs="?", metavar="ENTRY", help="an entry's name: show where it is set, its parameters "
                                                                "and their defaults")
 
-    pl = sub.add_parser("plot", allow_abbrev=False, help="plot accuracy/loss vs round and vs bytes for run directories")
+    pl = sub.add_parser("plot", allow_abbrev=False,
+                        help="plot run directories: accuracy vs rounds, bytes and FLOPs, train and test loss, per "
+                             "width / tier / deployed accuracy, epsilon of private runs")
     pl.add_argument("runs", nargs="*", metavar="DIR", help="run directories (default: every run under runs/)")
-    pl.add_argument("--out", help="folder for the PNGs (default: the first run directory)")
+    pl.add_argument("--out", help="folder for the PNGs (default: plots/ in the current directory)")
 
     s = sub.add_parser("summary", allow_abbrev=False, help="print a table of run directories' results")
     s.add_argument("runs", nargs="*", metavar="DIR", help="run directories (default: every run under runs/)")
@@ -129,9 +132,41 @@ def run_config(args: argparse.Namespace) -> Any:
         if not args.config:
             raise HetflError("hetfl run needs a CONFIG file (e.g. configs/digits_fedavg.toml) or --resume DIR")
         cfg = load_config(args.config, overrides, notes=notes)
+        if overrides and not any(o.split("=", 1)[0].strip() == "name" for o in overrides):
+            cfg = cfg.replace(name=run_name(cfg, load_config(args.config)))
     for note in notes:
         print(f"hetfl run: {note}", file=sys.stderr)
     return cfg
+
+
+#: What a run's name says: an override of any of these renames the run (``run_name``).
+IDENTITY = (("data", "name"), ("data", "partition", "name"), ("model", "name"), ("algorithm", "name"),
+            ("fleet", "source"), ("fleet", "mix"))
+
+
+def auto_name(cfg: Any) -> str:
+    """A run name read from the config: dataset-algorithm-model-partition[-fleet]."""
+    parts = [cfg.data.name, cfg.algorithm.name, cfg.model.name, cfg.data.partition.name]
+    if cfg.fleet.source == "phones":
+        parts.append("phones")
+    elif cfg.fleet.source == "tiers":
+        parts.append(cfg.fleet.mix)
+    return "-".join(str(p) for p in parts)
+
+
+def run_name(cfg: Any, as_written: Any) -> str:
+    """The name of a run of ``cfg``, which is ``as_written`` (the config file alone) plus ``--set`` overrides: the
+    file's ``name`` while the overrides leave what a name says alone, else one read from the resolved config
+    (``--set algorithm.name=fedrolex --set fleet.source=phones`` must not run as "...-heterofl-a-b-c-d-e")."""
+
+    def get(c: Any, path: tuple[str, ...]) -> Any:
+        for part in path:
+            c = getattr(c, part)
+        return c
+
+    if cfg.name and all(get(cfg, k) == get(as_written, k) for k in IDENTITY):
+        return cfg.name
+    return auto_name(cfg)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -150,8 +185,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         summary = run(cfg, args.out, resume=args.resume, quiet=args.quiet, config_path=args.config)
     acc = summary.get("test_accuracy")
     acc_text = f"{acc:.4f}" if isinstance(acc, float) else "n/a"
+    privacy = summary.get("privacy") or {}
+    eps = privacy.get("epsilon")
+    eps_text = "" if not privacy else (f"  epsilon={eps:.3f} (delta={privacy.get('delta')})"
+                                       if isinstance(eps, (int, float)) else "  epsilon=inf (no guarantee)")
     print(f"{summary['run_dir']}  rounds={summary['rounds_completed']}  test_accuracy={acc_text}  "
-          f"wall_time_s={summary['wall_time_s']:.1f}")
+          f"wall_time_s={summary['wall_time_s']:.1f}{eps_text}")
     participation = summary.get("participation_by_tier") or {}
     if any(v < 1 for v in participation.values()) or summary.get("rounds_skipped"):  # faults: make them visible
         tiers = " ".join(f"{k}={v:.2f}" for k, v in participation.items())
