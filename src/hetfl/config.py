@@ -292,6 +292,35 @@ class PrivacyConfig:
         return self.clip is not None or self.noise_multiplier > 0.0 or self.target_epsilon is not None
 
 
+LOG_WRITERS = ("tensorboard", "mlflow")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """``[log]``: where every round's metrics go besides metrics.jsonl (off by default; see hetfl.logwriters).
+
+    * ``to``: ``"tensorboard"`` (event files in RUN_DIR/tensorboard; extra ``hetfl[tensorboard]``), ``"mlflow"``
+      (a run of an MLflow tracking store, with the resolved config as its parameters; extra ``hetfl[mlflow]``),
+      both comma-separated, or ``""``: none.
+    * ``mlflow_uri``: the MLflow tracking URI (default: a local file store in RUN_DIR/mlruns).
+    * ``mlflow_experiment``: the MLflow experiment the run is logged under.
+    """
+
+    to: str = ""
+    mlflow_uri: str = ""
+    mlflow_experiment: str = "hetfl"
+
+    def __post_init__(self) -> None:
+        unknown = [w for w in self.writers if w not in LOG_WRITERS]
+        if unknown:
+            raise ConfigError(f"log.to: unknown writer {unknown[0]!r} in {self.to!r}; allowed: "
+                              f"{', '.join(LOG_WRITERS)} (comma-separated), or \"\" for none")
+
+    @property
+    def writers(self) -> tuple[str, ...]:
+        return tuple(w.strip().lower() for w in self.to.split(",") if w.strip())
+
+
 @dataclass(frozen=True)
 class RunConfig:
     name: str = ""
@@ -312,6 +341,7 @@ class RunConfig:
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     graph: GraphConfig = field(default_factory=GraphConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     # train same-shape clients as one vmapped model: "auto" (CUDA only, if a start-up micro-benchmark
     # says it is faster), true, false (hetfl.engines.batched)
     batched: bool | str = "auto"
@@ -519,6 +549,7 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
         faults=plain(cfg.faults),
         graph=plain(cfg.graph),
         privacy=plain(cfg.privacy),
+        log=plain(cfg.log),
     )
     return out
 
