@@ -9,8 +9,9 @@ What it does (the same commands are in docs/flower.md):
 1. writes a Flower app (``pyproject.toml`` whose components are ``hetfl.flower.server:app`` and
    ``hetfl.flower.client:app``) and a Flower config (``$FLWR_HOME/config.toml`` naming the local
    SuperLink) into a temporary folder;
-2. starts ``flower-superlink --insecure`` on free localhost ports (every Flower executable from this
-   interpreter's scripts directory, which also goes first on the PATH of every process it starts, so the
+2. starts ``flower-superlink --insecure`` on free localhost ports (every Flower executable through a
+   launcher that runs its entry point on this interpreter, wherever Flower's scripts were installed; the
+   launchers' folder goes first on the PATH of every process it starts, so the
    ``flower-superexec``/``flwr-serverapp``/``flwr-clientapp`` that SuperLink and SuperNodes start by name
    are this interpreter's, whatever PATH the caller had);
 3. starts N ``flower-supernode --insecure --node-config "partition-id=i num-partitions=N ..."``: every
@@ -28,6 +29,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -60,27 +62,42 @@ def interpreter_bin_dirs() -> list[Path]:
     return list(dict.fromkeys([Path(sysconfig.get_path("scripts")), Path(sys.executable).parent]))
 
 
-def flower_executable(name: str) -> Path:
-    """Flower's console script ``name`` from this interpreter's own scripts directory, whatever PATH says.
+def flower_executable(name: str, launchers: Path | None = None) -> Path:
+    """A launcher for Flower's console script ``name`` that runs it on this interpreter, wherever Flower's
+    scripts were installed.
 
-    Missing: one message naming the executable and the extra that installs it."""
-    for folder in interpreter_bin_dirs():
-        exe = folder / name
-        if exe.is_file() and os.access(exe, os.X_OK):
-            return exe
-    where = " or ".join(str(d) for d in interpreter_bin_dirs())
-    raise FileNotFoundError(f"{name} is not installed for this interpreter ({sys.executable}; looked in {where}); "
-                            f"it comes with Flower: {FLOWER_EXTRA}")
+    The script is found by its entry point in the installed packages' metadata (what pip writes the script
+    from), not by its file: in a venv made with ``--system-site-packages`` whose Flower comes from the base
+    interpreter, the scripts are in the base's bin/, which may be on no PATH.  The launcher (a two-line shell
+    script in ``launchers``, default: a folder of this process under the temporary directory) runs
+    ``sys.executable`` on the entry point.  Missing: one message naming the executable and the extra."""
+    from importlib.metadata import entry_points
+
+    found = list(entry_points(group="console_scripts", name=name))
+    if not found:
+        where = " or ".join(str(d) for d in interpreter_bin_dirs())
+        raise FileNotFoundError(f"{name} is not installed for this interpreter ({sys.executable}; no such console "
+                                f"script in its packages, scripts directory {where}); it comes with Flower: "
+                                f"{FLOWER_EXTRA}")
+    module, _, attr = found[0].value.partition(":")
+    folder = launchers or Path(tempfile.gettempdir()) / f"hetfl-flower-launchers-{os.getpid()}"
+    folder.mkdir(parents=True, exist_ok=True)
+    code = f"import sys; import {module} as m; sys.argv[0] = {json.dumps(name)}; sys.exit(m.{attr}())"
+    exe = folder / name
+    exe.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -c {shlex.quote(code)} \"$@\"\n")
+    exe.chmod(0o755)
+    return exe
 
 
-def child_env(env: dict[str, str]) -> dict[str, str]:
-    """``env`` with this interpreter's scripts directory first on PATH.
+def child_env(env: dict[str, str], launchers: Path | None = None) -> dict[str, str]:
+    """``env`` with the Flower launchers (:func:`flower_executable`), then this interpreter's scripts
+    directory, first on PATH.
 
     The SuperLink and SuperNodes start ``flower-superexec`` by name, which starts ``flwr-serverapp`` and
-    ``flwr-clientapp`` by name: from any interpreter (a venv not activated, pyenv, an absolute python path)
-    they must find this interpreter's Flower, not another one or none.
+    ``flwr-clientapp`` by name: from any interpreter (a venv not activated, pyenv, an absolute python path, a
+    venv whose Flower is the base interpreter's) they must find this interpreter's Flower, not another or none.
     """
-    first = [str(d) for d in interpreter_bin_dirs()]
+    first = [*([str(launchers)] if launchers else []), *(str(d) for d in interpreter_bin_dirs())]
     rest = [p for p in env.get("PATH", "").split(os.pathsep) if p and p not in first]
     return {**env, "PATH": os.pathsep.join(first + rest)}
 
@@ -200,13 +217,15 @@ query-timeout = 120.0
 """)
     (app / "README.md").write_text("hetfl on a local Flower deployment (generated by examples/flower_localhost.py)\n")
 
+    launchers = work / "bin"
     env = child_env({**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
                      "PYTHONPATH": os.pathsep.join([str(ROOT / "src"),
-                                                    os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)})
+                                                    os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)},
+                    launchers)
     try:
-        # the last three are started by name by the first two: checked here so a missing one is one clear line
-        exes = {name: flower_executable(name) for name in ("flower-superlink", "flower-supernode", "flwr",
-                                                            "flower-superexec", "flwr-serverapp", "flwr-clientapp")}
+        # the last three are started by name by the first two (found first on PATH: launchers): written here
+        exes = {name: flower_executable(name, launchers) for name in (
+            "flower-superlink", "flower-supernode", "flwr", "flower-superexec", "flwr-serverapp", "flwr-clientapp")}
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -127,7 +127,11 @@ def test_cli_sweep_with_worker_processes(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "2 to run on 2 workers" in printed and "2 ran, 0 skipped, 0 failed" in printed
     assert [r["status"] for r in read_results(tmp_path / "o" / RESULTS_CSV)] == ["complete", "complete"]
-    assert main(["sweep", str(study), "--out", str(tmp_path / "o"), "--workers", "0"]) == 2  # user error
+    for auto in ("auto", "0"):  # as `hetfl run --workers` reads them: the study's workers, else one per core
+        assert main(["sweep", str(study), "--out", str(tmp_path / "o"), "--workers", auto]) == 0
+        assert "0 ran, 2 skipped" in capsys.readouterr().out
+    assert main(["sweep", str(study), "--out", str(tmp_path / "o"), "--workers", "-1"]) == 2  # user error
+    assert "--workers must be an integer >= 1, or auto (0 also means auto), got '-1'" in capsys.readouterr().err
 
 
 def test_full_width_accuracy_is_the_tiers_own_where_a_run_logs_it_per_tier():

@@ -2,33 +2,37 @@
 
     hetfl run CONFIG [--set k=v ...] [--out DIR] [--resume DIR] [--seed N] [--device cpu|cuda] [--workers N|auto]
               [--quiet]
-    hetfl list
-    hetfl plot [DIR ...] [--out DIR]          (no DIR: every run under runs/)
+    hetfl list [ENTRY]                        (ENTRY: its parameters and defaults, e.g. hetfl list heterofl)
+    hetfl plot [DIR ...] [--out DIR]          (no DIR: every run under runs/; --out default: plots/)
     hetfl summary [DIR ...]
     hetfl sweep STUDY.toml [--workers N] [--out DIR]
     hetfl report SWEEP_DIR [--out FILE]
 
-A user error (bad config, missing data, ...) prints one paragraph on stderr and exits with code 2;
+``hetfl --version`` prints the version.  A user error (bad config, missing data, ...) prints one paragraph on
+stderr and exits with code 2;
 ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from hetfl.catalog import REGISTRIES
 from hetfl.config import apply_overrides, parse_toml
+from hetfl.data.fetch import no_downloads
 from hetfl.errors import HetflError
 from hetfl.plot import plot_runs, summary_table
 from hetfl.registry import describe
 from hetfl.report import write_report
 from hetfl.resolve import config_from_dict, load_config
-from hetfl.results import CONFIG, METRICS, RunDir
-from hetfl.runner import _merge_resume, run
+from hetfl.results import CONFIG, METRICS, RunDir, config_text, read_summary
+from hetfl.runner import _merge_resume, prepare, run
 from hetfl.sweep import load_study, run_sweep
 
 EXIT_USER_ERROR = 2
@@ -39,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hetfl", description="Federated learning across heterogeneous devices.",
                                 allow_abbrev=False)
     p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    p.add_argument("--version", action="version", version=f"hetfl {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     r = sub.add_parser("run", allow_abbrev=False, help="run (or resume) an experiment from a TOML config")
@@ -59,15 +64,22 @@ def _parser() -> argparse.ArgumentParser:
                    help="torch threads in each worker process (default 1) (shorthand for --set threads_per_worker=N)")
     r.add_argument("--quiet", action="store_true", help="no progress bar or round messages; only the final line "
                                                          "(run directory, rounds, test accuracy, wall time) is printed")
-    r.add_argument("--dry-run", action="store_true", help="load and validate the config (and --resume DIR) and stop: "
-                                                           "nothing is trained, downloaded or written")
+    r.add_argument("--dry-run", action="store_true", help="make every check the run makes before it starts (config, "
+                                                           "--resume DIR, data, partition, models, fleet), print the "
+                                                           "resolved config and stop: nothing is trained or written")
     r.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
-    sub.add_parser("list", allow_abbrev=False, help="list every registry: datasets, partitioners, models, algorithms")
+    ls = sub.add_parser("list", allow_abbrev=False,
+                        help="list every registry (datasets, partitioners, models, algorithms, ...), or one entry's "
+                             "parameters and defaults: hetfl list heterofl")
+    ls.add_argument("entry", nargs="?", metavar="ENTRY", help="an entry's name: show where it is set, its parameters "
+                                                               "and their defaults")
 
-    pl = sub.add_parser("plot", allow_abbrev=False, help="plot accuracy/loss vs round and vs bytes for run directories")
+    pl = sub.add_parser("plot", allow_abbrev=False,
+                        help="plot run directories: accuracy vs rounds, bytes and FLOPs, train and test loss, per "
+                             "width / tier / deployed accuracy, epsilon of private runs")
     pl.add_argument("runs", nargs="*", metavar="DIR", help="run directories (default: every run under runs/)")
-    pl.add_argument("--out", help="folder for the PNGs (default: the first run directory)")
+    pl.add_argument("--out", help="folder for the PNGs (default: plots/ in the current directory)")
 
     s = sub.add_parser("summary", allow_abbrev=False, help="print a table of run directories' results")
     s.add_argument("runs", nargs="*", metavar="DIR", help="run directories (default: every run under runs/)")
@@ -75,7 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", allow_abbrev=False,
                         help="run a study grid (policy x fleet x ... x seed) in parallel, resumable")
     sw.add_argument("study", help="study TOML: a base config, grid axes of --set overrides, seeds")
-    sw.add_argument("--workers", type=int, help="worker processes (default: the study's, else one per core)")
+    sw.add_argument("--workers", help="worker processes: N >= 1, or auto (0 also means auto: the study's "
+                                      "workers, else one per core)")
     sw.add_argument("--out", help="sweep directory (default: runs/sweeps/<study name>); rerun to resume")
     sw.add_argument("--dry-run", action="store_true", help="validate the study and every cell's config, run nothing")
 
@@ -119,9 +132,41 @@ def run_config(args: argparse.Namespace) -> Any:
         if not args.config:
             raise HetflError("hetfl run needs a CONFIG file (e.g. configs/digits_fedavg.toml) or --resume DIR")
         cfg = load_config(args.config, overrides, notes=notes)
+        if overrides and not any(o.split("=", 1)[0].strip() == "name" for o in overrides):
+            cfg = cfg.replace(name=run_name(cfg, load_config(args.config)))
     for note in notes:
         print(f"hetfl run: {note}", file=sys.stderr)
     return cfg
+
+
+#: What a run's name says: an override of any of these renames the run (``run_name``).
+IDENTITY = (("data", "name"), ("data", "partition", "name"), ("model", "name"), ("algorithm", "name"),
+            ("fleet", "source"), ("fleet", "mix"))
+
+
+def auto_name(cfg: Any) -> str:
+    """A run name read from the config: dataset-algorithm-model-partition[-fleet]."""
+    parts = [cfg.data.name, cfg.algorithm.name, cfg.model.name, cfg.data.partition.name]
+    if cfg.fleet.source == "phones":
+        parts.append("phones")
+    elif cfg.fleet.source == "tiers":
+        parts.append(cfg.fleet.mix)
+    return "-".join(str(p) for p in parts)
+
+
+def run_name(cfg: Any, as_written: Any) -> str:
+    """The name of a run of ``cfg``, which is ``as_written`` (the config file alone) plus ``--set`` overrides: the
+    file's ``name`` while the overrides leave what a name says alone, else one read from the resolved config
+    (``--set algorithm.name=fedrolex --set fleet.source=phones`` must not run as "...-heterofl-a-b-c-d-e")."""
+
+    def get(c: Any, path: tuple[str, ...]) -> Any:
+        for part in path:
+            c = getattr(c, part)
+        return c
+
+    if cfg.name and all(get(cfg, k) == get(as_written, k) for k in IDENTITY):
+        return cfg.name
+    return auto_name(cfg)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -129,11 +174,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = run_config(args)
     if args.dry_run:
         return _dry_run(cfg, args)
-    summary = run(cfg, args.out, resume=args.resume, quiet=args.quiet, config_path=args.config)
+    warn_workers(cfg)
+    done = read_summary(args.resume) if args.resume else None
+    if done and done.get("status") == "complete" and cfg is not None and done.get("rounds_completed") == cfg.rounds:
+        print(f"hetfl run: {args.resume} is already complete ({cfg.rounds} of {cfg.rounds} rounds); nothing to do. "
+              f"Extend it with `hetfl run --resume {shlex.quote(args.resume)} --set rounds={2 * cfg.rounds}`",
+              file=sys.stderr)
+        summary = {**done, "run_dir": done.get("run_dir", args.resume)}
+    else:
+        summary = run(cfg, args.out, resume=args.resume, quiet=args.quiet, config_path=args.config)
     acc = summary.get("test_accuracy")
     acc_text = f"{acc:.4f}" if isinstance(acc, float) else "n/a"
+    privacy = summary.get("privacy") or {}
+    eps = privacy.get("epsilon")
+    eps_text = "" if not privacy else (f"  epsilon={eps:.3f} (delta={privacy.get('delta')})"
+                                       if isinstance(eps, (int, float)) else "  epsilon=inf (no guarantee)")
     print(f"{summary['run_dir']}  rounds={summary['rounds_completed']}  test_accuracy={acc_text}  "
-          f"wall_time_s={summary['wall_time_s']:.1f}")
+          f"wall_time_s={summary['wall_time_s']:.1f}{eps_text}")
     participation = summary.get("participation_by_tier") or {}
     if any(v < 1 for v in participation.values()) or summary.get("rounds_skipped"):  # faults: make them visible
         tiers = " ".join(f"{k}={v:.2f}" for k, v in participation.items())
@@ -150,19 +207,60 @@ def _dry_run(cfg: Any, args: argparse.Namespace) -> int:
             raise HetflError(f"{args.resume!r} is not a hetfl run directory (no {CONFIG}); nothing to resume")
         saved = config_from_dict(parse_toml((run_dir.path / CONFIG).read_text(), str(run_dir.path / CONFIG)))
         cfg = _merge_resume(saved, cfg)
+    warn_workers(cfg)
+    checked = "data, partition, models, fleet and privacy checked"
+    with no_downloads("--dry-run downloads nothing") as refused:
+        try:  # every check the real run makes before it writes anything
+            prepare(cfg)
+        except HetflError:
+            if not refused:
+                raise
+            checked = (f"the data is not on this machine ({refused[0]} would be downloaded), so the checks that "
+                       f"need it (partition, models on the data, fleet) run when `hetfl run` has it")
     what = f"--resume {args.resume}" if args.resume else args.config
-    print(f"{what}: valid (dataset {cfg.data.name}, partition {cfg.data.partition.name}, "
+    print(config_text(cfg), end="")
+    print(f"# {what}: valid (dataset {cfg.data.name}, partition {cfg.data.partition.name}, "
           f"model {cfg.model.name}, algorithm {cfg.algorithm.name}, {cfg.rounds} rounds, "
-          f"engine {cfg.engine}); --dry-run: nothing trained or written")
+          f"engine {cfg.engine}); {checked}; --dry-run: the resolved config above, nothing trained or written")
     return 0
+
+
+def warn_workers(cfg: Any) -> None:
+    """One line on stderr when ``workers`` asks for more processes than this process has cores: they would
+    share the cores, each round slower rather than faster."""
+    from hetfl.engines.workers import available_cores
+
+    workers = getattr(cfg, "workers", "auto")
+    cores = available_cores()
+    if isinstance(workers, int) and workers > cores:
+        print(f"hetfl run: warning: workers={workers} is more than the {cores} core(s) this process may use; up to "
+              f"{workers} processes (at most one per client of a round) would share them, each round slower rather "
+              f"than faster. Use --workers auto, or at most {cores}", file=sys.stderr)
 
 
 def _toml_str(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def _version() -> str:
+    """The installed distribution's version (the package's own when it runs from a source tree)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from hetfl import __version__
+
+    try:
+        return version("hetfl")
+    except PackageNotFoundError:  # pragma: no cover
+        return __version__
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
 
+    if args.entry:
+        from hetfl.reference import describe_entry
+
+        print(describe_entry(args.entry))
+        return 0
     for kind, reg in REGISTRIES.items():
         print(f"{kind}:")
         for name, obj in reg.items():
@@ -200,8 +298,7 @@ def _cmd_summary(args: argparse.Namespace) -> int:
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
 
-    if args.workers is not None and args.workers < 1:
-        raise HetflError(f"--workers must be >= 1, got {args.workers}")
+    workers = _sweep_workers(args.workers)
     study = load_study(args.study)
     if args.dry_run:
         cells = study.cells()
@@ -209,8 +306,22 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             study.config(c)
         print(f"{args.study}: valid ({len(cells)} cells); --dry-run: nothing run or written")
         return 0
-    result = run_sweep(study, args.out or Path("runs") / "sweeps" / study.name, workers=args.workers)
+    result = run_sweep(study, args.out or Path("runs") / "sweeps" / study.name, workers=workers)
     return 1 if result["failed"] else 0
+
+
+def _sweep_workers(text: str | None) -> int | None:
+    """``hetfl sweep --workers``: N >= 1 cells side by side, or auto / 0 (None: the study's, else one per core),
+    read as ``hetfl run --workers`` reads them."""
+    if text is None or text.strip().lower() in ("auto", "0"):
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 1:
+        raise HetflError(f"--workers must be an integer >= 1, or auto (0 also means auto), got {text!r}")
+    return n
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -246,6 +357,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
+    shown = warnings.showwarning
+    warnings.showwarning = _one_line_warnings(shown)
     try:
         return COMMANDS[args.command](args)
     except HetflError as exc:
@@ -253,9 +366,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"hetfl {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("hetfl: interrupted; resume with `hetfl run --resume RUN_DIR`", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(interrupted_message(getattr(exc, "run_dir", None)), file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = shown
+
+
+def interrupted_message(run_dir: str | None) -> str:
+    """What Ctrl-C prints: the command that continues the run, with its real directory."""
+    if run_dir is None:
+        return "hetfl: interrupted before a run directory was written; nothing to resume"
+    return f"hetfl: interrupted; resume with `hetfl run --resume {shlex.quote(run_dir)}`"
+
+
+def _one_line_warnings(fallback: Any) -> Any:
+    """A ``warnings.showwarning`` that prints hetfl's own warnings (e.g. a data file that fails its checksum)
+    as one line, without Python's second line quoting hetfl's source; other packages' as ``fallback`` does."""
+    here = Path(__file__).resolve().parent
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+             line: str | None = None) -> None:
+        if category.__module__.split(".")[0] == "hetfl" or Path(filename).resolve().is_relative_to(here):
+            print(f"hetfl: warning: {message}", file=file or sys.stderr)
+        else:
+            fallback(message, category, filename, lineno, file, line)
+
+    return show
 
 
 if __name__ == "__main__":  # pragma: no cover

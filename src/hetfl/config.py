@@ -332,6 +332,35 @@ class PrivacyConfig:
         return self.clip is not None or self.noise_multiplier > 0.0 or self.target_epsilon is not None
 
 
+LOG_WRITERS = ("tensorboard", "mlflow")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """``[log]``: where every round's metrics go besides metrics.jsonl (off by default; see hetfl.logwriters).
+
+    * ``to``: ``"tensorboard"`` (event files in RUN_DIR/tensorboard; extra ``hetfl[tensorboard]``), ``"mlflow"``
+      (a run of an MLflow tracking store, with the resolved config as its parameters; extra ``hetfl[mlflow]``),
+      both comma-separated, or ``""``: none.
+    * ``mlflow_uri``: the MLflow tracking URI (default: a local file store in RUN_DIR/mlruns).
+    * ``mlflow_experiment``: the MLflow experiment the run is logged under.
+    """
+
+    to: str = ""
+    mlflow_uri: str = ""
+    mlflow_experiment: str = "hetfl"
+
+    def __post_init__(self) -> None:
+        unknown = [w for w in self.writers if w not in LOG_WRITERS]
+        if unknown:
+            raise ConfigError(f"log.to: unknown writer {unknown[0]!r} in {self.to!r}; allowed: "
+                              f"{', '.join(LOG_WRITERS)} (comma-separated), or \"\" for none")
+
+    @property
+    def writers(self) -> tuple[str, ...]:
+        return tuple(w.strip().lower() for w in self.to.split(",") if w.strip())
+
+
 @dataclass(frozen=True)
 class RunConfig:
     name: str = ""
@@ -353,6 +382,7 @@ class RunConfig:
     graph: GraphConfig = field(default_factory=GraphConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     asynchronous: AsyncConfig = field(default_factory=AsyncConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     # train same-shape clients as one vmapped model: "auto" (CUDA only, if a start-up micro-benchmark
     # says it is faster), true, false (hetfl.engines.batched)
     batched: bool | str = "auto"
@@ -561,6 +591,7 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
         graph=plain(cfg.graph),
         privacy=plain(cfg.privacy),
         asynchronous=plain(cfg.asynchronous),
+        log=plain(cfg.log),
     )
     return out
 
@@ -574,7 +605,28 @@ def parse_toml(text: str, source: str = "<config>") -> dict[str, Any]:
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source} is not valid TOML: {exc}") from None
+        raise ConfigError(f"{source} is not valid TOML: {exc}{_toml_hint(text, str(exc))}") from None
+
+
+def _toml_hint(text: str, message: str) -> str:
+    """What the TOML reader's message leaves out: the key given twice, or that a bare word needs quotes."""
+    import re
+
+    at = re.search(r"at line (\d+)", message)
+    if at is None or not 0 < int(at.group(1)) <= len(text.splitlines()):
+        return ""
+    lines = text.splitlines()
+    line = lines[int(at.group(1)) - 1].strip()
+    key, eq, value = line.partition("=")
+    key, value = key.strip(), value.split("#", 1)[0].strip()
+    if message.startswith("Cannot overwrite a value") and eq:
+        heads = [h.strip() for h in lines[:int(at.group(1)) - 1] if h.strip().startswith("[")]
+        where = f" in {heads[-1]}" if heads else ""
+        return f": key {key!r}{where} is set twice (line {at.group(1)}: {line}); keep one of them"
+    if message.startswith("Invalid value") and eq and re.fullmatch(r"[A-Za-z_][\w.-]*", value) \
+            and value not in ("true", "false", "inf", "nan"):
+        return f": {key} = {value} is not a TOML value; a string needs quotes: {key} = \"{value}\""
+    return ""
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

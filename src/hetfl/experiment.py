@@ -90,6 +90,7 @@ def prepare(cfg: RunConfig) -> Experiment:
     for ref in algorithm.model_refs(ctx):
         if ref != model_ref:
             _check_model(ref, dataset)
+            _check_depth_cut(ref, dataset, cfg.algorithm.name)
     check_min_clients(cfg.faults, algorithm.clients_for(federation.num_clients))
     ctx = dataclasses.replace(ctx, privacy=plan_privacy(cfg.privacy, algorithm, cfg.algorithm.name, ctx, cfg.rounds,
                                                         cfg.faults.min_clients))  # [privacy]: refused or resolved
@@ -97,6 +98,27 @@ def prepare(cfg: RunConfig) -> Experiment:
         algorithm.check_setup(ctx, cfg.graph)
 
     return Experiment(cfg, dataset, federation, algorithm, ctx, device)
+
+
+def _check_depth_cut(ref: ModelRef, dataset: Dataset, algorithm: str) -> None:
+    """A depth level below 1 needs a model of more than one block: a one-block model cut at any depth is the
+    whole model, so every "shallower" level would silently train and report the full model."""
+    if ref.name != "multi_exit":
+        return
+    params = dict(ref.params)
+    depth = float(params.get("depth", 1.0))
+    if depth >= 1:
+        return
+    from hetfl.hetero.depth import decode_params, plan_for  # (the depth machinery only for depth algorithms)
+
+    base, base_params = str(params["base"]), str(params.get("base_params", ""))
+    plan = plan_for(base, base_params, dataset.info)
+    if plan.num_blocks < 2:
+        own = ", ".join(f"{k}={v!r}" for k, v in decode_params(base_params))
+        raise ConfigError(f"algorithm {algorithm!r} cuts the model in depth (a level of depth {depth:g}), but model "
+                          f"{base!r}{f' ({own})' if own else ''} on {dataset.name!r} is a single block: every depth "
+                          f"level would be the whole model. Use a model with several blocks (e.g. mlp with "
+                          f"hidden = \"64,64\", cnn, heterofl_conv, resnet) or a width method (heterofl, fjord)")
 
 
 def _check_model(ref: ModelRef, dataset: Dataset) -> None:

@@ -16,6 +16,29 @@ from rich.progress import (
 )
 
 
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and value == value
+
+
+def round_status(metrics: dict[str, float]) -> str:
+    """A round's numbers, each labelled by what it is: the test accuracy and loss (evaluation rounds), the
+    accuracy of the models the clients run (``deployed``, heterogeneous runs), the clients' *train* loss, and
+    epsilon so far (private runs)."""
+    parts = []
+    if _finite(metrics.get("test_accuracy")):
+        parts.append(f"test acc {metrics['test_accuracy']:.4f}")
+    if _finite(metrics.get("deployed_accuracy")) and metrics.get("deployed_accuracy") != metrics.get("test_accuracy"):
+        parts.append(f"deployed {metrics['deployed_accuracy']:.4f}")
+    if _finite(metrics.get("test_loss")):
+        parts.append(f"test loss {metrics['test_loss']:.4f}")
+    if _finite(metrics.get("train_loss")):
+        parts.append(f"train loss {metrics['train_loss']:.4f}")
+    eps = metrics.get("privacy.epsilon")
+    if "privacy.epsilon" in metrics:
+        parts.append(f"ε {eps:.2f}" if _finite(eps) else "ε ∞")
+    return "  ".join(parts)
+
+
 class RunProgress:
     def __init__(self, total: int, start: int = 0, *, label: str = "hetfl", quiet: bool = False) -> None:
         self.quiet = quiet
@@ -71,13 +94,9 @@ class RunProgress:
     def update(self, rnd: int, metrics: dict[str, float]) -> None:
         if self._progress is None:
             return
-        parts = []
-        if "test_accuracy" in metrics:
-            parts.append(f"acc {metrics['test_accuracy']:.4f}")
-        if "train_loss" in metrics and metrics["train_loss"] == metrics["train_loss"]:
-            parts.append(f"loss {metrics['train_loss']:.4f}")
-        if parts:
-            self._last = "  ".join(parts)
+        text = round_status(metrics)
+        if text:
+            self._last = text
         self._progress.update(self._task, completed=rnd, status=self._last)
 
     def log(self, message: str) -> None:

@@ -27,6 +27,7 @@ from hetfl.config import (
     FaultsConfig,
     FleetConfig,
     GraphConfig,
+    LogConfig,
     ModelConfig,
     PrivacyConfig,
     RunConfig,
@@ -49,7 +50,8 @@ from hetfl.models import MODELS
 def config_from_dict(raw: Mapping[str, Any]) -> RunConfig:
     """Validate a nested dict (parsed TOML + overrides) into a :class:`RunConfig`."""
     raw = dict(raw)
-    sections = {"data", "model", "algorithm", "train", "eval", "fleet", "faults", "graph", "privacy", "asynchronous"}
+    sections = {"data", "model", "algorithm", "train", "eval", "fleet", "faults", "graph", "privacy", "log",
+                "asynchronous"}
     top = {k: v for k, v in raw.items() if k not in sections}
     for key in sections:
         if key in raw and not isinstance(raw[key], Mapping):
@@ -104,9 +106,10 @@ def config_from_dict(raw: Mapping[str, Any]) -> RunConfig:
     graph = build_fixed(GraphConfig, "graph", raw.get("graph", {}))
     privacy = build_fixed(PrivacyConfig, "privacy", raw.get("privacy", {}))
     asynchronous = build_fixed(AsyncConfig, "asynchronous", raw.get("asynchronous", {}))
+    log = build_fixed(LogConfig, "log", raw.get("log", {}))
     run = build_fixed(RunConfig, "", top)
     cfg = dataclasses.replace(run, data=data, model=model, algorithm=algorithm, train=train, eval=ev, fleet=fleet,
-                              faults=faults, graph=graph, privacy=privacy, asynchronous=asynchronous)
+                              faults=faults, graph=graph, privacy=privacy, asynchronous=asynchronous, log=log)
     validate_ranges(cfg)
     TOPOLOGIES.get(cfg.graph.name, "graph.name")  # (the engine name: hetfl.runner.prepare, which builds it)
     return cfg

@@ -223,7 +223,8 @@ class RunDir:
 
 
 def inert_keys(cfg: Any) -> dict[str, str]:
-    """Keys of a resolved config that change nothing in this run, with why (``"section.key" -> reason``)."""
+    """Keys of a resolved config that change nothing in this run, with why (``"section.key" -> reason``; a
+    whole section as ``"[section]" -> reason``)."""
     out: dict[str, str] = {}
     source = cfg.fleet.source
     if source == "uniform":
@@ -234,6 +235,13 @@ def inert_keys(cfg: Any) -> dict[str, str]:
     if cfg.data.local_test_fraction == 0:
         for key in ("local", "local_clients"):
             out[f"eval.{key}"] = "data.local_test_fraction = 0: clients hold no local test split"
+    from hetfl.catalog import ALGORITHMS
+
+    entry = ALGORITHMS.get(cfg.algorithm.name) if cfg.algorithm.name in ALGORITHMS else None
+    if entry is not None and not getattr(entry, "decentralized", False):  # whole sections: "[section]" -> why
+        out["[graph]"] = f"used only by decentralized algorithms (dkd, dpsgd, ...), not {cfg.algorithm.name}"
+    if not cfg.privacy.active:
+        out["[privacy]"] = "off: no clip, noise_multiplier or target_epsilon"
     return out
 
 
@@ -245,6 +253,8 @@ def config_text(cfg: Any) -> str:
     for line in cfg.to_toml().splitlines():
         if line.startswith("["):
             section = line.strip("[]")
+            if inert.get(line):  # a whole section that does nothing in this run: marked on its header
+                line = f"{line}  # inert: {inert[line]}"
         elif " = " in line:
             key = line.split(" = ", 1)[0]
             why = inert.get(f"{section}.{key}" if section else key)

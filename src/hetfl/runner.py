@@ -30,6 +30,7 @@ from hetfl.errors import ConfigError, HetflError
 from hetfl.evaluation import Evaluator
 from hetfl.experiment import Experiment, resolve_device  # noqa: F401  (re-exported)
 from hetfl.experiment import prepare as build_experiment
+from hetfl.logwriters import check_writers, open_writers
 from hetfl.model_cache import ModelCache
 from hetfl.privacy.plan import check_resume
 from hetfl.progress import RunProgress
@@ -42,6 +43,7 @@ def prepare(cfg: RunConfig) -> Experiment:
     """:func:`hetfl.experiment.prepare` after checking the engine name: everything a run needs, built and
     checked before any file is written."""
     ENGINES.get(cfg.engine, "engine")  # an unknown engine fails before anything is loaded or written
+    check_writers(cfg)  # [log] to: a writer whose package is missing fails here, naming the extra
     return build_experiment(cfg)
 
 
@@ -150,6 +152,7 @@ def run(
         run_dir = RunDir.create(out_dir or default_out_dir(cfg, config_path), config_text(cfg))
         run_dir.write_json(PARTITION, exp.federation.summary.to_dict())
 
+    writers = open_writers(cfg, run_dir.path, config_text(cfg))  # [log]: TensorBoard / MLflow (none by default)
     factory = engine if engine is not None else ENGINES.get(cfg.engine, "engine")
     engine = factory(exp.algorithm, exp.federation, exp.ctx, exp.device, cfg)
     evaluator_cls = NodeEvaluator if exp.algorithm.decentralized else Evaluator  # decentralized: one model per node
@@ -191,6 +194,8 @@ def run(
                 if not row.get("skipped") and not math.isfinite(row.get("train_loss", 0.0) or 0.0):
                     bar.log(f"round {rnd}: training loss is not finite (diverged?); lower train.lr")
                 run_dir.append_metrics(row)
+                for writer in writers:
+                    writer.write(rnd, row)
                 rows.append(row)
                 if rnd == cfg.rounds or (cfg.checkpoint_every and rnd % cfg.checkpoint_every == 0):
                     run_dir.save_checkpoint({"round": rnd, "state": state.to_dict(),
@@ -201,8 +206,9 @@ def run(
                                            "run_dir": str(run_dir.path)})
                 bar.update(rnd, row)
         status = "complete"
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         status = "interrupted"
+        exc.run_dir = str(run_dir.path)  # type: ignore[attr-defined]  (the CLI's resume hint names it)
         raise
     except BaseException:
         status = "failed"
@@ -216,6 +222,8 @@ def run(
             summary["privacy"] = exp.ctx.privacy.summary(rows[-1]["round"] if rows else 0)
         summary["run_dir"] = str(run_dir.path)
         run_dir.write_summary(summary)
+        for writer in writers:
+            writer.close(summary)
     return summary
 
 

