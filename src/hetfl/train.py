@@ -233,12 +233,23 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Split, batch_size: int = 1000, *, per_sample: bool = False,
-             forward: Forward = _plain_forward, precision: str = "fp32") -> EvalResult:
+             forward: Forward = _plain_forward, precision: str = "fp32",
+             memory_format: str = "contiguous") -> EvalResult:
     """Mean cross-entropy and accuracy of ``model`` on ``data`` (already on the model's device);
-    ``precision = "bf16"``: the forward pass under bf16 autocast, the loss on float32 logits."""
+    ``precision = "bf16"``: the forward pass under bf16 autocast, the loss on float32 logits, and the
+    4-D weights in the layout ``memory_format`` (a ``train.memory_format`` setting) picks for training:
+    oneDNN's bf16 convolutions are fastest in channels_last (the fp32 path keeps its layout, so its
+    numbers stay those it always gave)."""
     n = len(data)
     if n == 0:
         return EvalResult(float("nan"), float("nan"), 0)
+    fmt = training_memory_format(memory_format, model, data.x.device) if precision == "bf16" else None
+    if fmt is not None and fmt is not torch.contiguous_format:
+        model.to(memory_format=fmt)
+        try:
+            return evaluate(model, data, batch_size, per_sample=per_sample, forward=forward, precision=precision)
+        finally:
+            model.to(memory_format=torch.contiguous_format)
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=data.x.device)
     correct_sum = torch.zeros((), dtype=torch.long, device=data.x.device)
