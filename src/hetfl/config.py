@@ -105,6 +105,7 @@ class AlgorithmConfig:
 
 
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
+PRECISIONS = ("fp32", "auto", "bf16")
 AUGMENTATIONS = ("none", "crop_flip")
 
 
@@ -126,6 +127,11 @@ class TrainConfig:
     # train-time augmentation of image minibatches: "none", or "crop_flip" (4-pixel padded random crop +
     # horizontal flip, seeded per (seed, round, client); hetfl.data.augment)
     augment: str = "none"
+    # arithmetic of the client step and evaluation: "fp32" (the default: results reproducible bit for bit),
+    # "bf16" (autocast to bfloat16; master weights, aggregation, noise and checkpoints stay fp32), or
+    # "auto" (bf16 where the hardware has bf16 matrix units and a measured step is faster; decided once at
+    # the run's start and recorded in summary.json; hetfl.precision)
+    precision: str = "fp32"
 
 
 @dataclass(frozen=True)
@@ -550,6 +556,8 @@ def validate_ranges(cfg: RunConfig) -> None:
     _require(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {t.grad_clip}")
     _require(t.memory_format in MEMORY_FORMATS,
              f"train.memory_format must be one of {', '.join(map(repr, MEMORY_FORMATS))}, got {t.memory_format!r}")
+    _require(t.precision in PRECISIONS,
+             f"train.precision must be one of {', '.join(map(repr, PRECISIONS))}, got {t.precision!r}")
     _require(t.augment in AUGMENTATIONS,
              f"train.augment must be one of {', '.join(map(repr, AUGMENTATIONS))}, got {t.augment!r}")
     e = cfg.eval

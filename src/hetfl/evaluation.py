@@ -89,13 +89,15 @@ class Evaluator:
             model = self.models.loaded(target.model, target.weights)
             if target.calibrate_bn:
                 out["bn_calibration_samples"] = recalibrate_bn(model, self.calibration_data(), self.cfg.batch_size)
-            res = evaluate(model, self.test, self.cfg.batch_size)
+            # the run's resolved arithmetic and layout (hetfl.precision)
+            prec = {"precision": self.ctx.train.precision, "memory_format": self.ctx.train.memory_format}
+            res = evaluate(model, self.test, self.cfg.batch_size, **prec)
             suffix = "" if label == "global" else f".{label}"
             out[f"test_accuracy{suffix}"] = res.accuracy
             out[f"test_loss{suffix}"] = res.loss
             if self.local is None or (label != "global" and target.clients is None):
                 continue
-            loc = evaluate(model, self.local.data, self.cfg.batch_size, per_sample=True)
+            loc = evaluate(model, self.local.data, self.cfg.batch_size, per_sample=True, **prec)
             k = len(self.local.clients)
             correct = np.bincount(self.local.owner, weights=loc.correct, minlength=k)
             count = np.bincount(self.local.owner, minlength=k)

@@ -32,6 +32,7 @@ from hetfl.experiment import Experiment, resolve_device  # noqa: F401  (re-expor
 from hetfl.experiment import prepare as build_experiment
 from hetfl.logwriters import check_writers, open_writers
 from hetfl.model_cache import ModelCache
+from hetfl.precision import PrecisionChoice, choose_for
 from hetfl.privacy.plan import check_resume
 from hetfl.progress import RunProgress
 from hetfl.reliability.guard import fault_summary
@@ -152,9 +153,11 @@ def run(
         run_dir = RunDir.create(out_dir or default_out_dir(cfg, config_path), config_text(cfg))
         run_dir.write_json(PARTITION, exp.federation.summary.to_dict())
 
+    setup = settle_precision(exp, read_summary(run_dir.path) if ckpt is not None else None, quiet)
     writers = open_writers(cfg, run_dir.path, config_text(cfg))  # [log]: TensorBoard / MLflow (none by default)
     factory = engine if engine is not None else ENGINES.get(cfg.engine, "engine")
-    engine = factory(exp.algorithm, exp.federation, exp.ctx, exp.device, cfg)
+    # the engine sees the resolved train config: what Flower nodes and torchrun ranks rebuild their setup from
+    engine = factory(exp.algorithm, exp.federation, exp.ctx, exp.device, cfg.replace(train=exp.ctx.train))
     evaluator_cls = NodeEvaluator if exp.algorithm.decentralized else Evaluator  # decentralized: one model per node
     evaluator = evaluator_cls(exp.federation, exp.ctx, cfg.eval, ModelCache(exp.ctx, exp.device), exp.device, cfg.seed)
     if ckpt is not None:
@@ -169,7 +172,7 @@ def run(
     status = "running"
     # until this run ends, summary.json must not claim an earlier "complete" (a kill -9 leaves "running")
     rows = run_dir.metrics()
-    run_dir.write_summary({**summarize_metrics(rows, elapsed, cfg, status), "run_dir": str(run_dir.path)})
+    run_dir.write_summary({**summarize_metrics(rows, elapsed, cfg, status), **setup, "run_dir": str(run_dir.path)})
     label = cfg.name or f"{cfg.algorithm.name}/{cfg.model.name}/{cfg.data.name}"
     try:
         with RunProgress(cfg.rounds, start, label=label, quiet=quiet) as bar:
@@ -202,7 +205,7 @@ def run(
                                              "elapsed_s": now - t_start, "seed": cfg.seed,
                                              "torch_rng": torch.get_rng_state()})
                     # summary.json follows the checkpoint (atomically): rounds_completed, accuracy so far
-                    run_dir.write_summary({**summarize_metrics(rows, now - t_start, cfg, status),
+                    run_dir.write_summary({**summarize_metrics(rows, now - t_start, cfg, status), **setup,
                                            "run_dir": str(run_dir.path)})
                 bar.update(rnd, row)
         status = "complete"
@@ -218,6 +221,7 @@ def run(
         rows = run_dir.metrics()
         summary = summarize_metrics(rows, time.perf_counter() - t_start, cfg, status)
         summary.update(exp.algorithm.summarize(rows))
+        summary.update(setup)
         if exp.ctx.privacy is not None:  # epsilon is recomputed from the rounds done (exact after a resume)
             summary["privacy"] = exp.ctx.privacy.summary(rows[-1]["round"] if rows else 0)
         summary["run_dir"] = str(run_dir.path)
@@ -225,6 +229,23 @@ def run(
         for writer in writers:
             writer.close(summary)
     return summary
+
+
+def settle_precision(exp: Experiment, recorded: dict[str, Any] | None, quiet: bool = True) -> dict[str, Any]:
+    """Resolve ``train.precision`` (``auto``: measured, :mod:`hetfl.precision`) once for the whole run and
+    write it into ``exp.ctx.train``, from which every task's train config comes (so worker processes,
+    batched clients and Flower nodes follow it); a resumed run reuses the choice its summary recorded.
+    Returns what summary.json records."""
+    train = exp.ctx.train
+    if recorded is not None and recorded.get("precision") in ("fp32", "bf16") and train.precision != "fp32":
+        choice = PrecisionChoice(recorded["precision"], recorded.get("memory_format", train.memory_format),
+                                 recorded.get("precision_reason", "recorded at the run's start"))
+    else:
+        choice = choose_for(exp.ctx, exp.federation.train.x[:64], exp.device)
+    exp.ctx = dataclasses.replace(exp.ctx, train=choice.apply(train))
+    if train.precision != "fp32" and not quiet:
+        print(f"precision: {choice.precision}, memory_format {choice.memory_format} ({choice.reason})", flush=True)
+    return choice.summary()
 
 
 def _merge_resume(saved: RunConfig, given: RunConfig | None) -> RunConfig:

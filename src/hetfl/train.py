@@ -11,6 +11,7 @@ processes).  Variants hook in without copying the loop:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ from hetfl.config import TrainConfig
 from hetfl.data.augment import make_augment
 from hetfl.data.base import ClientSplit, Split
 from hetfl.models.registry import PREFERS_CHANNELS_LAST
+from hetfl.precision import autocast, resolved
 
 Forward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 LossTerm = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -115,6 +117,9 @@ def local_sgd(
     n = len(data)
     if n == 0:
         return TrainStats(loss=float("nan"), steps=0, samples=0)
+    if cfg.precision == "auto":  # outside a run (which resolves it once at its start): measured, cached
+        example = data.rows(torch.arange(min(n, 2), device=data.device))[0]
+        cfg = dataclasses.replace(cfg, precision=resolved(cfg, model, example, device))
     gen = torch.Generator().manual_seed(seed)
     seed_torch(seed, device)
     model.train()
@@ -130,6 +135,9 @@ def local_sgd(
 
 def _sgd_loop(model: nn.Module, data: Split | ClientSplit, cfg: TrainConfig, gen: torch.Generator, forward: Forward,
               loss_fn: LossFn | None, loss_terms: Sequence[LossTerm], seed: int = 0) -> TrainStats:
+    """The SGD steps; with ``cfg.precision == "bf16"`` the forward pass and loss run under bf16 autocast
+    (the logits are cast back to float32 before the loss), backward and the update in the parameters'
+    float32."""
     n = len(data)
     augment = make_augment(cfg.augment, seed)  # its own generator: the batch order is the same either way
     params = [p for p in model.parameters() if p.requires_grad]
@@ -139,14 +147,22 @@ def _sgd_loop(model: nn.Module, data: Split | ClientSplit, cfg: TrainConfig, gen
     total = torch.zeros((), device=device)
     steps = samples = 0
     index_device = None if device.type == "cpu" else device  # one index transfer per pass, not per batch
+    bf16 = cfg.precision == "bf16"
     for idx in batch_indices(n, cfg.batch_size, cfg.epochs, cfg.steps, gen, index_device):
         xb, yb = data.rows(idx)  # a client's data gathers only the rows of this minibatch
         if augment is not None:
             xb = augment(xb)
-        logits = forward(model, xb)
-        loss = loss_fn(logits, yb)
-        for term in loss_terms:
-            loss = loss + term(model, xb, yb, logits)
+        if bf16:
+            with autocast("bf16", device):
+                logits = forward(model, xb).float()
+                loss = loss_fn(logits, yb)
+                for term in loss_terms:
+                    loss = loss + term(model, xb, yb, logits)
+        else:
+            logits = forward(model, xb)
+            loss = loss_fn(logits, yb)
+            for term in loss_terms:
+                loss = loss + term(model, xb, yb, logits)
         opt.zero_grad()
         loss.backward()
         if cfg.grad_clip > 0:
@@ -197,10 +213,12 @@ class SGD:
 
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1000,
-            forward: Forward = _plain_forward) -> torch.Tensor:
-    """Logits for every row of ``x`` (eval mode), computed in batches."""
+            forward: Forward = _plain_forward, precision: str = "fp32") -> torch.Tensor:
+    """Logits for every row of ``x`` (eval mode), computed in batches (float32 logits, whatever the
+    ``precision`` of the forward pass)."""
     model.eval()
-    outs = [forward(model, x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+    with autocast(precision, x.device):
+        outs = [forward(model, x[i:i + batch_size]).float() for i in range(0, len(x), batch_size)]
     return torch.cat(outs) if outs else torch.empty(0)
 
 
@@ -215,18 +233,34 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Split, batch_size: int = 1000, *, per_sample: bool = False,
-             forward: Forward = _plain_forward) -> EvalResult:
-    """Mean cross-entropy and accuracy of ``model`` on ``data`` (already on the model's device)."""
+             forward: Forward = _plain_forward, precision: str = "fp32",
+             memory_format: str = "contiguous") -> EvalResult:
+    """Mean cross-entropy and accuracy of ``model`` on ``data`` (already on the model's device);
+    ``precision = "bf16"``: the forward pass under bf16 autocast, the loss on float32 logits, and the
+    4-D weights in the layout ``memory_format`` (a ``train.memory_format`` setting) picks for training:
+    oneDNN's bf16 convolutions are fastest in channels_last (the fp32 path keeps its layout, so its
+    numbers stay those it always gave)."""
     n = len(data)
     if n == 0:
         return EvalResult(float("nan"), float("nan"), 0)
+    fmt = training_memory_format(memory_format, model, data.x.device) if precision == "bf16" else None
+    if fmt is not None and fmt is not torch.contiguous_format:
+        model.to(memory_format=fmt)
+        try:
+            return evaluate(model, data, batch_size, per_sample=per_sample, forward=forward, precision=precision)
+        finally:
+            model.to(memory_format=torch.contiguous_format)
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=data.x.device)
     correct_sum = torch.zeros((), dtype=torch.long, device=data.x.device)
     correct_parts, loss_parts = [], []
     for i in range(0, n, batch_size):
         xb, yb = data.x[i:i + batch_size], data.y[i:i + batch_size]
-        logits = forward(model, xb)
+        if precision == "bf16":
+            with autocast(precision, xb.device):
+                logits = forward(model, xb).float()
+        else:
+            logits = forward(model, xb)
         losses = F.cross_entropy(logits, yb, reduction="none")
         correct = logits.argmax(1) == yb
         loss_sum += losses.sum(dtype=torch.float64)

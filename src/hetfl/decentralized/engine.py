@@ -123,14 +123,17 @@ class NodeEvaluator:
             self._layout = algorithm.layout(self.ctx)
         lay = self._layout
         bs = self.cfg.batch_size
+        # the run's resolved arithmetic and layout (hetfl.precision)
+        prec = {"precision": self.ctx.train.precision, "memory_format": self.ctx.train.memory_format}
         test_acc, test_loss, local_acc = [], [], []
         for i in range(lay.n):
             model = self.models.loaded(lay.refs[i], state.models[node_key(i)])
-            res = evaluate(model, self.test, bs)
+            res = evaluate(model, self.test, bs, **prec)
             test_acc.append(res.accuracy)
             test_loss.append(res.loss)
             local = self.federation.client_test(i) if self.cfg.local else None
-            local_acc.append(evaluate(model, local, bs).accuracy if local is not None and len(local) else float("nan"))
+            local_acc.append(evaluate(model, local, bs, **prec).accuracy
+                             if local is not None and len(local) else float("nan"))
         acc, loss, loc = np.array(test_acc), np.array(test_loss), np.array(local_acc)
         out: dict[str, Any] = {"test_accuracy": float(acc.mean()), "test_loss": float(loss.mean())}
         for label, members in lay.tier_members().items():

@@ -40,6 +40,7 @@ from hetfl.data.base import Split
 from hetfl.data.federation import Federation
 from hetfl.errors import ConfigError
 from hetfl.models import ModelRef
+from hetfl.precision import autocast
 from hetfl.train import SGD, batch_indices, local_sgd
 
 SETTINGS = ("auto", True, False)
@@ -111,7 +112,7 @@ def train_group(module: nn.Module, weights: Sequence[dict[str, torch.Tensor]], x
     opt = SGD(leaves, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
     def loss_one(p: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(functional_call(module, p, (xb,)), yb)
+        return F.cross_entropy(functional_call(module, p, (xb,)).float(), yb)
 
     # vmap of the loss and plain autograd, not torch.func.grad: same numbers (checked bit for bit on the
     # 2NN), but functorch's grad transform imports torch._dynamo (~1 s per process)
@@ -122,7 +123,8 @@ def train_group(module: nn.Module, weights: Sequence[dict[str, torch.Tensor]], x
     with torch.no_grad():
         for idx in batches:
             with torch.enable_grad():
-                loss = batched_loss(params, x[idx], y[idx])
+                with autocast(cfg.precision, device):  # bf16: forward and loss only, as local_sgd
+                    loss = batched_loss(params, x[idx], y[idx])
                 grads = dict(zip(names, torch.autograd.grad(loss.sum(), leaves)))
             if cfg.grad_clip > 0:  # torch.nn.utils.clip_grad_norm_, per client
                 norms = torch.stack([torch.linalg.vector_norm(grads[n].reshape(k, -1), dim=1) for n in names], 1)
@@ -237,7 +239,8 @@ def microbenchmark(module: nn.Module, ref_weights: dict[str, torch.Tensor], exam
 
     steps = 4
     cfg = TrainConfig(epochs=1, steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
-                      weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
+                      weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, memory_format=cfg.memory_format,
+                      precision=cfg.precision)
     n = cfg.batch_size * steps
     gen = torch.Generator().manual_seed(0)
     x = torch.randn((k * n, *example.shape[1:]), generator=gen).to(device=device, dtype=example.dtype) \
