@@ -4,7 +4,7 @@
 unless asked):
 
 * ``accuracy.png``: the global model's test accuracy (solid) and, for heterogeneous runs, the accuracy of the
-  models the clients deploy (dashed), against rounds, cumulative bytes and cumulative training FLOPs;
+  models the clients deploy (dashed), against rounds, cumulative bytes, cumulative training FLOPs and virtual time;
 * ``loss.png``: the clients' train loss and the global model's test loss against rounds, each labelled;
 * ``tiers.png`` (runs with widths or tiers): per run, the global model cut to every width, the deployed and the
   smallest model's accuracy, and every tier's model on its own clients' data;
@@ -40,7 +40,10 @@ def _cumulative(rows: list[dict[str, Any]], cost: str) -> list[float]:
 
 
 def _series(run: Run, metric: str, x: str = "round") -> tuple[list[float], list[float]]:
-    xs_all = [float(r["round"]) for r in run.rows] if x == "round" else _cumulative(run.rows, x)
+    if x in ("round", "virtual_time_s"):
+        xs_all = [float(r.get(x, float("nan")) or 0.0) for r in run.rows]
+    else:
+        xs_all = _cumulative(run.rows, x)
     xs, ys = [], []
     for xv, r in zip(xs_all, run.rows):
         v = r.get(metric)
@@ -87,6 +90,8 @@ def plot_runs(dirs: Sequence[str | Path], out: str | Path | None = None) -> list
     xs = [("round", "round"), ("bytes", "cumulative bytes up + down (MiB)")]
     if has_flops:
         xs.append(("flops", "cumulative client training FLOPs (GFLOP)"))
+    if any(r.rows and r.rows[-1].get("virtual_time_s") for r in runs):  # the fleet's simulated time (docs/async.md)
+        xs.append(("virtual_time_s", "virtual time (simulated s on the fleet)"))
     fig, axes = plt.subplots(1, len(xs), figsize=(5.2 * len(xs), 4.2), squeeze=False)
     for ax, (x, xlabel) in zip(axes[0], xs):
         for run, label in zip(runs, labels):
