@@ -10,6 +10,7 @@ number, so the rounds after a resume are those an uninterrupted run would have d
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from collections.abc import Callable
@@ -42,6 +43,11 @@ def prepare(cfg: RunConfig) -> Experiment:
     """:func:`hetfl.experiment.prepare` after checking the engine name: everything a run needs, built and
     checked before any file is written."""
     ENGINES.get(cfg.engine, "engine")  # an unknown engine fails before anything is loaded or written
+    noised = cfg.privacy.noise_multiplier > 0 or cfg.privacy.target_epsilon is not None
+    if noised and cfg.checkpoint_every != 1:
+        raise ConfigError(f"checkpoint_every={cfg.checkpoint_every}: a [privacy] run with noise checkpoints every "
+                          f"round before its model leaves the server, so that a resume never re-runs (and re-noises) "
+                          f"a round that was already released; set checkpoint_every = 1 (docs/privacy.md, Resume)")
     return build_experiment(cfg)
 
 
@@ -151,6 +157,9 @@ def run(
         state = exp.algorithm.init_state(exp.ctx)
         start, elapsed = 0, 0.0
     run_dir.truncate_metrics(start)
+    private = exp.ctx.privacy is not None  # the release rule: checkpoint each round before its model leaves
+    if ckpt is not None and ckpt.get("row") and not any(r.get("round") == start for r in run_dir.metrics()):
+        _finish_row(run_dir, json.loads(ckpt["row"]), cfg, evaluator, exp, state)  # killed after the checkpoint
 
     t_start = time.perf_counter() - elapsed
     status = "running"
@@ -169,6 +178,11 @@ def run(
                     bar.log(f"round {rnd}: {message}")
                 row: dict[str, Any] = {"round": rnd, **report.as_metrics()}
                 row.update(exp.algorithm.round_metrics(state))
+                if private:  # saved before evaluation sends the model anywhere: a resume never re-runs this round
+                    run_dir.save_checkpoint({"round": rnd, "state": state.to_dict(),
+                                             "elapsed_s": time.perf_counter() - t_start, "seed": cfg.seed,
+                                             "torch_rng": torch.get_rng_state(),
+                                             "row": json.dumps(row, default=_json_value)})
                 if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
                     t1 = time.perf_counter()
                     bar.phase(rnd, "evaluating")
@@ -182,9 +196,10 @@ def run(
                 run_dir.append_metrics(row)
                 rows.append(row)
                 if rnd == cfg.rounds or (cfg.checkpoint_every and rnd % cfg.checkpoint_every == 0):
-                    run_dir.save_checkpoint({"round": rnd, "state": state.to_dict(),
-                                             "elapsed_s": now - t_start, "seed": cfg.seed,
-                                             "torch_rng": torch.get_rng_state()})
+                    if not private:
+                        run_dir.save_checkpoint({"round": rnd, "state": state.to_dict(),
+                                                 "elapsed_s": now - t_start, "seed": cfg.seed,
+                                                 "torch_rng": torch.get_rng_state()})
                     # summary.json follows the checkpoint (atomically): rounds_completed, accuracy so far
                     run_dir.write_summary({**summarize_metrics(rows, now - t_start, cfg, status),
                                            "run_dir": str(run_dir.path)})
@@ -206,6 +221,20 @@ def run(
         summary["run_dir"] = str(run_dir.path)
         run_dir.write_summary(summary)
     return summary
+
+
+def _json_value(obj: Any) -> Any:
+    return obj.item() if hasattr(obj, "item") else str(obj)
+
+
+def _finish_row(run_dir: RunDir, row: dict[str, Any], cfg: RunConfig, evaluator: Any, exp: Experiment,
+                state: ServerState) -> None:
+    """A private run killed between a round's checkpoint and its metrics row: the row, saved in the
+    checkpoint, is completed (evaluating the checkpointed model again releases nothing new) and appended."""
+    rnd = int(row["round"])
+    if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
+        row.update(evaluator(exp.algorithm, state))
+    run_dir.append_metrics(row)
 
 
 def _merge_resume(saved: RunConfig, given: RunConfig | None) -> RunConfig:

@@ -3,7 +3,7 @@
 :class:`PrivateRound` replaces two calls of :class:`hetfl.rounds.Round` when ``[privacy]`` is active:
 
 * ``sample(rnd)`` instead of ``algorithm.sample_clients``: every eligible client joins independently
-  with probability ``q`` (a pure function of the run seed and the round, so resume is exact);
+  with probability ``q`` (drawn from OS entropy like the noise: see :func:`noise_generator`);
 * ``aggregate(state, rnd, tasks, results)`` instead of ``algorithm.aggregate``: each accepted
   client's update ``delta_k = result - task weights`` (over the tensors the server releases, on the
   client's own slice of the global model) is scaled to L2 norm at most ``C``; the server sums the
@@ -24,6 +24,7 @@ the client's channels, recomputed from the algorithm's pure index and width poli
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -58,10 +59,26 @@ def clip_update(delta: Weights, clip: float | None) -> tuple[Weights, float, boo
     return {k: v.to(torch.float64) * scale for k, v in delta.items()}, norm, True
 
 
-def noise_generator(seed: int, rnd: int) -> torch.Generator:
-    """The generator of round ``rnd``'s noise: a pure function of (run seed, round), on the CPU."""
+def noise_generator(seed: int | None, rnd: int) -> torch.Generator:
+    """The generator of round ``rnd``'s noise, on the CPU.
+
+    ``seed=None`` (the default for private runs): seeded with 64 fresh bits from the operating system's
+    entropy pool (:mod:`secrets`) for this round alone; the seed lives only in this call and is never
+    stored, so no config, checkpoint or summary can replay the noise.  A run seed (only under
+    ``privacy.reproducible_noise``, for tests and studies): a pure function of (seed, round).
+    """
+    if seed is None:
+        return torch.Generator().manual_seed(secrets.randbits(64))
     state = np.random.SeedSequence([seed, rnd, NOISE_STREAM]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state >> np.uint64(1)))
+
+
+def round_generator(seed: int | None, rnd: int, stream: int) -> np.random.Generator:
+    """A numpy generator for one of a round's private draws (the Poisson cohort, the count noise): 128 fresh
+    bits of OS entropy (``seed=None``), or a pure function of (seed, round, stream) under reproducible_noise."""
+    if seed is None:
+        return np.random.default_rng(secrets.randbits(128))
+    return np.random.default_rng([seed, rnd, *np.atleast_1d(stream).tolist()])
 
 
 class DenseUpdates:
@@ -203,6 +220,9 @@ class PrivateRound:
         self.eligible = np.asarray(plan.eligible, dtype=np.int64)
         self.last: dict[str, Any] = {}
         self.next_clip: float | None = None
+        self.within_noised: float | None = None  # adaptive clipping: the noised fraction within C (released)
+        # the seed of the round's private draws: None = OS entropy; the run seed only under reproducible_noise
+        self.noise_seed: int | None = ctx.seed if plan.reproducible_noise else None
 
     def clip_of(self, state: Any) -> float | None:
         """This round's clipping norm: the plan's, or under adaptive clipping the one carried in the state."""
@@ -218,8 +238,10 @@ class PrivateRound:
 
     # ---------------------------------------------------------------- sampling
     def sample(self, rnd: int) -> np.ndarray:
-        """Poisson sampling: each eligible client joins with probability q, independently (sorted ids)."""
-        rng = np.random.default_rng([self.ctx.seed, rnd, POISSON_STREAM])
+        """Poisson sampling: each eligible client joins with probability q, independently (sorted ids).  The
+        draw is private (OS entropy): who took part must stay unknown for the amplification by sampling that
+        the accountant counts on, so it is no function of the seed either (unless reproducible_noise)."""
+        rng = round_generator(self.noise_seed, rnd, POISSON_STREAM)
         return self.eligible[rng.random(len(self.eligible)) < self.plan.sampling_rate]
 
     # ---------------------------------------------------------------- aggregation
@@ -239,7 +261,7 @@ class PrivateRound:
             clipped += int(was_clipped)
         expected = self.adapter.expected(state, rnd, keys)
         z, c = self.plan.update_noise, clip_now
-        gen = noise_generator(self.ctx.seed, rnd) if z > 0 else None
+        gen = noise_generator(self.noise_seed, rnd) if z > 0 else None
         out = dict(glob)
         std: dict[str, torch.Tensor | float] = {}
         for k in keys:
@@ -256,10 +278,14 @@ class PrivateRound:
                 new = old + total / n
                 std[k] = z * (c or 0.0) / n
             out[k] = new.to(glob[k].dtype)
-        self.last = {"privacy.clipped": round(clipped / reported, 6) if reported else 0.0}
+        # the raw clipped fraction is released only without noise (no guarantee anyway): with clients_reported
+        # and next_clip it would give back the count noise exactly.  Private runs release its noised version
+        self.last = {} if z > 0 else {"privacy.clipped": round(clipped / reported, 6) if reported else 0.0}
         if self.plan.adaptive_clip:
             self.next_clip = self._next_clip(clip_now, reported - clipped, reported, rnd)
             self.last.update({"privacy.clip": clip_now, "privacy.next_clip": self.next_clip})
+            if z > 0:
+                self.last["privacy.within_noised"] = self.within_noised
         if z > 0:
             self.last.update({k: round(v, 8) for k, v in self.adapter.noise_levels(std).items()})
         return out
@@ -270,15 +296,23 @@ class PrivateRound:
         p = self.plan
         noise = 0.0
         if p.noise_multiplier > 0:
-            gen = np.random.default_rng([self.ctx.seed, rnd, NOISE_STREAM, 1])
+            gen = round_generator(self.noise_seed, rnd, [NOISE_STREAM, 1])
             noise = float(gen.normal(0.0, p.count_noise))
         expected = p.sampling_rate * len(p.eligible)
         frac = (within - 0.5 * reported + noise) / expected + 0.5
+        self.within_noised = float(frac)  # the released (noised) fraction within the norm
         return float(clip * np.exp(-p.clip_lr * (frac - p.target_quantile)))
 
     def metrics(self, rnd: int) -> dict[str, Any]:
-        """The round's ``privacy.*`` columns: epsilon after this round, the clipped fraction, noise std per width."""
-        return {"privacy.epsilon": self.plan.epsilon(rnd), **self.last}
+        """The round's ``privacy.*`` columns: ``privacy.epsilon_rdp`` (the RDP upper bound after this round: cheap,
+        every round), ``privacy.epsilon`` (the run's accountant, PLD by default: about half a second, so under
+        PLD only in the run's last round; summary.json has it for the rounds done), the clipping norms and
+        noised fraction (adaptive), the noise std per width; ``privacy.clipped`` only in runs without noise."""
+        out = {"privacy.epsilon_rdp": self.plan.epsilon(rnd, "rdp")}
+        if self.plan.accountant == "rdp" or rnd == self.plan.rounds:
+            out["privacy.epsilon"] = self.plan.epsilon(rnd)
+        return {**out, **self.last}
 
 
-__all__ = ["DenseUpdates", "PrivateRound", "SlicedUpdates", "clip_update", "make_adapter", "noise_generator"]
+__all__ = ["DenseUpdates", "PrivateRound", "SlicedUpdates", "clip_update", "make_adapter", "noise_generator",
+           "round_generator"]
