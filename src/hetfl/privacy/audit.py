@@ -225,6 +225,16 @@ def draw_canaries(m: int, supports: list[torch.Tensor], names: list[str], hosts_
     return Canaries(seed=seed, inserted=rng.random(m) < 0.5, hosts=hosts, support=supports, kind=kind, names=names)
 
 
+# The audit touches PrivateRound's internals in three places only: the released tensors, the width spec of
+# sliced updates (None: dense), and CanaryRound.aggregate (which adds the canaries' results to a round's).
+def _released(dp: PrivateRound, glob: dict[str, torch.Tensor]) -> list[str]:
+    return list(dp.adapter.released(glob))
+
+
+def _spec(dp: PrivateRound) -> Any:
+    return getattr(dp.adapter, "spec", None)
+
+
 class CanaryRound(PrivateRound):
     """:class:`PrivateRound` with the inserted canaries added to every round's results, sampled with the same
     rate as real clients; records the first model so that the run's model change can be scored."""
@@ -268,24 +278,26 @@ class CanaryRound(PrivateRound):
 def _to_slice(full: torch.Tensor, like: torch.Tensor, dp: PrivateRound, state: Any, host: int, rnd: int,
               key: str) -> torch.Tensor:
     """A global-shaped tensor cut to the host's slice (the identity for FedAvg's dense updates)."""
-    if tuple(full.shape) == tuple(like.shape) and not hasattr(dp.adapter, "spec"):
+    spec = _spec(dp)
+    if spec is None:
         return full
     from hetfl.hetero.extract import extract
 
     algo = dp.algorithm
     rate = float(algo.client_rates(state, dp.ctx, rnd, [host])[0])
     sel = algo.selection(dp.ctx, rnd, host, rate)
-    return extract({key: full}, dp.adapter.spec, sel)[key]
+    return extract({key: full}, spec, sel)[key]
 
 
 def slice_mask(dp: PrivateRound, glob: dict[str, torch.Tensor], flat: Flat, host: int, rate: float) -> torch.Tensor:
     """The flat mask of the global coordinates a client of width ``rate`` holds (everything for FedAvg)."""
-    if not hasattr(dp.adapter, "spec"):
+    spec = _spec(dp)
+    if spec is None:
         return torch.ones(flat.size, dtype=torch.bool)
     from hetfl.hetero.extract import extract, scatter_full
 
     sel = dp.algorithm.selection(dp.ctx, 1, host, rate)
-    placed = scatter_full(glob, dp.adapter.spec, extract({k: glob[k] for k in flat.keys}, dp.adapter.spec, sel), sel)
+    placed = scatter_full(glob, spec, extract({k: glob[k] for k in flat.keys}, spec, sel), sel)
     return flat.flat({k: placed[k][1] if k in placed else torch.zeros_like(glob[k], dtype=torch.bool)
                       for k in flat.keys}) > 0
 
@@ -296,7 +308,7 @@ def canary_kinds(dp: PrivateRound, state: Any, flat: Flat) -> tuple[list[torch.T
     narrowest clients' slice, which every client holds ("inner")."""
     glob = state.models["global"]
     eligible = list(dp.plan.eligible)
-    if not hasattr(dp.adapter, "spec"):
+    if _spec(dp) is None:
         return [torch.ones(flat.size, dtype=torch.bool)], ["full"], [eligible]
     rates = np.asarray(dp.algorithm.client_rates(state, dp.ctx, 1, eligible), dtype=np.float64)
     levels = sorted(set(rates.tolist()), reverse=True)
@@ -327,7 +339,7 @@ def audit_run(cfg: Any, out_dir: Any, canaries: int = 1000, canary_seed: int = 0
         engine = ENGINES.get(cfg_.engine, "engine")(algorithm, federation, ctx, device, cfg_)
         dp = engine.round.privacy
         state = algorithm.init_state(ctx)
-        flat = Flat(state.models["global"], dp.adapter.released(state.models["global"]))
+        flat = Flat(state.models["global"], _released(dp, state.models["global"]))
         supports, names, hosts = canary_kinds(dp, state, flat)
         cn = draw_canaries(canaries, supports, names, hosts, canary_seed)
         engine.round.privacy = holder["round"] = CanaryRound(algorithm, ctx, ctx.privacy, cn, flat)

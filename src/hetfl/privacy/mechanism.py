@@ -24,7 +24,6 @@ the client's channels, recomputed from the algorithm's pure index and width poli
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -35,13 +34,11 @@ from hetfl.algorithms.heterofl import HeteroFL, _bn_stat_keys
 from hetfl.hetero import group_sizes, spec_for
 from hetfl.hetero.extract import extract, scatter_full
 from hetfl.hetero.policy import Prefix
+from hetfl.privacy.noise import NOISE_STREAM, POISSON_STREAM, noise_generator, round_generator
 from hetfl.privacy.plan import PrivacyPlan
 
 Weights = dict[str, torch.Tensor]
 
-#: Third word of the seeds of a round's Poisson draw ("pois") and of its noise ("nois").
-POISSON_STREAM = 0x706F6973
-NOISE_STREAM = 0x6E6F6973
 #: ServerState.buffers key of the adaptive clipping norm (checkpointed with the state).
 CLIP_BUFFER = "privacy_clip"
 
@@ -57,28 +54,6 @@ def clip_update(delta: Weights, clip: float | None) -> tuple[Weights, float, boo
         return {k: v.to(torch.float64) for k, v in delta.items()}, norm, False
     scale = clip / norm
     return {k: v.to(torch.float64) * scale for k, v in delta.items()}, norm, True
-
-
-def noise_generator(seed: int | None, rnd: int) -> torch.Generator:
-    """The generator of round ``rnd``'s noise, on the CPU.
-
-    ``seed=None`` (the default for private runs): seeded with 64 fresh bits from the operating system's
-    entropy pool (:mod:`secrets`) for this round alone; the seed lives only in this call and is never
-    stored, so no config, checkpoint or summary can replay the noise.  A run seed (only under
-    ``privacy.reproducible_noise``, for tests and studies): a pure function of (seed, round).
-    """
-    if seed is None:
-        return torch.Generator().manual_seed(secrets.randbits(64))
-    state = np.random.SeedSequence([seed, rnd, NOISE_STREAM]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state >> np.uint64(1)))
-
-
-def round_generator(seed: int | None, rnd: int, stream: int) -> np.random.Generator:
-    """A numpy generator for one of a round's private draws (the Poisson cohort, the count noise): 128 fresh
-    bits of OS entropy (``seed=None``), or a pure function of (seed, round, stream) under reproducible_noise."""
-    if seed is None:
-        return np.random.default_rng(secrets.randbits(128))
-    return np.random.default_rng([seed, rnd, *np.atleast_1d(stream).tolist()])
 
 
 class DenseUpdates:
