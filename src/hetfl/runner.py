@@ -4,7 +4,9 @@ Everything that can fail because of user input (config values, data, partition, 
 device) fails in :func:`prepare`, *before* a run directory is created, so a bad run leaves nothing
 behind.  :func:`run` drives any engine round by round, evaluates, writes metrics and checkpoints, and
 resumes from the last checkpoint exactly (per-round seeds are derived from the run seed and the round
-number, so the rounds after a resume are those an uninterrupted run would have done).
+number, so the rounds after a resume are those an uninterrupted run would have done; a ``[privacy]`` run's
+noise and cohorts come from OS entropy instead, and each of its rounds is checkpointed before its model
+leaves the server, so a resume never re-runs a released round).
 """
 
 from __future__ import annotations
@@ -157,7 +159,8 @@ def run(
         state = exp.algorithm.init_state(exp.ctx)
         start, elapsed = 0, 0.0
     run_dir.truncate_metrics(start)
-    private = exp.ctx.privacy is not None  # the release rule: checkpoint each round before its model leaves
+    # [privacy] with noise: the release rule, a checkpoint every round before its model leaves (docs/privacy.md)
+    private = exp.ctx.privacy is not None and exp.ctx.privacy.noise_multiplier > 0
     if ckpt is not None and ckpt.get("row") and not any(r.get("round") == start for r in run_dir.metrics()):
         _finish_row(run_dir, json.loads(ckpt["row"]), cfg, evaluator, exp, state)  # killed after the checkpoint
 
