@@ -2,8 +2,9 @@
 
 Every cell is an ordinary resumable ``hetfl run`` with a ``[privacy]`` section; the noise multiplier of a
 finite epsilon is derived from ``privacy.target_epsilon`` before round 1 (delta = 1e-5, Poisson sampling at
-q = clients_per_round / num_clients, RDP accountant).  "inf" keeps the same pipeline (Poisson sampling,
-clipping, fixed denominators) with no noise, so the table isolates the cost of the noise::
+q = clients_per_round / num_clients, calibrated with the run's accountant: PLD since issue 37, RDP before).
+"inf" keeps the same pipeline (Poisson sampling, clipping, fixed denominators) with no noise, so the table
+isolates the cost of the noise::
 
     python benchmarks/privacy_utility.py                 # run the missing cells, print the table
     python benchmarks/privacy_utility.py --table-only --figure docs/img/privacy_fmnist.png

@@ -27,6 +27,7 @@ dpa = pytest.importorskip("dp_accounting")
 from hetfl.privacy.accountant import epsilon, library_epsilon, noise_for_epsilon  # noqa: E402
 
 DP = ("privacy.clip=1.0", "privacy.noise_multiplier=1.0")
+REPRO = "privacy.reproducible_noise=true"  # noise and sampling from the seed: what bit-for-bit comparisons need
 TIERS = 'fleet.source="tiers"'
 
 
@@ -113,8 +114,9 @@ def test_clipped_updates_in_a_heterofl_run(tmp_path, digits_cfg, monkeypatch):
     assert any(before > 0.05 for _, before in seen)  # the bound did bite
 
 
-def _plan(n: int, q: float, z: float, c: float) -> PrivacyPlan:
-    return PrivacyPlan(noise_multiplier=z, clip=c, delta=1e-5, sampling_rate=q, eligible=tuple(range(n)), rounds=1)
+def _plan(n: int, q: float, z: float, c: float, reproducible: bool = False) -> PrivacyPlan:
+    return PrivacyPlan(noise_multiplier=z, clip=c, delta=1e-5, sampling_rate=q, eligible=tuple(range(n)), rounds=1,
+                       reproducible_noise=reproducible)
 
 
 class _Ctx:
@@ -135,7 +137,10 @@ def test_noise_has_the_stated_std():
     assert abs(float(noise.mean())) < 0.01
     assert float(noise.std()) == pytest.approx(1.0, abs=0.01)
     again = dp.aggregate(ServerState(0, {"global": glob}), 1, results)
-    assert torch.equal(again["w"], out["w"])  # a pure function of (seed, round): resume-exact
+    assert not torch.equal(again["w"], out["w"])  # fresh OS entropy every time: nothing replays it
+    repro = PrivateRound(FedAvg(), _Ctx(), _plan(n, q, z, c, reproducible=True))
+    first = repro.aggregate(ServerState(0, {"global": glob}), 1, results)
+    assert torch.equal(repro.aggregate(ServerState(0, {"global": glob}), 1, results)["w"], first["w"])
 
 
 def test_poisson_sampling_rate():
@@ -143,7 +148,9 @@ def test_poisson_sampling_rate():
     sizes = [len(dp.sample(r)) for r in range(1, 401)]
     assert np.mean(sizes) == pytest.approx(10.0, rel=0.05)
     assert len(set(sizes)) > 3  # the cohort size varies: Poisson, not fixed-size
-    assert np.array_equal(dp.sample(7), dp.sample(7))
+    assert any(not np.array_equal(dp.sample(7), dp.sample(7)) for _ in range(5))  # private draw: not from the seed
+    repro = PrivateRound(object(), _Ctx(), _plan(50, 0.2, 1.0, 1.0, reproducible=True))
+    assert np.array_equal(repro.sample(7), repro.sample(7))
 
 
 def test_heterofl_noise_per_element_follows_its_expected_count(digits_cfg):
@@ -199,7 +206,7 @@ def test_private_estimator_without_noise_is_the_mean(tmp_path, digits_cfg, algo)
 
 # ---------------------------------------------------------------------------------------------- runs and resume
 def test_resume_continues_the_accountant_exactly(tmp_path, digits_cfg, monkeypatch):
-    cfg = digits_cfg("rounds=4", "checkpoint_every=2", *DP)
+    cfg = digits_cfg("rounds=4", *DP, REPRO)
     full = run(cfg, tmp_path / "full", quiet=True)
     original = Simulator.run_round
 
@@ -214,10 +221,11 @@ def test_resume_continues_the_accountant_exactly(tmp_path, digits_cfg, monkeypat
     monkeypatch.setattr(Simulator, "run_round", original)
     cut = run(None, resume=tmp_path / "cut", quiet=True)
     rows_full, rows_cut = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
-    assert [r["privacy.epsilon"] for r in rows_cut] == [r["privacy.epsilon"] for r in rows_full]
+    assert [r["privacy.epsilon_rdp"] for r in rows_cut] == [r["privacy.epsilon_rdp"] for r in rows_full]
     assert strip_timing(rows_cut) == strip_timing(rows_full)
     assert cut["privacy"] == full["privacy"]
-    assert full["privacy"]["epsilon"] == pytest.approx(epsilon(3 / 5, 1.0, 4, 1e-5))
+    assert full["privacy"]["epsilon"] == pytest.approx(epsilon(3 / 5, 1.0, 4, 1e-5, "pld"))
+    assert full["privacy"]["epsilon_rdp"] == pytest.approx(epsilon(3 / 5, 1.0, 4, 1e-5))
     a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
     assert all(torch.equal(a[k], b[k]) for k in a)
     summary = json.loads((tmp_path / "full" / "summary.json").read_text())
@@ -276,8 +284,9 @@ def test_adaptive_clip_moves_the_norm_keeps_epsilon_and_resumes(tmp_path, digits
     noisy = prepare(digits_cfg("privacy.clip=0.01", "privacy.noise_multiplier=1.0", "privacy.adaptive_clip=true",
                                "privacy.count_noise=2.0")).ctx.privacy
     assert noisy.update_noise == pytest.approx((1.0 - 1 / 16) ** -0.5)  # the count takes its share of z's budget
-    assert noisy.epsilon(4) == pytest.approx(epsilon(3 / 5, 1.0, 4, 1e-5))  # ... so epsilon is that of z alone
-    sets = ("rounds=4", "checkpoint_every=2", "privacy.clip=0.01", "privacy.adaptive_clip=true", "privacy.clip_lr=0.5")
+    assert noisy.epsilon(4) == pytest.approx(epsilon(3 / 5, 1.0, 4, 1e-5, "pld"))  # ... so epsilon is that of z alone
+    sets = ("rounds=4", "checkpoint_every=2", "privacy.clip=0.01", "privacy.adaptive_clip=true", "privacy.clip_lr=0.5",
+            REPRO)
     run(digits_cfg(*sets), tmp_path / "full", quiet=True)  # no noise: the rule itself, deterministic
     rows = read_metrics(tmp_path / "full")
     clips = [r["privacy.clip"] for r in rows]
@@ -311,7 +320,7 @@ def test_every_width_method_runs_privately(tmp_path, digits_cfg, algo):
     s = run(digits_cfg("rounds=1", f"algorithm={algo}", "algorithm.clients_per_round=3", TIERS, 'fleet.mix="a-b-c"',
                        *DP), tmp_path / "r", quiet=True)
     row = read_metrics(tmp_path / "r")[-1]
-    assert s["privacy"]["epsilon"] == pytest.approx(epsilon(3 / 5, 1.0, 1, 1e-5))
+    assert s["privacy"]["epsilon"] == pytest.approx(epsilon(3 / 5, 1.0, 1, 1e-5, "pld"))
     widths = sorted(k for k in row if k.startswith("privacy.noise_std.w"))
     assert widths == ["privacy.noise_std.w0.25", "privacy.noise_std.w0.5", "privacy.noise_std.w1"]
     assert all(bool(torch.isfinite(v).all()) for v in _weights(tmp_path / "r").values() if v.is_floating_point())
@@ -334,9 +343,9 @@ def test_every_server_algorithm_runs_privately(tmp_path, digits_cfg, algo, extra
     masks, architecture families) and reports epsilon; no algorithm list in hetfl.privacy."""
     s = run(digits_cfg("rounds=2", f"algorithm={algo}", "algorithm.clients_per_round=3", TIERS, 'fleet.mix="a-b"',
                        *extra, *DP), tmp_path / "r", quiet=True)
-    assert s["privacy"]["epsilon"] == pytest.approx(epsilon(3 / 5, 1.0, 2, 1e-5))
+    assert s["privacy"]["epsilon"] == pytest.approx(epsilon(3 / 5, 1.0, 2, 1e-5, s["privacy"]["accountant"]))
     row = read_metrics(tmp_path / "r")[-1]
-    assert any(k.startswith("privacy.noise_std") for k in row) and "privacy.clipped" in row
+    assert any(k.startswith("privacy.noise_std") for k in row) and "privacy.epsilon_rdp" in row
     models = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["state"]["models"]
     assert all(bool(torch.isfinite(v).all()) for m in models.values() for v in m.values() if v.is_floating_point())
 

@@ -284,8 +284,12 @@ class PrivacyConfig:
     * ``delta``: the delta of the reported epsilon; must be below 1 / number of clients.
     * ``sampling``: ``"poisson"``: every round each client joins independently with probability
       q = (the algorithm's clients per round) / (clients), which is what the accountant analyses.
-    * ``accountant``: ``"rdp"`` (Renyi DP of the sampled Gaussian; fast) or ``"pld"`` (privacy loss
-      distributions; tighter, slower), both from dp-accounting.
+    * ``accountant``: ``"pld"`` (default: privacy loss distributions, the tight figure; calibrates
+      ``target_epsilon`` and makes the reported epsilon) or ``"rdp"`` (Renyi DP of the sampled Gaussian, a
+      looser upper bound), both from dp-accounting.  Every round's row also carries the cheap RDP bound.
+    * ``reproducible_noise``: the noise and the Poisson draw become pure functions of (seed, round), so anyone
+      who knows the seed can subtract the noise: for tests and studies only (warns on every run, marked in
+      summary.json).  Default false: both come from the operating system's entropy, never stored.
     * ``adaptive_clip`` (Andrew et al., 2021): ``clip`` is the initial C; every round C follows the
       ``target_quantile`` of the update norms, ``C <- C exp(-clip_lr (b - target_quantile))`` with ``b`` the
       noised fraction of updates within C.  The fraction's noise (std ``count_noise``, default the expected
@@ -301,11 +305,12 @@ class PrivacyConfig:
     delta: float = 1e-5
     max_noise_multiplier: float = 50.0
     sampling: str = "poisson"
-    accountant: str = "rdp"
+    accountant: str = "pld"
     adaptive_clip: bool = False
     target_quantile: float = 0.5
     clip_lr: float = 0.2
     count_noise: float | None = None
+    reproducible_noise: bool = False
 
     def __post_init__(self) -> None:
         def need(ok: bool, field: str, allowed: str) -> None:

@@ -4,12 +4,15 @@ Everything that can fail because of user input (config values, data, partition, 
 device) fails in :func:`prepare`, *before* a run directory is created, so a bad run leaves nothing
 behind.  :func:`run` drives any engine round by round, evaluates, writes metrics and checkpoints, and
 resumes from the last checkpoint exactly (per-round seeds are derived from the run seed and the round
-number, so the rounds after a resume are those an uninterrupted run would have done).
+number, so the rounds after a resume are those an uninterrupted run would have done; a ``[privacy]`` run's
+noise and cohorts come from OS entropy instead, and each of its rounds is checkpointed before its model
+leaves the server, so a resume never re-runs a released round).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from collections.abc import Callable
@@ -45,6 +48,11 @@ def prepare(cfg: RunConfig) -> Experiment:
     checked before any file is written."""
     ENGINES.get(cfg.engine, "engine")  # an unknown engine fails before anything is loaded or written
     check_writers(cfg)  # [log] to: a writer whose package is missing fails here, naming the extra
+    noised = cfg.privacy.noise_multiplier > 0 or cfg.privacy.target_epsilon is not None
+    if noised and cfg.checkpoint_every != 1:
+        raise ConfigError(f"checkpoint_every={cfg.checkpoint_every}: a [privacy] run with noise checkpoints every "
+                          f"round before its model leaves the server, so that a resume never re-runs (and re-noises) "
+                          f"a round that was already released; set checkpoint_every = 1 (docs/privacy.md, Resume)")
     return build_experiment(cfg)
 
 
@@ -167,6 +175,10 @@ def run(
         state = exp.algorithm.init_state(exp.ctx)
         start, elapsed = 0, 0.0
     run_dir.truncate_metrics(start)
+    # [privacy] with noise: the release rule, a checkpoint every round before its model leaves (docs/privacy.md)
+    private = exp.ctx.privacy is not None and exp.ctx.privacy.noise_multiplier > 0
+    if ckpt is not None and ckpt.get("row") and not any(r.get("round") == start for r in run_dir.metrics()):
+        _finish_row(run_dir, json.loads(ckpt["row"]), cfg, evaluator, exp, state)  # killed after the checkpoint
 
     t_start = time.perf_counter() - elapsed
     status = "running"
@@ -186,6 +198,11 @@ def run(
                 row: dict[str, Any] = {"round": rnd, **report.as_metrics()}
                 row.update(exp.algorithm.round_metrics(state))
                 virtual_clock(row, rows)
+                if private:  # saved before evaluation sends the model anywhere: a resume never re-runs this round
+                    run_dir.save_checkpoint({"round": rnd, "state": state.to_dict(),
+                                             "elapsed_s": time.perf_counter() - t_start, "seed": cfg.seed,
+                                             "torch_rng": torch.get_rng_state(),
+                                             "row": json.dumps(row, default=_json_value)})
                 if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
                     t1 = time.perf_counter()
                     bar.phase(rnd, "evaluating")
@@ -201,9 +218,10 @@ def run(
                     writer.write(rnd, row)
                 rows.append(row)
                 if rnd == cfg.rounds or (cfg.checkpoint_every and rnd % cfg.checkpoint_every == 0):
-                    run_dir.save_checkpoint({"round": rnd, "state": state.to_dict(),
-                                             "elapsed_s": now - t_start, "seed": cfg.seed,
-                                             "torch_rng": torch.get_rng_state()})
+                    if not private:
+                        run_dir.save_checkpoint({"round": rnd, "state": state.to_dict(),
+                                                 "elapsed_s": now - t_start, "seed": cfg.seed,
+                                                 "torch_rng": torch.get_rng_state()})
                     # summary.json follows the checkpoint (atomically): rounds_completed, accuracy so far
                     run_dir.write_summary({**summarize_metrics(rows, now - t_start, cfg, status), **setup,
                                            "run_dir": str(run_dir.path)})
@@ -246,6 +264,18 @@ def settle_precision(exp: Experiment, recorded: dict[str, Any] | None, quiet: bo
     if train.precision != "fp32" and not quiet:
         print(f"precision: {choice.precision}, memory_format {choice.memory_format} ({choice.reason})", flush=True)
     return choice.summary()
+def _json_value(obj: Any) -> Any:
+    return obj.item() if hasattr(obj, "item") else str(obj)
+
+
+def _finish_row(run_dir: RunDir, row: dict[str, Any], cfg: RunConfig, evaluator: Any, exp: Experiment,
+                state: ServerState) -> None:
+    """A private run killed between a round's checkpoint and its metrics row: the row, saved in the
+    checkpoint, is completed (evaluating the checkpointed model again releases nothing new) and appended."""
+    rnd = int(row["round"])
+    if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
+        row.update(evaluator(exp.algorithm, state))
+    run_dir.append_metrics(row)
 
 
 def _merge_resume(saved: RunConfig, given: RunConfig | None) -> RunConfig:

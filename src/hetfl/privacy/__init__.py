@@ -9,7 +9,10 @@ can import it without pulling in torch or the accountant.  The parts:
 * :mod:`hetfl.privacy.plan`: which algorithms can honour it, the checks that need the federation
   (delta against the number of clients, an unreachable target), resolved once before round 1;
 * :mod:`hetfl.privacy.mechanism`: the round step: Poisson client sampling, per-client clipping of the
-  update over the client's own slice, Gaussian noise on the sum, fixed per-element denominators.
+  update over the client's own slice, Gaussian noise on the sum, fixed per-element denominators;
+* :mod:`hetfl.privacy.noise`: where the round's private draws come from (OS entropy; the seed only under
+  ``reproducible_noise``);
+* :mod:`hetfl.privacy.audit`: canary clients through the round step, an epsilon lower bound and estimate.
 
 See docs/privacy.md for what is protected, what is not, and the derivations.
 """

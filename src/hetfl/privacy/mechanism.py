@@ -3,7 +3,7 @@
 :class:`PrivateRound` takes two parts of :class:`hetfl.rounds.Round` when ``[privacy]`` is active:
 
 * ``sample(rnd)`` instead of ``algorithm.sample_clients``: every eligible client joins independently
-  with probability ``q`` (a pure function of the run seed and the round, so resume is exact);
+  with probability ``q`` (drawn from OS entropy like the noise: :mod:`hetfl.privacy.noise`);
 * ``reducer(state, rnd)``: the reducer the algorithm's aggregation places its results into
   (:mod:`hetfl.aggregation`), a :class:`PrivateSum` instead of the plain mean.  Each accepted client's
   update (its values less the server's values at the coordinates its placement covers: its own slice,
@@ -29,13 +29,11 @@ import numpy as np
 import torch
 
 from hetfl.aggregation import Placement
+from hetfl.privacy.noise import NOISE_STREAM, POISSON_STREAM, noise_generator, round_generator
 from hetfl.privacy.plan import PrivacyPlan
 
 Weights = dict[str, torch.Tensor]
 
-#: Third word of the seeds of a round's Poisson draw ("pois") and of its noise ("nois").
-POISSON_STREAM = 0x706F6973
-NOISE_STREAM = 0x6E6F6973
 #: ServerState.buffers key of the adaptive clipping norm (checkpointed with the state).
 CLIP_BUFFER = "privacy_clip"
 
@@ -51,12 +49,6 @@ def clip_update(delta: Weights, clip: float | None) -> tuple[Weights, float, boo
         return {k: v.to(torch.float64) for k, v in delta.items()}, norm, False
     scale = clip / norm
     return {k: v.to(torch.float64) * scale for k, v in delta.items()}, norm, True
-
-
-def noise_generator(seed: int, rnd: int) -> torch.Generator:
-    """The generator of round ``rnd``'s noise: a pure function of (run seed, round), on the CPU."""
-    state = np.random.SeedSequence([seed, rnd, NOISE_STREAM]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state >> np.uint64(1)))
 
 
 def expected_counts(algorithm: Any, ctx: Any, state: Any, rnd: int, plan: PrivacyPlan,
@@ -160,7 +152,7 @@ class PrivateSum:
         """Every released model: old weights + noised sum / expected count (released every round)."""
         owner, plan = self.owner, self.owner.plan
         z, c = plan.update_noise, self.clip
-        gen = noise_generator(owner.ctx.seed, self.rnd) if z > 0 else None
+        gen = noise_generator(owner.noise_seed, self.rnd) if z > 0 else None
         out: dict[str, Weights] = {}
         std: dict[str, dict[str, torch.Tensor | float]] = {}
         for model, counts in self.counts.items():
@@ -225,6 +217,9 @@ class PrivateRound:
         self.eligible = np.asarray(plan.eligible, dtype=np.int64)
         self.last: dict[str, Any] = {}
         self.next_clip: float | None = None
+        self.within_noised: float | None = None  # adaptive clipping: the noised fraction within C (released)
+        # the seed of the round's private draws: None = OS entropy; the run seed only under reproducible_noise
+        self.noise_seed: int | None = ctx.seed if plan.reproducible_noise else None
 
     def clip_of(self, state: Any) -> float | None:
         """This round's clipping norm: the plan's, or under adaptive clipping the one carried in the state."""
@@ -240,8 +235,10 @@ class PrivateRound:
 
     # ---------------------------------------------------------------- sampling
     def sample(self, rnd: int) -> np.ndarray:
-        """Poisson sampling: each eligible client joins with probability q, independently (sorted ids)."""
-        rng = np.random.default_rng([self.ctx.seed, rnd, POISSON_STREAM])
+        """Poisson sampling: each eligible client joins with probability q, independently (sorted ids).  The
+        draw is private (OS entropy): who took part must stay unknown for the amplification by sampling that
+        the accountant counts on, so it is no function of the seed either (unless reproducible_noise)."""
+        rng = round_generator(self.noise_seed, rnd, POISSON_STREAM)
         return self.eligible[rng.random(len(self.eligible)) < self.plan.sampling_rate]
 
     # ---------------------------------------------------------------- aggregation
@@ -253,11 +250,16 @@ class PrivateRound:
     def released(self, reducer: PrivateSum, std: dict[str, dict[str, torch.Tensor | float]]) -> None:
         """After a release: the round's metrics and (adaptive clipping) the next clipping norm."""
         reported, clipped, clip_now = reducer.clients, reducer.clipped, reducer.clip
-        self.last = {"privacy.clipped": round(clipped / reported, 6) if reported else 0.0}
+        z = self.plan.update_noise
+        # the raw clipped fraction is released only without noise (no guarantee anyway): with clients_reported
+        # and next_clip it would give back the count noise exactly.  Private runs release its noised version
+        self.last = {} if z > 0 else {"privacy.clipped": round(clipped / reported, 6) if reported else 0.0}
         if self.plan.adaptive_clip:
             self.next_clip = self._next_clip(clip_now, reported - clipped, reported, reducer.rnd)
             self.last.update({"privacy.clip": clip_now, "privacy.next_clip": self.next_clip})
-        if self.plan.update_noise > 0:
+            if z > 0:
+                self.last["privacy.within_noised"] = self.within_noised
+        if z > 0:
             levels = noise_levels(self.algorithm, self.ctx, reducer.state, std)
             self.last.update({k: round(v, 8) for k, v in levels.items()})
 
@@ -271,15 +273,23 @@ class PrivateRound:
         p = self.plan
         noise = 0.0
         if p.noise_multiplier > 0:
-            gen = np.random.default_rng([self.ctx.seed, rnd, NOISE_STREAM, 1])
+            gen = round_generator(self.noise_seed, rnd, [NOISE_STREAM, 1])
             noise = float(gen.normal(0.0, p.count_noise))
         expected = p.sampling_rate * len(p.eligible)
         frac = (within - 0.5 * reported + noise) / expected + 0.5
+        self.within_noised = float(frac)  # the released (noised) fraction within the norm
         return float(clip * np.exp(-p.clip_lr * (frac - p.target_quantile)))
 
     def metrics(self, rnd: int) -> dict[str, Any]:
-        """The round's ``privacy.*`` columns: epsilon after this round, the clipped fraction, noise std per width."""
-        return {"privacy.epsilon": self.plan.epsilon(rnd), **self.last}
+        """The round's ``privacy.*`` columns: ``privacy.epsilon_rdp`` (the RDP upper bound after this round: cheap,
+        every round), ``privacy.epsilon`` (the run's accountant, PLD by default: about half a second, so under
+        PLD only in the run's last round; summary.json has it for the rounds done), the clipping norms and
+        noised fraction (adaptive), the noise std per width; ``privacy.clipped`` only in runs without noise."""
+        out = {"privacy.epsilon_rdp": self.plan.epsilon(rnd, "rdp")}
+        if self.plan.accountant == "rdp" or rnd == self.plan.rounds:
+            out["privacy.epsilon"] = self.plan.epsilon(rnd)
+        return {**out, **self.last}
 
 
-__all__ = ["PrivateRound", "PrivateSum", "clip_update", "expected_counts", "noise_generator", "noise_levels"]
+__all__ = ["PrivateRound", "PrivateSum", "clip_update", "expected_counts", "noise_generator", "noise_levels",
+           "round_generator"]

@@ -9,6 +9,7 @@ sampling, clipping, noise and epsilon follow.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,10 @@ import numpy as np
 from hetfl.errors import ConfigError
 from hetfl.privacy.accountant import epsilon, noise_for_epsilon, require_dp_accounting
 from hetfl.privacy.config import PrivacyConfig
+
+REPRODUCIBLE_WARNING = ("hetfl: warning: privacy.reproducible_noise = true: the DP noise and client sampling are "
+                        "derived from the run seed, so anyone who knows it can remove the noise; for tests and "
+                        "studies only, never for a release")
 
 
 @dataclass(frozen=True)
@@ -29,13 +34,14 @@ class PrivacyPlan:
     sampling_rate: float  # q: probability that an eligible client joins a round
     eligible: tuple[int, ...]  # the clients that may be sampled (all, or those FedAvg's min_width admits)
     rounds: int
-    accountant: str = "rdp"
+    accountant: str = "pld"
     sampling: str = "poisson"
     target_epsilon: float | None = None
     adaptive_clip: bool = False
     target_quantile: float = 0.5
     clip_lr: float = 0.2
     count_noise: float = 0.0  # sigma_b: std of the noise on the clipped-count sum (adaptive clipping)
+    reproducible_noise: bool = False  # noise and Poisson draw from (seed, round) instead of the OS: tests only
 
     @property
     def update_noise(self) -> float:
@@ -47,27 +53,34 @@ class PrivacyPlan:
             return z
         return (z ** -2 - (2.0 * self.count_noise) ** -2) ** -0.5
 
-    def epsilon(self, rounds_done: int) -> float:
-        """Epsilon at ``delta`` after ``rounds_done`` rounds (inf without noise)."""
+    def epsilon(self, rounds_done: int, accountant: str | None = None) -> float:
+        """Epsilon at ``delta`` after ``rounds_done`` rounds by ``accountant`` (default: the run's; inf without
+        noise).  ``"rdp"`` costs microseconds; ``"pld"`` about half a second (it is recomposed every call)."""
         if self.noise_multiplier <= 0.0:
             return math.inf
-
-        return epsilon(self.sampling_rate, self.noise_multiplier, int(rounds_done), self.delta, self.accountant)
+        return epsilon(self.sampling_rate, self.noise_multiplier, int(rounds_done), self.delta,
+                       accountant or self.accountant)
 
     def summary(self, rounds_done: int) -> dict[str, Any]:
         """The ``privacy`` entry of summary.json (epsilon null = no guarantee, i.e. infinite)."""
         out: dict[str, Any] = {
             "epsilon": self.epsilon(rounds_done),
+            "accountant": self.accountant,  # made "epsilon" and, with a target, calibrated "noise_multiplier"
+            "epsilon_rdp": self.epsilon(rounds_done, "rdp"),  # the RDP upper bound (every round's row carries it)
             "delta": self.delta,
             "noise_multiplier": self.noise_multiplier,
+            "noise_multiplier_from": (f"target_epsilon, calibrated with {self.accountant}"
+                                      if self.target_epsilon is not None else "config"),
             "clip": self.clip,
             "sampling": self.sampling,
             "sampling_rate": self.sampling_rate,
             "expected_clients_per_round": self.sampling_rate * len(self.eligible),
-            "accountant": self.accountant,
             "rounds_accounted": int(rounds_done),
-            "unit": "client (add or remove one client's whole data)",
+            "unit": "client, zero-out (one client's updates replaced by zeros; the number of clients is public)",
+            "noise_source": "seed (reproducible_noise: NOT private)" if self.reproducible_noise else "os entropy",
         }
+        if self.reproducible_noise:
+            out["reproducible_noise"] = True
         if self.target_epsilon is not None:
             out["target_epsilon"] = self.target_epsilon
         if self.adaptive_clip:
@@ -125,10 +138,13 @@ def plan_privacy(cfg: PrivacyConfig, algorithm: Any, algorithm_name: str, ctx: A
         raise ConfigError(f"privacy.adaptive_clip: the noise multiplier z={z:.4g} must be below 2 x count_noise = "
                           f"{2.0 * sigma_b:.4g} (the count query takes part of the budget: z_update = (z^-2 - "
                           f"(2 count_noise)^-2)^(-1/2)); raise privacy.count_noise or sample more clients per round")
+    if cfg.reproducible_noise:  # every run says so, on one line
+        print(REPRODUCIBLE_WARNING, file=sys.stderr, flush=True)
     return PrivacyPlan(noise_multiplier=z, clip=cfg.clip, delta=cfg.delta, sampling_rate=q,
                        eligible=tuple(int(c) for c in eligible), rounds=rounds, accountant=cfg.accountant,
                        sampling=cfg.sampling, target_epsilon=cfg.target_epsilon, adaptive_clip=cfg.adaptive_clip,
-                       target_quantile=cfg.target_quantile, clip_lr=cfg.clip_lr, count_noise=sigma_b)
+                       target_quantile=cfg.target_quantile, clip_lr=cfg.clip_lr, count_noise=sigma_b,
+                       reproducible_noise=cfg.reproducible_noise)
 
 
 def check_resume(saved: PrivacyConfig, saved_rounds: int, rounds: int) -> None:
@@ -140,4 +156,5 @@ def check_resume(saved: PrivacyConfig, saved_rounds: int, rounds: int) -> None:
                           f"rounds={saved_rounds}, or start a new run")
 
 
-__all__ = ["PrivacyPlan", "check_algorithm", "check_resume", "eligible_clients", "plan_privacy"]
+__all__ = ["REPRODUCIBLE_WARNING", "PrivacyPlan", "check_algorithm", "check_resume", "eligible_clients",
+           "plan_privacy"]
