@@ -58,7 +58,7 @@ ASYNC_STREAM = 0x61737963
 def check_async(algorithm: Any, private: bool, deadline_s: float, engine: str) -> None:
     """A ConfigError if ``[asynchronous]`` cannot run with this algorithm, ``[privacy]``, deadline or engine
     (checked before any data is loaded or file written)."""
-    if getattr(algorithm, "decentralized", False):
+    if getattr(algorithm, "decentralized", False) or not hasattr(algorithm, "placer"):
         raise ConfigError("[asynchronous] mode = \"fedbuff\" needs a server algorithm; decentralized algorithms have "
                           "no server to buffer results")
     if type(algorithm).side_channel is not Algorithm.side_channel or type(algorithm).combine is not Algorithm.combine:
