@@ -371,3 +371,17 @@ def test_depth_rules_are_a_registry(tmp_path, digits_cfg):
         depth_rule.cache_clear()
     with pytest.raises(ConfigError, match="unknown depth rule 'nope'"):
         run(digits_cfg(MLP, 'algorithm={name="depthfl", depth_rule="nope"}'), tmp_path / "bad", quiet=True)
+
+
+def test_mutual_kd_ramp_scales_to_the_run():
+    """DepthFL's ramp over 300 rounds leaves a 100-round run near 0 (the audit's 0.039 mean); as a share of the
+    run it reaches the full weight within the run."""
+    import numpy as np
+
+    from hetfl.hetero.losses import MutualKD
+
+    fixed = [MutualKD().weight(r, 100) for r in range(1, 101)]
+    assert float(np.mean(fixed)) == pytest.approx(0.039, abs=0.005)
+    scaled = MutualKD(rampup_share=0.3)
+    assert scaled.weight(1, 100) == pytest.approx(MutualKD(rampup=30).weight(1, 100))
+    assert scaled.weight(31, 100) == 1.0 and scaled.weight(31, 1000) < 0.2
