@@ -13,8 +13,9 @@ import torch
 from hetfl.algorithms.fedavg import FedAvg
 from hetfl.cli import main
 from hetfl.engines import ENGINES
+from hetfl.engines.pool import WorkerDiedError
 from hetfl.engines.simulator import Simulator
-from hetfl.engines.workers import ParallelSimulator, WorkerDiedError, resolve_workers
+from hetfl.engines.workers import ParallelSimulator, resolve_workers
 from hetfl.errors import ConfigError
 from hetfl.resolve import load_config
 from hetfl.results import read_metrics
@@ -24,15 +25,6 @@ pytestmark = pytest.mark.skipif(not os.sys.platform.startswith("linux"), reason=
 
 HETERO = ('algorithm={name="heterofl", clients_per_round=5}', 'fleet.source="tiers"', 'fleet.mix="a-b-e"',
           "data.num_clients=6", 'model={name="heterofl_conv", hidden="8,16"}')
-
-
-@pytest.fixture
-def one_thread():
-    """The in-process side of an equality check trains with one thread, as each worker does."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _alive(pid: int) -> bool:
@@ -308,11 +300,12 @@ def test_interrupted_round_stops_busy_workers_and_the_next_round_restarts_them(t
     exp, algo, state, victim = _faulty(digits_cfg, tmp_path, "stall", times=1)
     sim = ParallelSimulator(algo, exp.federation, exp.ctx, workers=2)
     try:
-        stream = sim.pool.run(exp.algorithm.configure_round(state, 1, list(range(8)), exp.ctx))
-        next(stream)  # client 0 is done; client 1 stalls for a minute
-        t0 = time.monotonic()
-        with pytest.raises(KeyboardInterrupt):
-            stream.throw(KeyboardInterrupt)
+        with pytest.raises(KeyboardInterrupt), sim.pool.open() as session:
+            for task in exp.algorithm.configure_round(state, 1, list(range(8)), exp.ctx):
+                session.submit(task)
+            session.next_result()  # one client is done; client 1 stalls for a minute
+            t0 = time.monotonic()
+            raise KeyboardInterrupt
         assert time.monotonic() - t0 < 10  # no waiting for the stalled client
         got, report = sim.run_round(state, 1)  # the victim's stall was used up: a clean round
         assert report.faults["clients_reported"] == 8 and "worker_restarts" not in report.faults

@@ -8,9 +8,10 @@ and a real deployment (SuperLink + SuperNodes).  One hetfl round is:
    simulator: same RNG streams, same seeds);
 2. one ``train`` Message per task to the node that holds that client's partition, each carrying its
    own ModelRef (submodel shape), weights, local config and seed (:mod:`hetfl.flower.codec`);
-3. replies are pulled as they arrive and handed back in task order (deterministic) as the transport of
-   :class:`hetfl.rounds.Round`: the round itself (fault plan, validation, ``min_clients``, aggregation,
-   accounting) is the one every engine runs, so ``[faults]`` behaves here as in the simulator.
+3. replies are pulled as they arrive (:class:`FlowerSession`, the streaming transport of
+   :class:`hetfl.rounds.Round`, which hands them to the aggregation in task order): the round itself
+   (fault plan, validation, ``min_clients``, aggregation, accounting) is the one every engine runs, so
+   ``[faults]`` behaves here as in the simulator.
 
 Before the first round a ``query`` round asks every node for its partition id and capability; the
 strategy keeps the reports (:attr:`HetflStrategy.capabilities`) and hands them to the algorithm as the
@@ -30,6 +31,7 @@ import dataclasses
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,6 +88,97 @@ def _remote_error(rep: Message) -> str:
     the lines before it are the remote traceback)."""
     lines = [line.strip() for line in str(rep.error.reason).splitlines() if line.strip()]
     return f"ClientApp error (code {rep.error.code}): {lines[-1] if lines else 'no reason given'}"
+
+
+class FlowerSession:
+    """Tasks out as ``train`` Messages, replies back as they arrive (the streaming session of
+    :mod:`hetfl.rounds`).
+
+    What it can do: ``submit`` queues a task for the node holding that client; the next ``next_result``
+    pushes every queued task in one ``push_messages`` call and then returns whichever reply is pulled
+    first (a client with no node fails at once); a client silent for ``round_timeout_s`` after its push is
+    reported lost (its late reply is ignored).  So tasks can be submitted while others are out, as a
+    buffered asynchronous server needs.  What it cannot do: cancel a task that is out (Flower's Grid has
+    no such call: leaving the session just stops listening, and the node's reply is dropped), or tell
+    when a node *started* a task; a node trains the tasks it receives one after another.
+    """
+
+    def __init__(self, strategy: HetflStrategy, group: str) -> None:
+        self.strategy = strategy
+        self.group = group
+        self._queued: list[tuple[ClientTask, int]] = []  # submitted, not pushed yet: (task, node)
+        self._out: dict[str, tuple[ClientTask, float]] = {}  # message id -> (task, deadline)
+        self._ready: deque[tuple[ClientTask, Outcome]] = deque()
+        self._submitted = self._returned = 0
+
+    def __enter__(self) -> FlowerSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._queued.clear()
+        self._out.clear()  # replies still to come are ignored
+        self._ready.clear()
+
+    @property
+    def in_flight(self) -> int:
+        return self._submitted - self._returned
+
+    def submit(self, task: ClientTask) -> None:
+        self._submitted += 1
+        node = self.strategy.node_of.get(task.client_id)
+        if node is None:
+            self._ready.append((task, _raises(ClientLost("no Flower node holds this client's partition"))))
+        else:
+            self._queued.append((task, node))
+
+    def next_result(self) -> tuple[ClientTask, Outcome]:
+        if self._queued:
+            self._push()
+        strategy, options = self.strategy, self.strategy.options
+        sleep = options.poll_interval_s
+        while not self._ready:
+            if not self._out:
+                raise HetflError("next_result(): no task is in flight")
+            replies = list(strategy.grid.pull_messages(set(self._out)))
+            for rep in replies:
+                entry = self._out.pop(rep.metadata.reply_to_message_id, None)
+                if entry is None:
+                    continue
+                task = entry[0]
+                if rep.has_error():  # the ClientApp raised: the client's own failure
+                    self._ready.append((task, _raises(RuntimeError(_remote_error(rep)))))
+                else:
+                    self._ready.append((task, strategy._decoded(rep)))
+            if replies:
+                sleep = options.poll_interval_s
+                continue
+            now = time.monotonic()
+            for mid, (task, deadline) in list(self._out.items()):
+                if now >= deadline:
+                    del self._out[mid]
+                    why = f"no reply within round_timeout_s={options.round_timeout_s:g} s (node lost?)"
+                    self._ready.append((task, _raises(ClientLost(why))))
+            if self._ready:
+                break
+            if strategy._alive is not None:
+                strategy._alive()
+            time.sleep(sleep)
+            sleep = min(sleep * 1.5, 0.2)
+        self._returned += 1
+        return self._ready.popleft()
+
+    def _push(self) -> None:
+        strategy = self.strategy
+        messages = [Message(codec.encode_task(task, strategy.algorithm, strategy.run_record), node, "train",
+                            group_id=self.group) for task, node in self._queued]
+        ids = list(strategy.grid.push_messages(messages))
+        if len(ids) != len(messages):
+            raise HetflError(f"Flower accepted {len(ids)} of {len(messages)} messages")
+        timeout = strategy.options.round_timeout_s
+        deadline = time.monotonic() + timeout if timeout > 0 else math.inf
+        for (task, _), mid in zip(self._queued, ids):
+            self._out[mid] = (task, deadline)
+        self._queued.clear()
 
 
 def _raises(exc: BaseException) -> Outcome:
@@ -245,28 +338,9 @@ class HetflStrategy:
         return dataclasses.replace(ctx, fleet=dataclasses.replace(fleet, **changes))
 
     # ------------------------------------------------------------------ a round
-    def execute(self, tasks: list[ClientTask]) -> Iterator[tuple[ClientTask, Outcome]]:
-        """The transport of :class:`hetfl.rounds.Round`: one ``train`` Message per task to the node holding
-        that client, replies yielded in task order as outcomes (a lost or failed client's outcome raises)."""
-        algo = self.algorithm
-        group = str(self._round)
-        sent, messages = [], []
-        for task in tasks:
-            node = self.node_of.get(task.client_id)
-            if node is None:
-                yield task, _raises(ClientLost("no Flower node holds this client's partition"))
-                continue
-            messages.append(Message(codec.encode_task(task, algo, self.run_record), node, "train", group_id=group))
-            sent.append(task)
-        if not messages:
-            return
-        for task, rep in zip(sent, self._exchange(messages, self.options.round_timeout_s)):
-            if isinstance(rep, str):
-                yield task, _raises(ClientLost(rep))
-            elif rep.has_error():  # the ClientApp raised: the client's own failure
-                yield task, _raises(RuntimeError(_remote_error(rep)))
-            else:
-                yield task, self._decoded(rep)
+    def open(self) -> FlowerSession:
+        """The transport of :class:`hetfl.rounds.Round`: a :class:`FlowerSession` on this Grid."""
+        return FlowerSession(self, str(self._round))
 
     def _decoded(self, rep: Message) -> Outcome:
         def outcome(task: ClientTask) -> ClientResult:
