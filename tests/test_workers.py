@@ -12,7 +12,7 @@ import torch
 
 from hetfl.algorithms.fedavg import FedAvg
 from hetfl.cli import main
-from hetfl.engines import ENGINES
+from hetfl.engines import SERVER_ENGINES
 from hetfl.engines.pool import WorkerDiedError
 from hetfl.engines.simulator import Simulator
 from hetfl.engines.workers import ParallelSimulator, resolve_workers
@@ -57,8 +57,8 @@ def test_workers_equal_sequential_bit_for_bit(tmp_path, digits_cfg, one_thread, 
     """Workers train the same clients (and the same batched chunks, each chunk in one worker) as the
     in-process engine: equal metrics and weights, bit for bit."""
     cfg = digits_cfg(*extra, "rounds=2")
-    run(cfg.replace(workers=1), tmp_path / "seq", quiet=True)
-    run(cfg.replace(workers=2), tmp_path / "par", quiet=True)
+    run(cfg.with_engine(workers=1), tmp_path / "seq", quiet=True)
+    run(cfg.with_engine(workers=2), tmp_path / "par", quiet=True)
     assert _comparable(read_metrics(tmp_path / "seq")) == _comparable(read_metrics(tmp_path / "par"))
     seq, par = _final_weights(tmp_path / "seq"), _final_weights(tmp_path / "par")
     assert seq.keys() == par.keys()
@@ -69,9 +69,9 @@ def test_workers_equal_sequential_bit_for_bit(tmp_path, digits_cfg, one_thread, 
 
 def test_resume_may_change_workers(tmp_path, digits_cfg, one_thread):
     cfg = digits_cfg("rounds=2")
-    run(cfg.replace(workers=1), tmp_path / "seq", quiet=True)
-    run(cfg.replace(rounds=1, workers=1), tmp_path / "res", quiet=True)
-    run(cfg.replace(workers=2, threads_per_worker=1), resume=tmp_path / "res", quiet=True)
+    run(cfg.with_engine(workers=1), tmp_path / "seq", quiet=True)
+    run(cfg.replace(rounds=1).with_engine(workers=1), tmp_path / "res", quiet=True)
+    run(cfg.with_engine(workers=2, threads_per_worker=1), resume=tmp_path / "res", quiet=True)
     assert _comparable(read_metrics(tmp_path / "seq")) == _comparable(read_metrics(tmp_path / "res"))
 
 
@@ -276,9 +276,10 @@ def test_auto_rule(digits_cfg, monkeypatch):
 def test_engine_factory_picks_in_process_or_workers(digits_cfg):
     cfg = digits_cfg()
     exp = prepare(cfg)
-    engine = ENGINES.get("simulator")(exp.algorithm, exp.federation, exp.ctx, exp.device, cfg.replace(workers=1))
+    simulator = SERVER_ENGINES.get("simulator")
+    engine = simulator(exp.algorithm, exp.federation, exp.ctx, exp.device, cfg.with_engine(workers=1))
     assert type(engine) is Simulator
-    engine = ENGINES.get("simulator")(exp.algorithm, exp.federation, exp.ctx, exp.device, cfg.replace(workers=2))
+    engine = simulator(exp.algorithm, exp.federation, exp.ctx, exp.device, cfg.with_engine(workers=2))
     try:
         assert isinstance(engine, ParallelSimulator) and engine.pool.size == 2
     finally:

@@ -22,6 +22,7 @@ from hetfl.config import (
     AlgorithmConfig,
     Component,
     DataConfig,
+    EngineConfig,
     EvalConfig,
     FaultsConfig,
     FleetConfig,
@@ -34,6 +35,7 @@ from hetfl.config import (
     check_params,
     check_value,
     declared_params,
+    fold_engine_keys,
     read_config,
     validate_ranges,
 )
@@ -47,8 +49,8 @@ from hetfl.models import MODELS
 
 def config_from_dict(raw: Mapping[str, Any]) -> RunConfig:
     """Validate a nested dict (parsed TOML + overrides) into a :class:`RunConfig`."""
-    raw = dict(raw)
-    sections = {"data", "model", "algorithm", "train", "eval", "fleet", "faults", "graph", "privacy"}
+    raw = fold_engine_keys(raw)  # older configs: engine = "flower", workers = 2, ... at the top level
+    sections = {"data", "model", "algorithm", "train", "eval", "fleet", "faults", "graph", "privacy", "engine"}
     top = {k: v for k, v in raw.items() if k not in sections}
     for key in sections:
         if key in raw and not isinstance(raw[key], Mapping):
@@ -102,11 +104,12 @@ def config_from_dict(raw: Mapping[str, Any]) -> RunConfig:
     faults = build_fixed(FaultsConfig, "faults", raw.get("faults", {}))
     graph = build_fixed(GraphConfig, "graph", raw.get("graph", {}))
     privacy = build_fixed(PrivacyConfig, "privacy", raw.get("privacy", {}))
+    engine = build_fixed(EngineConfig, "engine", raw.get("engine", {}))
     run = build_fixed(RunConfig, "", top)
     cfg = dataclasses.replace(run, data=data, model=model, algorithm=algorithm, train=train, eval=ev, fleet=fleet,
-                              faults=faults, graph=graph, privacy=privacy)
+                              faults=faults, graph=graph, privacy=privacy, engine=engine)
     validate_ranges(cfg)
-    TOPOLOGIES.get(cfg.graph.name, "graph.name")  # (the engine name: hetfl.runner.prepare, which builds it)
+    TOPOLOGIES.get(cfg.graph.name, "graph.name")  # (engine.name: hetfl.runner.prepare, which builds it)
     return cfg
 
 

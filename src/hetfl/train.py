@@ -11,6 +11,7 @@ processes).  Variants hook in without copying the loop:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -55,6 +56,13 @@ def batch_indices(n: int, batch_size: int, cfg_epochs: int, steps: int,
                 return
             yield perm[start:start + batch_size]
             done += 1
+
+
+def lr_schedule(train: TrainConfig, rnd: int) -> TrainConfig:
+    """The local config of round ``rnd`` (1-based): ``train.lr`` decayed by ``train.lr_decay`` per round."""
+    if train.lr_decay == 1.0:
+        return train
+    return dataclasses.replace(train, lr=train.lr * train.lr_decay ** (rnd - 1))
 
 
 def seed_torch(seed: int, device: torch.device | str = "cpu") -> None:

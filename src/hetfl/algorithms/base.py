@@ -133,8 +133,10 @@ class Algorithm:
     section of a config), registered in :data:`hetfl.algorithms.ALGORITHMS`.
     """
 
-    #: no server: nodes on a graph (hetfl.decentralized); engines and the runner branch on this
-    decentralized: ClassVar[bool] = False
+    #: same-shape clients may be trained as one batched model (hetfl.engines.batched): the client update is
+    #: exactly FedAvg's plain local SGD (cross-entropy, no per-client state); an override of local_update that
+    #: changes this must set it False
+    batchable: ClassVar[bool] = False
 
     clients_per_round: int = 10
     fraction: float = 0.0

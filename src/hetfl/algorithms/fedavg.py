@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -131,6 +132,7 @@ class FedAvg(Algorithm):
     the round, n × the model's memory, where the default streaming mean holds one running sum).
     """
 
+    batchable: ClassVar[bool] = True  # plain local SGD: same-shape clients may train as one batched model
     weighted: bool = True
     server_lr: float = 1.0
     server_momentum: float = 0.0

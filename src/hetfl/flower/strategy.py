@@ -19,10 +19,11 @@ run's :class:`~hetfl.fleet.Fleet` (``ctx.fleet``: ``max_width``, ``speed``, ...)
 own report decides what it is asked to train.
 
 A ClientApp that raises, or a node that disappears (Flower answers ``NODE_UNAVAILABLE``, or no reply
-comes within ``round_timeout_s``) is logged and counted in the round's ``failed_clients`` (and in
-``dropped_failure``, as any failed client); the round aggregates the others as long as at least
-``min_success_fraction`` of the clients sent a task replied,
-otherwise it raises :class:`~hetfl.errors.HetflError` (the run stops and can be resumed).
+comes within ``engine.flower_round_timeout_s``) is logged and counted in the round's ``failed_clients``
+(and in ``dropped_failure``, as any failed client); the round aggregates the others as long as at least
+``faults.min_success_fraction`` of the clients sent a task replied, otherwise it raises
+:class:`~hetfl.errors.HetflError` (the run stops and can be resumed): the rule of every engine
+(:class:`~hetfl.reliability.guard.RoundBook`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from hetfl.algorithms.base import Algorithm, ClientResult, ClientTask, Context, ServerState
+from hetfl.config import EngineConfig
 from hetfl.errors import ClientLost, HetflError
 from hetfl.flower import codec
 from hetfl.rounds import Outcome, Round, RoundReport
@@ -50,15 +52,15 @@ log = logging.getLogger("hetfl.flower")
 
 @dataclass(frozen=True)
 class FlowerOptions:
-    """How hetfl talks to Flower (library: ``FlowerOptions(...)``; CLI: ``HETFL_FLOWER_*`` variables).
+    """How hetfl talks to Flower: the ``flower_*`` keys of ``[engine]`` (:meth:`of`), or ``FlowerOptions(...)``
+    in library use.
 
-    ``min_success_fraction``: share of a round's sampled clients that must reply for the round to count.
     ``round_timeout_s``: a client that has not replied by then is reported lost (0 = wait forever).
     ``query_timeout_s``: how long to wait for nodes to connect and answer the capability query.
     ``num_cpus`` / ``num_gpus``: Flower simulation client resources (``num_cpus=None``: Flower's default).
+    ``poll_interval_s`` / ``ray_init_args``: library use only.
     """
 
-    min_success_fraction: float = 0.5
     round_timeout_s: float = 0.0
     query_timeout_s: float = 600.0
     poll_interval_s: float = 0.01
@@ -68,10 +70,15 @@ class FlowerOptions:
     verbose: bool = False
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.min_success_fraction <= 1.0:
-            raise HetflError(f"flower min_success_fraction must be in [0, 1], got {self.min_success_fraction}")
         if self.round_timeout_s < 0 or self.query_timeout_s <= 0:
             raise HetflError("flower round_timeout_s must be >= 0 and query_timeout_s > 0")
+
+    @classmethod
+    def of(cls, engine: EngineConfig) -> FlowerOptions:
+        """The options an ``[engine]`` section sets."""
+        return cls(round_timeout_s=engine.flower_round_timeout_s, query_timeout_s=engine.flower_query_timeout_s,
+                   num_cpus=engine.flower_num_cpus or None, num_gpus=engine.flower_num_gpus,
+                   verbose=engine.flower_verbose)
 
 
 @dataclass
@@ -362,14 +369,6 @@ class HetflStrategy:
         report.extra["client_time_s"] = round(self._client_time_s, 4)
         for cid, why in sorted(report.failed.items()):
             log.warning("round %d: client %d failed: %s", rnd, cid, why)
-        faults = report.faults or {}
-        planned = faults.get("dropped_deadline", 0) + faults.get("dropped_failure", 0) - len(report.failed)
-        asked = faults.get("clients_selected", 0) - planned  # clients the plan let train, i.e. sent a task
-        replied = asked - len(report.failed)
-        if replied < math.ceil(self.options.min_success_fraction * asked - 1e-9):
-            detail = "; ".join(f"client {c}: {why}" for c, why in sorted(report.failed.items())[:5])
-            raise HetflError(f"round {rnd}: only {replied} of {asked} clients replied, fewer than "
-                             f"min_success_fraction={self.options.min_success_fraction:g} requires ({detail})")
         return new_state, report
 
     def close(self) -> None:
