@@ -64,9 +64,9 @@ def rounds(engine, state, first: int, n: int):
 
 def _profile_workers() -> None:
     """Wrap the workers' main loop (looked up when each worker starts) in cProfile; each dumps its stats."""
-    from hetfl.engines import workers
+    from hetfl.engines import worker_process
 
-    inner = workers._worker_main
+    inner = worker_process.worker_main
 
     def profiled(*a, **kw):
         prof = cProfile.Profile(time.process_time)
@@ -77,7 +77,7 @@ def _profile_workers() -> None:
             prof.disable()
             prof.dump_stats(f"/tmp/hetfl-worker-{os.getpid()}.prof")
 
-    workers._worker_main = profiled
+    worker_process.worker_main = profiled
 
 
 def main() -> None:

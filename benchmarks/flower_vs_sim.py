@@ -181,13 +181,13 @@ def run_side(workload: str, side: str, quick: bool) -> dict:
     elif side in FLOWER_APP:
         out.update(flower_app_side(exp, cfg, side))
     else:
-        cfg = cfg.replace(engine="simulator" if side.startswith("hetfl") else "flower")
+        cfg = cfg.with_engine(name="simulator" if side.startswith("hetfl") else "flower")
         if side.startswith("hetfl-workers"):  # client-parallel worker processes, 1 thread each (hetfl.engines.workers)
-            cfg = cfg.replace(workers=os.cpu_count() or 2, threads_per_worker=1)
+            cfg = cfg.with_engine(workers=os.cpu_count() or 2, threads_per_worker=1)
         if side == "hetfl-workers-batched":  # and chunks of same-shape clients as one vmapped model (opt-in)
-            cfg = cfg.replace(batched=True)
+            cfg = cfg.with_engine(batched=True)
         if not side.startswith("hetfl"):
-            os.environ["HETFL_FLOWER_NUM_CPUS"] = "1" if side == "flower-cpus1" else "2"
+            cfg = cfg.with_engine(flower_num_cpus=1.0 if side == "flower-cpus1" else 2.0)
         tmp = Path(tempfile.mkdtemp(prefix="hetfl-fvs-"))
         try:
             t0 = time.perf_counter()

@@ -75,9 +75,9 @@ class threads:
 def bench(args: argparse.Namespace, workload: str) -> dict[str, float]:
     cfg = make_config(args, workload)
     exp = prepare(cfg)  # loads (and caches) the data once, outside the timings
-    sides = {"workers": cfg.replace(workers=args.workers, threads_per_worker=1)}
+    sides = {"workers": cfg.with_engine(workers=args.workers, threads_per_worker=1)}
     if workload == "overhead" or args.batched_everywhere:  # batching pays for small models only
-        sides["workers+batched"] = sides["workers"].replace(batched=True)
+        sides["workers+batched"] = sides["workers"].with_engine(batched=True)
     default_threads = torch.get_num_threads()
     t = cfg.train
     cl = hetfl_layout(exp)
@@ -88,7 +88,7 @@ def bench(args: argparse.Namespace, workload: str) -> dict[str, float]:
     seq = {}
     with threads(1):  # the references for equality: in-process, one thread per client, as in each worker
         for name, side_cfg in sides.items():
-            seq[name] = hetfl_run(side_cfg.replace(workers=1))
+            seq[name] = hetfl_run(side_cfg.with_engine(workers=1))
     bare_loop(exp, 1)  # warm-up, untimed: the first round of a process pays one-time kernel set-up
     bare_all, bare_one, bare_cl, bare_lean = [], [], [], []
     times: dict[str, list[float]] = {name: [] for name in sides}

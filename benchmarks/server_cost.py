@@ -39,8 +39,8 @@ def measure(study_path: Path, rounds: int, repeats: int, only: list[str] | None)
     with tempfile.TemporaryDirectory() as tmp:
         for cell in cells:
             cfg = study.config(cell)
-            cfg = replace(cfg, rounds=rounds, checkpoint_every=0, workers=1,
-                          eval=replace(cfg.eval, every=rounds + 1, local=False))
+            cfg = replace(cfg, rounds=rounds, checkpoint_every=0,
+                          eval=replace(cfg.eval, every=rounds + 1, local=False)).with_engine(workers=1)
             times, shares, state = [], [], 0
             for rep in range(repeats):
                 run_dir = Path(tmp) / f"{cell.name}-{rep}"

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from hetfl.resolve import load_config
 
@@ -25,3 +26,12 @@ def digits_cfg():
         return load_config(None, overrides, base=DIGITS)
 
     return make
+
+
+@pytest.fixture
+def one_thread():
+    """The in-process side of an equality check trains with one thread, as each worker does."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

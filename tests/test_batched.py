@@ -69,13 +69,13 @@ def _cfg(batched, partition, num_clients=12):
 
 @pytest.mark.parametrize("partition", [{"name": "iid"}, {"name": "quantity", "sigma": 0.5, "min_size": 20}])
 def test_simulator_rounds_batched_equal_sequential(partition):
-    from hetfl.engines import ENGINES
+    from hetfl.engines import SERVER_ENGINES
 
     states, batched_counts = [], []
     for batched in (False, True):
         cfg = _cfg(batched, partition)
         exp = prepare(cfg)
-        engine = ENGINES.get("simulator")(exp.algorithm, exp.federation, exp.ctx, exp.device, cfg)
+        engine = SERVER_ENGINES.get("simulator")(exp.algorithm, exp.federation, exp.ctx, exp.device, cfg)
         state = exp.algorithm.init_state(exp.ctx)
         losses = []
         for rnd in (1, 2):

@@ -10,7 +10,7 @@ from hetfl.algorithms.base import nbytes, round_seed, weights_of
 from hetfl.decentralized.engine import InProcessEngine
 from hetfl.decentralized.protocol import cut, node_key
 from hetfl.decentralized.topology import TOPOLOGIES, GraphConfig, mixing_matrix, sample_topology, spectral_gap
-from hetfl.engines import ENGINES
+from hetfl.engines import SERVER_ENGINES, engine_for
 from hetfl.errors import ConfigError
 from hetfl.models import ModelRef
 from hetfl.resolve import load_config
@@ -38,7 +38,7 @@ def cfg_of(*overrides: str):
 
 def run_rounds(cfg, rounds: int):
     exp = prepare(cfg)
-    engine = ENGINES.get(cfg.engine)(exp.algorithm, exp.federation, exp.ctx, exp.device, cfg)
+    engine = engine_for(cfg.engine.name, exp.algorithm)(exp.algorithm, exp.federation, exp.ctx, exp.device, cfg)
     state = exp.algorithm.init_state(exp.ctx)
     reports = []
     for rnd in range(1, rounds + 1):
@@ -243,10 +243,13 @@ def test_runner_writes_node_and_tier_metrics_and_resumes_exactly(tmp_path):
 
 def test_engines_refuse_the_wrong_kind_of_algorithm():
     exp = prepare(cfg_of())
-    with pytest.raises(ConfigError, match="engine 'flower' needs a server algorithm"):
-        ENGINES.get("flower")(exp.algorithm, exp.federation, exp.ctx, exp.device, exp.cfg)
+    with pytest.raises(ConfigError, match="engine 'flower' does not run graph algorithms.*simulator, torchrun"):
+        engine_for("flower", exp.algorithm)
     fedavg = prepare(cfg_of('algorithm.name="fedavg"'))
-    with pytest.raises(ConfigError, match="engine 'torchrun' runs decentralized algorithms"):
-        ENGINES.get("torchrun")(fedavg.algorithm, fedavg.federation, fedavg.ctx, fedavg.device, fedavg.cfg)
-    assert isinstance(ENGINES.get("simulator")(exp.algorithm, exp.federation, exp.ctx, exp.device, exp.cfg),
-                      InProcessEngine)
+    with pytest.raises(ConfigError, match="engine 'torchrun' does not run server algorithms.*flower, simulator"):
+        engine_for("torchrun", fedavg.algorithm)
+    with pytest.raises(ConfigError, match="engine 'torchrun' does not run server algorithms"):
+        prepare(cfg_of('algorithm.name="fedavg"', 'engine.name="torchrun"'))  # before any file is written
+    assert isinstance(engine_for("simulator", exp.algorithm)(exp.algorithm, exp.federation, exp.ctx, exp.device,
+                                                             exp.cfg), InProcessEngine)
+    assert SERVER_ENGINES.get("simulator") is engine_for("simulator", fedavg.algorithm)

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hetfl.decentralized.protocol import node_key, relay_mean
+from hetfl.decentralized.host import relay_mean
+from hetfl.decentralized.protocol import node_key
 from hetfl.decentralized.topology import sample_topology
-from hetfl.engines import ENGINES
+from hetfl.engines import engine_for
 from hetfl.errors import ConfigError
 from hetfl.resolve import load_config
 from hetfl.runner import prepare
@@ -21,7 +22,7 @@ STRONG, WEAK = (0, 1), (2, 3)
 def run_rounds(*overrides: str, rounds: int = 2):
     cfg = load_config(None, [f"rounds={rounds}", *overrides], base=BASE)
     exp = prepare(cfg)
-    engine = ENGINES.get(cfg.engine)(exp.algorithm, exp.federation, exp.ctx, exp.device, cfg)
+    engine = engine_for(cfg.engine.name, exp.algorithm)(exp.algorithm, exp.federation, exp.ctx, exp.device, cfg)
     state = exp.algorithm.init_state(exp.ctx)
     for rnd in range(1, rounds + 1):
         state, report = engine.run_round(state, rnd)

@@ -158,7 +158,7 @@ def test_simulator_and_two_workers_give_the_same_model(tmp_path, digits_cfg, alg
         run(cfg, tmp_path / "inproc", quiet=True)
     finally:
         torch.set_num_threads(threads)
-    run(cfg.replace(workers=2), tmp_path / "workers", quiet=True)
+    run(cfg.with_engine(workers=2), tmp_path / "workers", quiet=True)
     a, b = (torch.load(tmp_path / e / "checkpoint.pt", weights_only=True)["state"] for e in ("inproc", "workers"))
     for k in a["models"]["global"]:
         assert torch.equal(a["models"]["global"][k], b["models"]["global"][k]), k

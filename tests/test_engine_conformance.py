@@ -97,7 +97,7 @@ def test_faults_behave_the_same_on_every_engine(tmp_path, digits_cfg, monkeypatc
         run(cfg, tmp_path / "inproc", quiet=True)
     finally:
         torch.set_num_threads(threads)
-    run(cfg.replace(workers=2), tmp_path / "workers", quiet=True)  # forked workers inherit the poison
+    run(cfg.with_engine(workers=2), tmp_path / "workers", quiet=True)  # forked workers inherit the poison
     engines = ["inproc", "workers"]
     if HAVE_FLWR:
         from hetfl.flower import FlowerOptions, FlowerSimulation
@@ -105,7 +105,7 @@ def test_faults_behave_the_same_on_every_engine(tmp_path, digits_cfg, monkeypatc
             return FlowerSimulation(algorithm, federation, ctx, device, cfg, client_app=_nan_app(),
                                     options=FlowerOptions(num_cpus=1))
 
-        run(cfg.replace(engine="flower"), tmp_path / "flower", quiet=True, engine=flower)
+        run(cfg.with_engine(name="flower"), tmp_path / "flower", quiet=True, engine=flower)
         engines.append("flower")
 
     rows = {e: read_metrics(tmp_path / e) for e in engines}

@@ -20,7 +20,7 @@ import torch
 from hetfl.algorithms import ALGORITHMS
 from hetfl.algorithms.base import ClientResult, ClientTask
 from hetfl.config import TrainConfig
-from hetfl.engines import ENGINES
+from hetfl.engines import SERVER_ENGINES
 from hetfl.engines.simulator import Simulator
 from hetfl.errors import HetflError
 from hetfl.models import ModelRef
@@ -88,7 +88,7 @@ def _final(run_dir: Path) -> dict[str, torch.Tensor]:
 def test_engine_without_flower_names_the_extra(monkeypatch, digits_cfg):
     monkeypatch.setitem(sys.modules, "flwr", None)  # import flwr -> ImportError
     with pytest.raises(HetflError, match=r"pip install 'hetfl\[flower\]'"):
-        ENGINES.get("flower")(None, None, None, "cpu", digits_cfg())
+        SERVER_ENGINES.get("flower")(None, None, None, "cpu", digits_cfg())
 
 
 @needs_flwr
@@ -213,7 +213,7 @@ def test_failed_and_lost_clients_are_reported_and_the_others_aggregated(digits_c
     exp = prepare(cfg)
     sim = Simulator(exp.algorithm, exp.federation, exp.ctx, exp.device)
     # the timeout must exceed the healthy clients' time even on a busy machine; close() ends the hung ClientApp
-    opts = FlowerOptions(min_success_fraction=0.5, round_timeout_s=12.0, num_cpus=1)
+    opts = FlowerOptions(round_timeout_s=12.0, num_cpus=1)
     engine = FlowerSimulation(exp.algorithm, exp.federation, exp.ctx, exp.device, cfg, options=opts,
                               client_app=_faulty_app())
     try:
@@ -232,7 +232,9 @@ def test_failed_and_lost_clients_are_reported_and_the_others_aggregated(digits_c
             state = new
         state, report = engine.run_round(state, 3)
         assert not report.failed and len(report.clients) == 4
-        engine.strategy.options = dataclasses.replace(opts, min_success_fraction=1.0)
+        strategy = engine.strategy  # faults.min_success_fraction = 1: one lost client stops the run
+        strategy.ctx = dataclasses.replace(strategy.ctx, faults=dataclasses.replace(strategy.ctx.faults,
+                                                                                      min_success_fraction=1.0))
         with pytest.raises(HetflError, match="only 3 of 4 clients replied"):
             engine.run_round(state, 4)
     finally:

@@ -9,7 +9,7 @@ from hetfl import packed
 from hetfl.aggregation import reducers
 from hetfl.algorithms.base import ClientResult
 from hetfl.algorithms.fedavg import average_weights
-from hetfl.engines.workers import create_shared, layout_of
+from hetfl.engines.shm import create_shared, layout_of
 
 SHAPES = {"a.weight": (7, 13), "a.bias": (7,), "b.weight": (3, 7), "b.bias": (3,)}
 

@@ -12,9 +12,10 @@ import torch
 
 from hetfl.algorithms.fedavg import FedAvg
 from hetfl.cli import main
-from hetfl.engines import ENGINES
+from hetfl.engines import SERVER_ENGINES
+from hetfl.engines.pool import WorkerDiedError
 from hetfl.engines.simulator import Simulator
-from hetfl.engines.workers import ParallelSimulator, WorkerDiedError, resolve_workers
+from hetfl.engines.workers import ParallelSimulator, resolve_workers
 from hetfl.errors import ConfigError
 from hetfl.resolve import load_config
 from hetfl.results import read_metrics
@@ -24,15 +25,6 @@ pytestmark = pytest.mark.skipif(not os.sys.platform.startswith("linux"), reason=
 
 HETERO = ('algorithm={name="heterofl", clients_per_round=5}', 'fleet.source="tiers"', 'fleet.mix="a-b-e"',
           "data.num_clients=6", 'model={name="heterofl_conv", hidden="8,16"}')
-
-
-@pytest.fixture
-def one_thread():
-    """The in-process side of an equality check trains with one thread, as each worker does."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _alive(pid: int) -> bool:
@@ -65,8 +57,8 @@ def test_workers_equal_sequential_bit_for_bit(tmp_path, digits_cfg, one_thread, 
     """Workers train the same clients (and the same batched chunks, each chunk in one worker) as the
     in-process engine: equal metrics and weights, bit for bit."""
     cfg = digits_cfg(*extra, "rounds=2")
-    run(cfg.replace(workers=1), tmp_path / "seq", quiet=True)
-    run(cfg.replace(workers=2), tmp_path / "par", quiet=True)
+    run(cfg.with_engine(workers=1), tmp_path / "seq", quiet=True)
+    run(cfg.with_engine(workers=2), tmp_path / "par", quiet=True)
     assert _comparable(read_metrics(tmp_path / "seq")) == _comparable(read_metrics(tmp_path / "par"))
     seq, par = _final_weights(tmp_path / "seq"), _final_weights(tmp_path / "par")
     assert seq.keys() == par.keys()
@@ -77,9 +69,9 @@ def test_workers_equal_sequential_bit_for_bit(tmp_path, digits_cfg, one_thread, 
 
 def test_resume_may_change_workers(tmp_path, digits_cfg, one_thread):
     cfg = digits_cfg("rounds=2")
-    run(cfg.replace(workers=1), tmp_path / "seq", quiet=True)
-    run(cfg.replace(rounds=1, workers=1), tmp_path / "res", quiet=True)
-    run(cfg.replace(workers=2, threads_per_worker=1), resume=tmp_path / "res", quiet=True)
+    run(cfg.with_engine(workers=1), tmp_path / "seq", quiet=True)
+    run(cfg.replace(rounds=1).with_engine(workers=1), tmp_path / "res", quiet=True)
+    run(cfg.with_engine(workers=2, threads_per_worker=1), resume=tmp_path / "res", quiet=True)
     assert _comparable(read_metrics(tmp_path / "seq")) == _comparable(read_metrics(tmp_path / "res"))
 
 
@@ -284,9 +276,10 @@ def test_auto_rule(digits_cfg, monkeypatch):
 def test_engine_factory_picks_in_process_or_workers(digits_cfg):
     cfg = digits_cfg()
     exp = prepare(cfg)
-    engine = ENGINES.get("simulator")(exp.algorithm, exp.federation, exp.ctx, exp.device, cfg.replace(workers=1))
+    simulator = SERVER_ENGINES.get("simulator")
+    engine = simulator(exp.algorithm, exp.federation, exp.ctx, exp.device, cfg.with_engine(workers=1))
     assert type(engine) is Simulator
-    engine = ENGINES.get("simulator")(exp.algorithm, exp.federation, exp.ctx, exp.device, cfg.replace(workers=2))
+    engine = simulator(exp.algorithm, exp.federation, exp.ctx, exp.device, cfg.with_engine(workers=2))
     try:
         assert isinstance(engine, ParallelSimulator) and engine.pool.size == 2
     finally:
@@ -308,11 +301,12 @@ def test_interrupted_round_stops_busy_workers_and_the_next_round_restarts_them(t
     exp, algo, state, victim = _faulty(digits_cfg, tmp_path, "stall", times=1)
     sim = ParallelSimulator(algo, exp.federation, exp.ctx, workers=2)
     try:
-        stream = sim.pool.run(exp.algorithm.configure_round(state, 1, list(range(8)), exp.ctx))
-        next(stream)  # client 0 is done; client 1 stalls for a minute
-        t0 = time.monotonic()
-        with pytest.raises(KeyboardInterrupt):
-            stream.throw(KeyboardInterrupt)
+        with pytest.raises(KeyboardInterrupt), sim.pool.open() as session:
+            for task in exp.algorithm.configure_round(state, 1, list(range(8)), exp.ctx):
+                session.submit(task)
+            session.next_result()  # one client is done; client 1 stalls for a minute
+            t0 = time.monotonic()
+            raise KeyboardInterrupt
         assert time.monotonic() - t0 < 10  # no waiting for the stalled client
         got, report = sim.run_round(state, 1)  # the victim's stall was used up: a clean round
         assert report.faults["clients_reported"] == 8 and "worker_restarts" not in report.faults

@@ -47,7 +47,7 @@ from hetfl.algorithms.base import Algorithm, ClientResult, ClientTask, Context, 
 from hetfl.errors import ConfigError, HetflError
 from hetfl.reliability.guard import RoundGuard
 from hetfl.reliability.plan import plan_round
-from hetfl.rounds import Round, RoundReport, round_rng, state_bytes
+from hetfl.rounds import Round, RoundReport, round_rng, state_bytes, synchronous
 
 #: ServerState.buffers key of the asynchronous book (clock, clients in flight, models they were sent).
 BOOK = "fedbuff"
@@ -152,14 +152,15 @@ class BufferedRound:
         return self.algorithm.configure_round(state, int(entry[1]) + 1, [int(entry[0])], self.ctx)[0]
 
     def _train(self, tasks: list[ClientTask]) -> list[ClientResult | None]:
+        """Train a group of arrivals through the transport's session (in task order, so deterministic)."""
         plan = getattr(self.transport, "plan", None)
         if plan is not None:
             plan(tasks)
         out: dict[int, ClientResult | None] = {}
-        for task, outcome in self.transport.execute(tasks):
+        for task, outcome in synchronous(self.transport, tasks):
             try:
                 out[id(task)] = outcome(task)
-            except Exception:  # noqa: BLE001  (a failed client reports nothing; counted as dropped)
+            except Exception:  # noqa: BLE001  (a failed or lost client reports nothing; counted as dropped)
                 out[id(task)] = None
         return [out.get(id(t)) for t in tasks]
 

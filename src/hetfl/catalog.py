@@ -7,7 +7,7 @@ from hetfl.data.datasets import DATASETS
 from hetfl.data.partition import PARTITIONERS
 from hetfl.decentralized import TOPOLOGIES
 from hetfl.decentralized import protocol as _decentralized  # noqa: F401  (registers dkd, dpsgd, isolated)
-from hetfl.engines import ENGINES
+from hetfl.engines import GRAPH_ENGINES, SERVER_ENGINES
 from hetfl.hetero.policy import INDEX_POLICIES
 from hetfl.hetero.sampling import WIDTH_SCHEDULES
 from hetfl.models import MODELS
@@ -18,11 +18,12 @@ REGISTRIES: dict[str, Registry] = {
     "partitioners": PARTITIONERS,
     "models": MODELS,
     "algorithms": ALGORITHMS,
-    "engines": ENGINES,
+    "engines (server algorithms)": SERVER_ENGINES,
+    "engines (graph algorithms)": GRAPH_ENGINES,
     "topologies": TOPOLOGIES,
     "index policies": INDEX_POLICIES,
     "width schedules": WIDTH_SCHEDULES,
 }
 
-__all__ = ["ALGORITHMS", "DATASETS", "ENGINES", "INDEX_POLICIES", "MODELS", "PARTITIONERS", "REGISTRIES",
-           "TOPOLOGIES", "WIDTH_SCHEDULES"]
+__all__ = ["ALGORITHMS", "DATASETS", "GRAPH_ENGINES", "INDEX_POLICIES", "MODELS", "PARTITIONERS", "REGISTRIES",
+           "SERVER_ENGINES", "TOPOLOGIES", "WIDTH_SCHEDULES"]

@@ -55,13 +55,14 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, help="shorthand for --set seed=N")
     r.add_argument("--device", help="cpu or cuda[:N] (shorthand for --set device=...)")
     r.add_argument("--engine", help="simulator (default, in-process), flower, or torchrun (decentralized algorithms: "
-                                    "one process per node; also under torchrun) (shorthand for --set engine=...)")
+                                    "one process per node; also under torchrun) (shorthand for --set engine.name=...)")
     r.add_argument("--data-dir", help="where to read datasets from (shorthand for --set data.data_dir=...)")
     r.add_argument("--workers", help="worker processes that train a round's clients side by side: N >= 1, or auto "
                                      "(0 also means auto; default: the cores when a round's work pays for it, "
-                                     "else 1 = in this process) (shorthand for --set workers=...)")
+                                     "else 1 = in this process) (shorthand for --set engine.workers=...)")
     r.add_argument("--threads-per-worker", type=int, metavar="N",
-                   help="torch threads in each worker process (default 1) (shorthand for --set threads_per_worker=N)")
+                   help="torch threads in each worker process (default 1) "
+                        "(shorthand for --set engine.threads_per_worker=N)")
     r.add_argument("--quiet", action="store_true", help="no progress bar or round messages; only the final line "
                                                          "(run directory, rounds, test accuracy, wall time) is printed")
     r.add_argument("--dry-run", action="store_true", help="make every check the run makes before it starts (config, "
@@ -109,14 +110,14 @@ def run_config(args: argparse.Namespace) -> Any:
     if args.device:
         overrides.append(f'device="{args.device}"')
     if args.engine:
-        overrides.append(f"engine={_toml_str(args.engine)}")
+        overrides.append(f"engine.name={_toml_str(args.engine)}")
     if args.data_dir:
         overrides.append(f"data.data_dir={_toml_str(args.data_dir)}")
     if args.workers is not None:
         w = args.workers.strip()
-        overrides.append(f"workers={w if w.isdigit() else _toml_str(w)}")
+        overrides.append(f"engine.workers={w if w.isdigit() else _toml_str(w)}")
     if args.threads_per_worker is not None:
-        overrides.append(f"threads_per_worker={args.threads_per_worker}")
+        overrides.append(f"engine.threads_per_worker={args.threads_per_worker}")
     notes: list[str] = []
     if args.resume:
         if args.out:
@@ -221,7 +222,7 @@ def _dry_run(cfg: Any, args: argparse.Namespace) -> int:
     print(config_text(cfg), end="")
     print(f"# {what}: valid (dataset {cfg.data.name}, partition {cfg.data.partition.name}, "
           f"model {cfg.model.name}, algorithm {cfg.algorithm.name}, {cfg.rounds} rounds, "
-          f"engine {cfg.engine}); {checked}; --dry-run: the resolved config above, nothing trained or written")
+          f"engine {cfg.engine.name}); {checked}; --dry-run: the resolved config above, nothing trained or written")
     return 0
 
 

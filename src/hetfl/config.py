@@ -159,6 +159,11 @@ class FaultsConfig:
       tensors exceeds this (0 = off).
     * ``max_update_ratio``: reject an update with ``||w_new - w_task|| / ||w_task||`` above this (0 = off).
     * ``fail_fast``: re-raise a client's exception instead of counting the client as failed.
+    * ``min_success_fraction``: share of the clients sent a task this round (those the fault plan let
+      train) that must come back (not raise, not be lost by the transport); fewer and the round raises
+      :class:`~hetfl.errors.HetflError`: the run stops and can be resumed.  Every engine honours it the
+      same way (on Flower it is the rule for vanished nodes; 0.5 was that engine's own default before it
+      became this key).  0 = never stop (the default).
     """
 
     dropout: float = 0.0
@@ -168,6 +173,7 @@ class FaultsConfig:
     max_update_norm: float = 0.0
     max_update_ratio: float = 0.0
     fail_fast: bool = False
+    min_success_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         def need(ok: bool, field: str, allowed: str) -> None:
@@ -181,6 +187,7 @@ class FaultsConfig:
              "> 0 (GFLOP/s of a relative-speed-1 device)")
         need(self.max_update_norm >= 0.0, "max_update_norm", ">= 0 (0 = no bound)")
         need(self.max_update_ratio >= 0.0, "max_update_ratio", ">= 0 (0 = no bound)")
+        need(0.0 <= self.min_success_fraction <= 1.0, "min_success_fraction", "in [0, 1] (0 = never stop)")
 
 
 MIXINGS = ("metropolis", "uniform")
@@ -372,17 +379,86 @@ class LogConfig:
         return tuple(w.strip().lower() for w in self.to.split(",") if w.strip())
 
 
+BATCHED = ("auto", True, False)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """``[engine]``: which engine carries the rounds, and its knobs.
+
+    * ``name``: ``simulator`` (default; server algorithms: clients in this process or in worker
+      processes; graph algorithms: every node in this process), ``flower``, or ``torchrun`` (graph
+      algorithms, one process per node); ``hetfl list`` shows which carries which protocol.
+    * ``workers`` (simulator): client-parallel worker processes; ``"auto"`` or 0 = decide, 1 = in this process.
+    * ``threads_per_worker``: torch intra-op threads in each worker process.
+    * ``worker_timeout_s``: a client taking longer in a worker counts as a dead worker (0 = no limit).
+    * ``batched``: train same-shape clients as one vmapped model: ``"auto"`` (CUDA only, if a start-up
+      micro-benchmark says it is faster), true, false (:mod:`hetfl.engines.batched`).
+    * ``flower_num_cpus`` / ``flower_num_gpus``: Flower simulation's ``client_resources`` per virtual
+      client (``flower_num_cpus = 0``: Flower's default, 2).
+    * ``flower_round_timeout_s``: a Flower client that has not replied by then is lost (0 = wait for Flower's
+      own node-unavailable reply); ``flower_query_timeout_s``: how long to wait for nodes to connect and
+      answer the capability query; ``flower_verbose``: Flower's INFO/DEBUG logs.
+
+    The top-level keys of older configs (``engine = "flower"``, ``workers``, ``threads_per_worker``,
+    ``worker_timeout_s``, ``batched``) are read into this section (:func:`fold_engine_keys`).
+    """
+
+    name: str = "simulator"
+    workers: int | Literal["auto"] = "auto"
+    threads_per_worker: int = 1
+    worker_timeout_s: float = 0.0
+    batched: bool | str = "auto"
+    flower_num_cpus: float = 0.0
+    flower_num_gpus: float = 0.0
+    flower_round_timeout_s: float = 0.0
+    flower_query_timeout_s: float = 600.0
+    flower_verbose: bool = False
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, field: str, allowed: str) -> None:
+            if not ok:
+                raise ConfigError(f"engine.{field} must be {allowed}, got {getattr(self, field)!r}")
+
+        need(self.batched in BATCHED, "batched", '"auto", true or false')
+        need(self.workers == "auto" or self.workers >= 0, "workers",
+             '"auto", 0 (= auto) or a number of processes >= 1')
+        need(self.threads_per_worker >= 1, "threads_per_worker", ">= 1")
+        need(self.worker_timeout_s >= 0, "worker_timeout_s", ">= 0 (0 = no limit)")
+        need(self.flower_num_cpus >= 0, "flower_num_cpus", ">= 0 (0 = Flower's default)")
+        need(self.flower_num_gpus >= 0, "flower_num_gpus", ">= 0")
+        need(self.flower_round_timeout_s >= 0, "flower_round_timeout_s", ">= 0 (0 = no timeout)")
+        need(self.flower_query_timeout_s > 0, "flower_query_timeout_s", "> 0 seconds")
+
+
+#: top-level keys of older configs -> their key in ``[engine]``
+ENGINE_KEYS = {"engine": "name", "workers": "workers", "threads_per_worker": "threads_per_worker",
+               "worker_timeout_s": "worker_timeout_s", "batched": "batched"}
+
+
+def fold_engine_keys(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """``raw`` with the top-level engine keys of older configs (``engine = "flower"``, ``workers = 2``, ...)
+    moved into the ``[engine]`` section; a top-level key wins over the section's (it is what ``--set
+    workers=2`` writes)."""
+    out = dict(raw)
+    engine = out.get("engine")
+    table = dict(engine) if isinstance(engine, Mapping) else {}
+    for key, into in ENGINE_KEYS.items():
+        if key in out and not (key == "engine" and isinstance(out[key], Mapping)):
+            table[into] = out.pop(key)
+    if table or "engine" in out:
+        out["engine"] = table
+    return out
+
+
 @dataclass(frozen=True)
 class RunConfig:
     name: str = ""
     rounds: int = 10
     seed: int = 0
     device: str = "cpu"
-    engine: str = "simulator"
-    workers: int | Literal["auto"] = "auto"  # client-parallel worker processes (simulator); "auto"/0 = decide
-    threads_per_worker: int = 1  # torch intra-op threads in each worker process
-    worker_timeout_s: float = 0.0  # a client taking longer in a worker counts as a dead worker (0 = no limit)
     checkpoint_every: int = 1
+    engine: EngineConfig = field(default_factory=EngineConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
@@ -394,12 +470,13 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     asynchronous: AsyncConfig = field(default_factory=AsyncConfig)
     log: LogConfig = field(default_factory=LogConfig)
-    # train same-shape clients as one vmapped model: "auto" (CUDA only, if a start-up micro-benchmark
-    # says it is faster), true, false (hetfl.engines.batched)
-    batched: bool | str = "auto"
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
+
+    def with_engine(self, **changes: Any) -> RunConfig:
+        """A copy with ``[engine]`` keys changed: ``cfg.with_engine(name="flower", workers=1)``."""
+        return dataclasses.replace(self, engine=dataclasses.replace(self.engine, **changes))
 
     def to_dict(self) -> dict[str, Any]:
         return config_to_dict(self)
@@ -530,17 +607,13 @@ def validate_ranges(cfg: RunConfig) -> None:
     _require(cfg.checkpoint_every >= 0, f"checkpoint_every must be >= 0 (0 = only at the end), "
              f"got {cfg.checkpoint_every}")
     _require(cfg.seed >= 0, f"seed must be >= 0, got {cfg.seed}")
-    _require(cfg.batched in ("auto", True, False), f'batched must be "auto", true or false, got {cfg.batched!r}')
     _require(cfg.device == "cpu" or cfg.device.startswith("cuda"),
              f"device must be 'cpu' or 'cuda[:N]', got {cfg.device!r}")
-    _require(cfg.workers == "auto" or cfg.workers >= 0,
-             f"workers must be \"auto\", 0 (= auto) or a number of processes >= 1, got {cfg.workers!r}")
-    _require(cfg.threads_per_worker >= 1, f"threads_per_worker must be >= 1, got {cfg.threads_per_worker}")
-    _require(cfg.worker_timeout_s >= 0, f"worker_timeout_s must be >= 0 (0 = no limit), got {cfg.worker_timeout_s}")
-    if cfg.workers != "auto" and cfg.workers > 1:
-        _require(cfg.engine == "simulator", f"workers={cfg.workers} applies to engine 'simulator'; engine "
-                 f"{cfg.engine!r} places clients itself (use workers=1 or \"auto\")")
-        _require(cfg.device == "cpu", f"workers={cfg.workers}: worker processes train on the CPU; with device "
+    eng = cfg.engine
+    if eng.workers != "auto" and eng.workers > 1:
+        _require(eng.name == "simulator", f"engine.workers={eng.workers} applies to engine 'simulator'; engine "
+                 f"{eng.name!r} places clients itself (use workers=1 or \"auto\")")
+        _require(cfg.device == "cpu", f"engine.workers={eng.workers}: worker processes train on the CPU; with device "
                  f"{cfg.device!r} clients train in this process (use workers=1 or \"auto\")")
     d = cfg.data
     _require(d.num_clients >= 1 or (d.num_clients == 0 and d.partition.name == "natural"),
@@ -605,6 +678,7 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
         privacy=plain(cfg.privacy),
         asynchronous=plain(cfg.asynchronous),
         log=plain(cfg.log),
+        engine=plain(cfg.engine),
     )
     return out
 
@@ -697,6 +771,8 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], *, entry_keys
     given: set[tuple[str, ...]] = set()
     for item in overrides:
         path, value = parse_override(item)
+        if len(path) == 1 and path[0] in ENGINE_KEYS and not isinstance(value, Mapping):
+            path = ["engine", ENGINE_KEYS[path[0]]]  # an older top-level key: --set workers=2, --set engine="flower"
         node = out
         for part in path[:-1]:
             child = node.setdefault(part, {})
@@ -733,7 +809,7 @@ def read_config(path: str | Path | None = None, overrides: Sequence[str] = (),
     raw: dict[str, Any] = dict(base or {})
     if path is not None:
         raw = read_toml(path)
-    raw = apply_overrides(raw, overrides, entry_keys=entry_keys, notes=notes)
+    raw = apply_overrides(fold_engine_keys(raw), overrides, entry_keys=entry_keys, notes=notes)
     if path is not None:
         require_names(raw, str(path))
     return raw

@@ -21,6 +21,7 @@ from hetfl.data.datasets import load_dataset
 from hetfl.data.federation import Federation, build_federation
 from hetfl.data.partition import check_groups, make_partitioner
 from hetfl.data.server import draw_server_data
+from hetfl.decentralized.protocol import GraphAlgorithm
 from hetfl.errors import ConfigError, HetflError
 from hetfl.fleet import build_fleet
 from hetfl.models import ModelRef
@@ -94,7 +95,7 @@ def prepare(cfg: RunConfig) -> Experiment:
     check_min_clients(cfg.faults, algorithm.clients_for(federation.num_clients))
     ctx = dataclasses.replace(ctx, privacy=plan_privacy(cfg.privacy, algorithm, cfg.algorithm.name, ctx, cfg.rounds,
                                                         cfg.faults.min_clients))  # [privacy]: refused or resolved
-    if algorithm.decentralized:  # no server: nodes on the [graph] (hetfl.decentralized)
+    if isinstance(algorithm, GraphAlgorithm):  # the graph protocol: nodes on the [graph] (hetfl.decentralized)
         algorithm.check_setup(ctx, cfg.graph)
 
     return Experiment(cfg, dataset, federation, algorithm, ctx, device)

@@ -23,6 +23,7 @@ from hetfl.config import (
     AsyncConfig,
     Component,
     DataConfig,
+    EngineConfig,
     EvalConfig,
     FaultsConfig,
     FleetConfig,
@@ -36,6 +37,7 @@ from hetfl.config import (
     check_params,
     check_value,
     declared_params,
+    fold_engine_keys,
     read_config,
     validate_ranges,
 )
@@ -49,8 +51,8 @@ from hetfl.models import MODELS
 
 def config_from_dict(raw: Mapping[str, Any]) -> RunConfig:
     """Validate a nested dict (parsed TOML + overrides) into a :class:`RunConfig`."""
-    raw = dict(raw)
-    sections = {"data", "model", "algorithm", "train", "eval", "fleet", "faults", "graph", "privacy", "log",
+    raw = fold_engine_keys(raw)  # older configs: engine = "flower", workers = 2, ... at the top level
+    sections = {"data", "model", "algorithm", "train", "eval", "fleet", "faults", "graph", "privacy", "engine", "log",
                 "asynchronous"}
     top = {k: v for k, v in raw.items() if k not in sections}
     for key in sections:
@@ -105,13 +107,15 @@ def config_from_dict(raw: Mapping[str, Any]) -> RunConfig:
     faults = build_fixed(FaultsConfig, "faults", raw.get("faults", {}))
     graph = build_fixed(GraphConfig, "graph", raw.get("graph", {}))
     privacy = build_fixed(PrivacyConfig, "privacy", raw.get("privacy", {}))
+    engine = build_fixed(EngineConfig, "engine", raw.get("engine", {}))
     asynchronous = build_fixed(AsyncConfig, "asynchronous", raw.get("asynchronous", {}))
     log = build_fixed(LogConfig, "log", raw.get("log", {}))
     run = build_fixed(RunConfig, "", top)
     cfg = dataclasses.replace(run, data=data, model=model, algorithm=algorithm, train=train, eval=ev, fleet=fleet,
-                              faults=faults, graph=graph, privacy=privacy, asynchronous=asynchronous, log=log)
+                              faults=faults, graph=graph, privacy=privacy, engine=engine, asynchronous=asynchronous,
+                              log=log)
     validate_ranges(cfg)
-    TOPOLOGIES.get(cfg.graph.name, "graph.name")  # (the engine name: hetfl.runner.prepare, which builds it)
+    TOPOLOGIES.get(cfg.graph.name, "graph.name")  # (engine.name: hetfl.runner.prepare, which builds it)
     return cfg
 
 

@@ -1,18 +1,38 @@
-"""One federated round, written once for every engine.
+"""One federated round, written once for every engine; and the streaming transport it runs on.
 
 A round is: sample the clients -> configure their tasks -> plan faults (dropouts, deadlines, per-tier
-participation; :mod:`hetfl.reliability`) -> the *transport* executes the tasks of the clients that run
+participation; :mod:`hetfl.reliability`) -> the *transport* carries the tasks of the clients that run
 -> validate and accept each result -> the algorithm aggregates the accepted ones as a stream -> the
 server step (or a skipped round under ``faults.min_clients``) -> cost accounting and the metrics row.
 
-Engines only carry tasks to clients and results back.  A transport offers
+Transports
+----------
+Engines only carry tasks to clients and results back.  A transport (:class:`Transport`) offers
 
-* ``execute(tasks) -> iterator of (task, outcome)`` where ``outcome(task)`` returns the client's
-  :class:`~hetfl.algorithms.base.ClientResult` or raises (the client failed).  Results may arrive in
-  any order; the in-process loop, the worker pool and Flower's Grid all yield them in task order, which
-  keeps aggregation deterministic;
-* optionally ``plan(tasks)``, told which clients will run before any of them does (the batcher groups
-  same-shape clients there).
+* ``open()``: a context manager that yields a :class:`Session`, a stream of client work that stays open
+  as long as the server wants it:
+
+  - ``session.submit(task)``: hand over one :class:`~hetfl.algorithms.base.ClientTask`, at any time,
+    also while other tasks are out;
+  - ``session.next_result() -> (task, outcome)``: the next task that finished, *in the order they
+    finish*, blocking until one does (raises :class:`~hetfl.errors.HetflError` if nothing is in
+    flight); ``outcome(task)`` returns the client's :class:`~hetfl.algorithms.base.ClientResult` or
+    raises (the client failed; :class:`ClientLost` if the transport lost it);
+  - ``session.in_flight``: tasks submitted whose result ``next_result`` has not returned yet.
+
+  Leaving the ``with`` block normally (or by ``GeneratorExit``) lets clients still running finish and
+  drops their results; any other exception stops them as fast as the transport can;
+* optionally ``plan(tasks)``, told which clients will be submitted before any of them is (the batcher
+  groups same-shape clients there; a worker trains a planned chunk as one unit once all its tasks are in).
+
+What each engine's session does: the in-process simulator runs a task when its outcome is called (so
+"finishes" = submission order); the worker pool trains up to two tasks per worker and returns whichever
+is done first (:class:`hetfl.engines.pool.PoolSession`); Flower pushes the submitted tasks as messages
+and returns replies as they are pulled (:class:`hetfl.flower.strategy.FlowerSession`).
+
+The synchronous round is the special case :func:`synchronous`: submit all of a round's tasks, then hand
+the results to the aggregation in *task order* (held back until their turn), so aggregation is
+deterministic and every engine gives the same model bit for bit.
 
 A transport-level loss (no node holds the client, no reply in time, an unreadable reply) raises
 :class:`ClientLost`: it counts as a failed client like an exception raised by the client's own code,
@@ -21,12 +41,43 @@ but a round in which every client was *lost* is a network fault, not a bug, so i
 
 Because every engine runs this one function, every ``[faults]`` option, accounting key and metrics key
 behaves the same on all of them (tests/test_engine_conformance.py).
+
+Buffered asynchronous aggregation (FedBuff) on the same loop
+------------------------------------------------------------
+:mod:`hetfl.asynchronous` implements it as a server rule beside :class:`Round` (``[asynchronous]``); it
+orders arrivals by simulated time, as below, and trains each group of simultaneous arrivals through
+:func:`synchronous`.  The design it follows:
+
+FedBuff (Nguyen et al., 2022) keeps a fixed number of clients training at all times and updates the
+server model every K results; a result's *staleness* is the number of server versions between the model
+its task was built from and the model it is applied to.  It needs nothing from an engine beyond the
+session above, so it will be a server rule beside :class:`Round`, not a new engine:
+
+1. open one session for the whole run (or one per evaluation period) instead of one per round;
+2. keep ``concurrency`` tasks out: ``configure`` one client at a time from the *current* server state,
+   stamp the task with the server version (``task.extra["version"]``, or a dict kept by the rule, keyed
+   by ``id(task)``), ``submit`` it;
+3. loop on ``next_result()``: run the result through the same :class:`~hetfl.reliability.guard.RoundBook`
+   checks (``run``/``accept``), weight it by a staleness function of ``version_now - version_sent``,
+   feed it to a running aggregate, and submit a replacement task at once;
+4. every K accepted results: ``server_step``, version += 1, one metrics row (a "round" = one server
+   version), checkpoint as today.
+
+Order of arrival then matters.  On the worker pool it is the real finishing order, which depends on
+the machine's load; a reproducible simulation should order arrivals by *simulated* time instead (each
+client's simulated compute + transfer time from the fault plan, :mod:`hetfl.reliability.plan`): the rule
+keeps the outcomes it has taken and applies them in simulated-time order, which costs nothing in process
+(a task there runs only when its outcome is called) and bounds memory by ``concurrency`` on workers.
+Flower's session streams replies as they come but cannot cancel a task that is out; leaving a session
+abandons its replies.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -35,7 +86,7 @@ import torch
 
 from hetfl.accounting import Accountant, TierLedger
 from hetfl.algorithms.base import Algorithm, ClientResult, ClientTask, Context, ServerState, nbytes
-from hetfl.errors import ClientLost
+from hetfl.errors import ClientLost, HetflError
 from hetfl.privacy.mechanism import PrivateRound
 from hetfl.reliability.guard import RoundGuard, skip_round
 
@@ -50,8 +101,61 @@ def round_rng(seed: int, rnd: int) -> np.random.Generator:
     return np.random.default_rng([seed, rnd, SAMPLING_STREAM])
 
 
+class Session(Protocol):
+    """An open stream of client work on a transport (see the module docstring)."""
+
+    @property
+    def in_flight(self) -> int: ...
+
+    def submit(self, task: ClientTask) -> None: ...
+
+    def next_result(self) -> tuple[ClientTask, Outcome]: ...
+
+
 class Transport(Protocol):
-    def execute(self, tasks: list[ClientTask]) -> Iterator[tuple[ClientTask, Outcome]]: ...
+    def open(self) -> AbstractContextManager[Session]: ...
+
+
+def synchronous(transport: Transport, tasks: Sequence[ClientTask]) -> Iterator[tuple[ClientTask, Outcome]]:
+    """A synchronous round on a streaming transport: submit every task, yield ``(task, outcome)`` in task
+    order whatever order the clients finish in.  Closing the generator early ends the session cleanly."""
+    with transport.open() as session:
+        for task in tasks:
+            session.submit(task)
+        position = {id(task): i for i, task in enumerate(tasks)}
+        held: dict[int, tuple[ClientTask, Outcome]] = {}  # finished ahead of their turn
+        for i in range(len(tasks)):
+            while i not in held:
+                task, outcome = session.next_result()
+                held[position[id(task)]] = (task, outcome)
+            yield held.pop(i)
+
+
+class InProcess:
+    """The simplest session: every client in this process, run when its outcome is called (so results come
+    in submission order); what :class:`hetfl.engines.simulator.Simulator` opens."""
+
+    def __init__(self, run_client: Outcome) -> None:
+        self.run_client = run_client
+        self._queue: deque[ClientTask] = deque()
+
+    def __enter__(self) -> InProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._queue.clear()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._queue)
+
+    def submit(self, task: ClientTask) -> None:
+        self._queue.append(task)
+
+    def next_result(self) -> tuple[ClientTask, Outcome]:
+        if not self._queue:
+            raise HetflError("next_result(): no task is in flight")
+        return self._queue.popleft(), self.run_client
 
 
 @dataclass
@@ -137,7 +241,7 @@ class Round:
             if not book.to_run:
                 return
             t_in = time.perf_counter()  # time inside this generator is the transport's and the clients'
-            for task, outcome in self.transport.execute(book.to_run):
+            for task, outcome in synchronous(self.transport, book.to_run):
                 t0 = time.perf_counter()
                 res = book.run(task, outcome)  # None: it raised or was lost (recorded as a failure)
                 report.train_time_s += time.perf_counter() - t0
@@ -192,10 +296,5 @@ def state_bytes(state: ServerState) -> int:
     return walk(state.models) + walk(state.buffers)
 
 
-def in_order(tasks: Sequence[ClientTask], run_client: Outcome) -> Iterator[tuple[ClientTask, Outcome]]:
-    """The simplest transport's ``execute``: every client in this process, one after another."""
-    return ((task, run_client) for task in tasks)
-
-
-__all__ = ["ClientLost", "Outcome", "Round", "RoundReport", "SAMPLING_STREAM", "Transport", "in_order", "round_rng",
-           "state_bytes"]
+__all__ = ["ClientLost", "InProcess", "Outcome", "Round", "RoundReport", "SAMPLING_STREAM", "Session", "Transport",
+           "round_rng", "state_bytes", "synchronous"]

@@ -26,11 +26,9 @@ import torch
 from hetfl.accounting import tier_totals
 from hetfl.algorithms.base import ServerState
 from hetfl.config import RunConfig, parse_toml
-from hetfl.decentralized.engine import NodeEvaluator
 from hetfl.decentralized.torchrun import serve_if_worker
-from hetfl.engines import ENGINES
+from hetfl.engines import check_engine, engine_for, loop_for
 from hetfl.errors import ConfigError, HetflError
-from hetfl.evaluation import Evaluator
 from hetfl.experiment import Experiment, resolve_device  # noqa: F401  (re-exported)
 from hetfl.experiment import prepare as build_experiment
 from hetfl.logwriters import check_writers, open_writers
@@ -46,14 +44,16 @@ from hetfl.results import CONFIG, PARTITION, RunDir, atomic_write_text, config_t
 def prepare(cfg: RunConfig) -> Experiment:
     """:func:`hetfl.experiment.prepare` after checking the engine name: everything a run needs, built and
     checked before any file is written."""
-    ENGINES.get(cfg.engine, "engine")  # an unknown engine fails before anything is loaded or written
+    check_engine(cfg.engine.name)  # an unknown engine fails before anything is loaded or written
     check_writers(cfg)  # [log] to: a writer whose package is missing fails here, naming the extra
     noised = cfg.privacy.noise_multiplier > 0 or cfg.privacy.target_epsilon is not None
     if noised and cfg.checkpoint_every != 1:
         raise ConfigError(f"checkpoint_every={cfg.checkpoint_every}: a [privacy] run with noise checkpoints every "
                           f"round before its model leaves the server, so that a resume never re-runs (and re-noises) "
                           f"a round that was already released; set checkpoint_every = 1 (docs/privacy.md, Resume)")
-    return build_experiment(cfg)
+    exp = build_experiment(cfg)
+    engine_for(cfg.engine.name, exp.algorithm)  # and one that does not carry the algorithm's protocol
+    return exp
 
 
 def default_out_dir(cfg: RunConfig, config_path: str | Path | None) -> Path:
@@ -137,7 +137,8 @@ def run(
     """Run (or resume) an experiment; returns the summary written to summary.json.
 
     ``engine``: a factory ``(algorithm, federation, ctx, device, cfg) -> engine`` to use instead of the
-    registered ``cfg.engine`` (a test's transport, a Flower simulation with a custom ClientApp)."""
+    registered ``cfg.engine.name`` (a test's transport, a Flower simulation with a custom ClientApp).  The
+    algorithm's protocol (server or graph, :func:`hetfl.engines.loop_for`) picks the engines and the evaluator."""
 
     served = serve_if_worker(cfg, prepare)  # a torchrun rank above 0 hosts nodes for rank 0, which writes every file
     if served is not None:
@@ -163,11 +164,11 @@ def run(
 
     setup = settle_precision(exp, read_summary(run_dir.path) if ckpt is not None else None, quiet)
     writers = open_writers(cfg, run_dir.path, config_text(cfg))  # [log]: TensorBoard / MLflow (none by default)
-    factory = engine if engine is not None else ENGINES.get(cfg.engine, "engine")
+    loop = loop_for(exp.algorithm)
+    factory = engine if engine is not None else engine_for(cfg.engine.name, exp.algorithm)
     # the engine sees the resolved train config: what Flower nodes and torchrun ranks rebuild their setup from
     engine = factory(exp.algorithm, exp.federation, exp.ctx, exp.device, cfg.replace(train=exp.ctx.train))
-    evaluator_cls = NodeEvaluator if exp.algorithm.decentralized else Evaluator  # decentralized: one model per node
-    evaluator = evaluator_cls(exp.federation, exp.ctx, cfg.eval, ModelCache(exp.ctx, exp.device), exp.device, cfg.seed)
+    evaluator = loop.evaluator(exp.federation, exp.ctx, cfg.eval, ModelCache(exp.ctx, exp.device), exp.device, cfg.seed)
     if ckpt is not None:
         state = ServerState.from_dict(ckpt["state"])
         start, elapsed = int(ckpt["round"]), float(ckpt["elapsed_s"])
@@ -282,12 +283,12 @@ def _merge_resume(saved: RunConfig, given: RunConfig | None) -> RunConfig:
     """A resumed run keeps its saved config; only ``rounds`` may be extended (or given equal)."""
     if given is None:
         return saved
-    if dataclasses.replace(given, rounds=saved.rounds, device=saved.device, workers=saved.workers,
-                           threads_per_worker=saved.threads_per_worker,
-                           worker_timeout_s=saved.worker_timeout_s) != saved:
-        raise ConfigError("--resume continues the run with its saved config.toml; only rounds (and device, workers, "
-                          "threads_per_worker, worker_timeout_s) may change. Drop the CONFIG argument or the other "
-                          "--set overrides")
+    # how the rounds are carried may change (processes, threads, timeouts); what they compute may not
+    engine = dataclasses.replace(saved.engine, name=given.engine.name, batched=given.engine.batched)
+    if dataclasses.replace(given, rounds=saved.rounds, device=saved.device, engine=engine) != saved:
+        raise ConfigError("--resume continues the run with its saved config.toml; only rounds (and device, and "
+                          "[engine] knobs but name and batched: workers, threads_per_worker, worker_timeout_s, ...) "
+                          "may change. Drop the CONFIG argument or the other --set overrides")
     if given.rounds < saved.rounds:
         raise ConfigError(f"rounds={given.rounds} is less than the run's rounds={saved.rounds}")
     return given

@@ -220,8 +220,8 @@ def cell_state(run_dir: Path, cfg: RunConfig) -> str:
         return "new"
     saved = config_from_dict(parse_toml((run_dir / CONFIG).read_text(encoding="utf-8"), str(run_dir / CONFIG)))
     # execution settings (how many rounds to go, where and in how many processes) may differ; the run may not
-    execution = {k: getattr(saved, k) for k in ("rounds", "device", "workers", "threads_per_worker",
-                                                "worker_timeout_s", "batched")}
+    # (every [engine] knob but the engine's name: processes, threads, timeouts, batching)
+    execution = {"rounds": saved.rounds, "device": saved.device, "engine": replace(saved.engine, name=cfg.engine.name)}
     if replace(cfg, **execution) != saved:
         raise HetflError(f"{run_dir} holds a run of a different config than the study's cell; delete it or "
                          f"write the sweep to another --out")
@@ -255,8 +255,8 @@ def run_cell(job: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"cell": job["cell"], "error": None}
     try:
         cfg = config_from_dict(parse_toml(job["config"], job["cell"]))
-        if job.get("in_pool") and cfg.workers in ("auto", 0):
-            cfg = replace(cfg, workers=1)  # the sweep already runs cells side by side: no nested worker pools
+        if job.get("in_pool") and cfg.engine.workers in ("auto", 0):
+            cfg = cfg.with_engine(workers=1)  # the sweep already runs cells side by side: no nested worker pools
         run_dir = Path(job["dir"])
         if job["state"] == "resume":
             summary = run(cfg, resume=run_dir, quiet=True)

@@ -59,6 +59,13 @@ def batch_indices(n: int, batch_size: int, cfg_epochs: int, steps: int,
             done += 1
 
 
+def lr_schedule(train: TrainConfig, rnd: int) -> TrainConfig:
+    """The local config of round ``rnd`` (1-based): ``train.lr`` decayed by ``train.lr_decay`` per round."""
+    if train.lr_decay == 1.0:
+        return train
+    return dataclasses.replace(train, lr=train.lr * train.lr_decay ** (rnd - 1))
+
+
 def seed_torch(seed: int, device: torch.device | str = "cpu") -> None:
     """Seed the global CPU generator (and the generator of ``device`` if it is an accelerator).
 

@@ -136,11 +136,13 @@ class Algorithm:
     section of a config), registered in :data:`hetfl.algorithms.ALGORITHMS`.
     """
 
-    #: no server: nodes on a graph (hetfl.decentralized); engines and the runner branch on this
-    decentralized: ClassVar[bool] = False
     #: why client-level DP (``[privacy]``) cannot cover this algorithm (it releases more than model updates),
     #: or None: every server algorithm whose clients release only their updates runs private
     private_refusal: ClassVar[str | None] = None
+    #: same-shape clients may be trained as one batched model (hetfl.engines.batched): the client update is
+    #: exactly FedAvg's plain local SGD (cross-entropy, no per-client state); an override of local_update that
+    #: changes this must set it False
+    batchable: ClassVar[bool] = False
 
     clients_per_round: int = 10
     fraction: float = 0.0

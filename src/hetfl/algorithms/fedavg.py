@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -54,6 +55,7 @@ class FedAvg(Algorithm):
     (:mod:`hetfl.aggregation`).
     """
 
+    batchable: ClassVar[bool] = True  # plain local SGD: same-shape clients may train as one batched model
     weighted: bool = True
     server_lr: float = 1.0
     server_momentum: float = 0.0

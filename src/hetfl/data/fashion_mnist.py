@@ -26,6 +26,7 @@ import torch
 
 from hetfl.data.base import DataInfo, Dataset, Split
 from hetfl.data.fetch import ArrayCache, Lookup, check_file, default_cache_dir, download_url
+from hetfl.data.registry import DATASETS
 from hetfl.errors import DataError
 
 __all__ = ["FMNIST_CLASSES", "FMNIST_FILES", "OFFICIAL_URL", "SYSTEM_DIR", "fashion_mnist", "read_idx"]
@@ -181,6 +182,7 @@ def _fmnist_arrays(data_dir: str | None, verify: bool) -> tuple[dict[str, np.nda
     return from_files(files), f"{OFFICIAL_URL} (downloaded into {cache_dir})"
 
 
+@DATASETS.register("fashion_mnist")
 def fashion_mnist(*, data_dir: str | None = None, seed: int = 0, verify: bool = True) -> Dataset:
     """Fashion-MNIST, 28x28 grey clothing images (60k train / 10k test, 10 classes; Zalando, MIT)."""
     del seed  # nothing is random: the published train/test split is used as is

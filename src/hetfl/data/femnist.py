@@ -26,6 +26,7 @@ import torch
 from hetfl.data.base import DataInfo, Dataset, Split
 from hetfl.data.checks import check_fraction, check_int, split_counts
 from hetfl.data.fetch import ArrayCache, Lookup, default_cache_dir, file_digest
+from hetfl.data.registry import DATASETS
 from hetfl.errors import DataError
 
 __all__ = ["FEMNIST_CLASSES", "femnist"]
@@ -115,6 +116,7 @@ def _arrays(layout: str, files: dict[str, list[Path]], test_fraction: float) -> 
     return out
 
 
+@DATASETS.register("femnist")
 def femnist(*, data_dir: str | None = None, seed: int = 0, test_fraction: float = 0.1,
             max_writers: int = 0) -> Dataset:
     """LEAF's FEMNIST (28x28 handwritten digits and letters, 62 classes), one natural group per writer.

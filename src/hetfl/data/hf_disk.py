@@ -33,6 +33,7 @@ import torch
 
 from hetfl.data.base import DataInfo, Dataset, Split
 from hetfl.data.checks import check_fraction, check_int
+from hetfl.data.registry import DATASETS
 from hetfl.data.user import _as_inputs, _seeded_split, data_folder
 from hetfl.errors import DataError
 
@@ -216,6 +217,7 @@ def _load_split(folder: Path, p: dict, names: list[str] | None):
     return x, y, classes, client
 
 
+@DATASETS.register("hf_disk")
 def hf_disk(*, data_dir: str | None = None, seed: int = 0, image_column: str = "image", label_column: str = "label",
             client_column: str = "", train_split: str = "train", test_split: str = "test",
             test_fraction: float = 0.2, size: int = 0, grayscale: bool = False) -> Dataset:

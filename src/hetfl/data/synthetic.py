@@ -9,6 +9,7 @@ import torch
 
 from hetfl.data.base import DataInfo, Dataset, Split
 from hetfl.data.checks import check_fraction, check_int, split_counts
+from hetfl.data.registry import DATASETS
 from hetfl.errors import ConfigError
 
 __all__ = ["synthetic", "synthetic_text"]
@@ -25,6 +26,7 @@ def _largest_remainder(weights: np.ndarray, total: int, minimum: int) -> np.ndar
     return sizes + minimum
 
 
+@DATASETS.register("synthetic")
 def synthetic(
     *,
     data_dir: str | None = None,
@@ -105,6 +107,7 @@ def synthetic(
     )
 
 
+@DATASETS.register("synthetic_text")
 def synthetic_text(
     *,
     data_dir: str | None = None,

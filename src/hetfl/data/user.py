@@ -23,6 +23,7 @@ import torch
 
 from hetfl.data.base import DataInfo, Dataset, Split
 from hetfl.data.checks import check_fraction, check_int, split_counts
+from hetfl.data.registry import DATASETS
 from hetfl.errors import DataError
 
 __all__ = ["image_folder", "npz"]
@@ -84,6 +85,7 @@ def _read_images(folder: Path, classes: list[str], size: int, grayscale: bool) -
     return np.stack(xs), np.asarray(ys, dtype=np.int64)
 
 
+@DATASETS.register("image_folder")
 def image_folder(*, data_dir: str | None = None, seed: int = 0, test_fraction: float = 0.2, size: int = 0,
                  grayscale: bool = False) -> Dataset:
     """Your images, one sub-folder per class (optionally under ``train/`` and ``test/``)."""
@@ -132,6 +134,7 @@ def _as_inputs(x: np.ndarray, path: Path) -> np.ndarray:
     return out
 
 
+@DATASETS.register("npz")
 def npz(*, data_dir: str | None = None, seed: int = 0, test_fraction: float = 0.2) -> Dataset:
     """Your arrays in a ``.npz`` (``x``, ``y``, optional ``client`` for natural clients)."""
     test_fraction = check_fraction("test_fraction", test_fraction)

@@ -4,7 +4,7 @@ The runner drives a decentralized algorithm like any other: ``engine.run_round(s
 next state and a report, and the evaluator turns a state into metrics.  The "state" holds no server
 model: ``state.models`` maps ``node<i>`` to node i's weights (checkpointed, resumed and evaluated like
 any server state).  :class:`InProcessEngine` runs every node in this process, one after another, through
-:class:`~hetfl.decentralized.protocol.NodeHost` with a transport that carries nothing; the torchrun
+:class:`~hetfl.decentralized.host.NodeHost` with a transport that carries nothing; the torchrun
 engine runs the same host code in many processes.
 """
 
@@ -19,28 +19,18 @@ import torch
 
 from hetfl.algorithms.base import Context, ServerState
 from hetfl.config import EvalConfig, RunConfig
-from hetfl.decentralized.protocol import (
-    GraphAlgorithm,
-    Layout,
-    LocalTransport,
-    NodeHost,
-    RoundPlan,
-    lonely_message,
-    node_key,
-    round_report,
-)
+from hetfl.decentralized.host import LocalTransport, NodeHost, lonely_message, round_report
+from hetfl.decentralized.protocol import GraphAlgorithm, Layout, RoundPlan, node_key
 from hetfl.errors import ConfigError
 from hetfl.evaluation import client_distribution
 from hetfl.train import evaluate
 
 
-def is_decentralized(algorithm: Any) -> bool:
-    return bool(getattr(algorithm, "decentralized", False))
-
-
-def require_decentralized(algorithm: Any, engine: str) -> GraphAlgorithm:
+def require_graph(algorithm: Any, engine: str) -> GraphAlgorithm:
+    """``algorithm``, checked to implement the graph protocol (:func:`hetfl.engines.engine_for` picks graph
+    engines only for graph algorithms; this guards direct construction)."""
     if not isinstance(algorithm, GraphAlgorithm):
-        raise ConfigError(f"engine {engine!r} runs decentralized algorithms (dkd, dpsgd, isolated); "
+        raise ConfigError(f"engine {engine!r} runs graph algorithms (dkd, dpsgd, isolated); "
                           f"algorithm {type(algorithm).__name__} needs a server engine (simulator, flower)")
     return algorithm
 
@@ -84,7 +74,7 @@ class InProcessEngine:
 
     def __init__(self, algorithm: Any, federation: Any, ctx: Context, device: torch.device | str,
                  cfg: RunConfig) -> None:
-        self.algorithm = require_decentralized(algorithm, "simulator")
+        self.algorithm = require_graph(algorithm, "simulator")
         self.host = NodeHost(self.algorithm, federation, ctx, torch.device(device), cfg.graph,
                              range(ctx.num_clients), LocalTransport())
         self.lonely = LonelyLog()

@@ -38,7 +38,7 @@ TopologyFn = Callable[[int, "GraphConfig", np.ndarray, int], Any]
 # --------------------------------------------------------------------------------------------------
 
 #: topologies whose draw depends on the seed (redrawn when disconnected, resampled per round if asked)
-RANDOM: set[str] = set()
+RANDOM: set[TopologyFn] = set()
 
 
 def _graph(n: int, edges: Any = ()) -> Any:
@@ -50,17 +50,13 @@ def _graph(n: int, edges: Any = ()) -> Any:
     return g
 
 
-def register(name: str, *, random: bool = False) -> Callable[[TopologyFn], TopologyFn]:
-    def deco(fn: TopologyFn) -> TopologyFn:
-        TOPOLOGIES.register(name)(fn)
-        if random:
-            RANDOM.add(name)
-        return fn
-
-    return deco
+def seeded(fn: TopologyFn) -> TopologyFn:
+    """Marks a topology whose draw depends on the seed (under ``@TOPOLOGIES.register``)."""
+    RANDOM.add(fn)
+    return fn
 
 
-@register("ring")
+@TOPOLOGIES.register("ring")
 def ring(n: int, cfg: GraphConfig, tiers: np.ndarray, seed: int) -> Any:
     """Ring: node i talks to i-1 and i+1 (mod n); degree 2, spectral gap Theta(1/n^2)."""
     return _graph(n, [(i, (i + 1) % n) for i in range(n)] if n > 1 else [])
@@ -91,19 +87,20 @@ def _lattice(n: int, cfg: GraphConfig, periodic: bool) -> Any:
     return _graph(n, edges)
 
 
-@register("torus")
+@TOPOLOGIES.register("torus")
 def torus(n: int, cfg: GraphConfig, tiers: np.ndarray, seed: int) -> Any:
     """2-D torus (rows x n/rows, wrap-around): degree <= 4 (a 1 x n torus is a ring)."""
     return _lattice(n, cfg, periodic=True)
 
 
-@register("grid")
+@TOPOLOGIES.register("grid")
 def grid(n: int, cfg: GraphConfig, tiers: np.ndarray, seed: int) -> Any:
     """2-D grid (rows x n/rows, no wrap-around): degree 2 to 4."""
     return _lattice(n, cfg, periodic=False)
 
 
-@register("regular", random=True)
+@TOPOLOGIES.register("regular")
+@seeded
 def regular(n: int, cfg: GraphConfig, tiers: np.ndarray, seed: int) -> Any:
     """Random d-regular graph (graph.degree = d; n*d even, d < n), redrawn until connected."""
     import networkx as nx
@@ -115,7 +112,8 @@ def regular(n: int, cfg: GraphConfig, tiers: np.ndarray, seed: int) -> Any:
     return _graph(n, nx.random_regular_graph(d, n, seed=seed).edges())
 
 
-@register("erdos_renyi", random=True)
+@TOPOLOGIES.register("erdos_renyi")
+@seeded
 def erdos_renyi(n: int, cfg: GraphConfig, tiers: np.ndarray, seed: int) -> Any:
     """Erdos-Renyi G(n, p) (graph.p), redrawn until connected (connected w.h.p. for p > ln(n)/n)."""
     import networkx as nx
@@ -123,13 +121,14 @@ def erdos_renyi(n: int, cfg: GraphConfig, tiers: np.ndarray, seed: int) -> Any:
     return _graph(n, nx.gnp_random_graph(n, cfg.p, seed=seed).edges())
 
 
-@register("complete")
+@TOPOLOGIES.register("complete")
 def complete(n: int, cfg: GraphConfig, tiers: np.ndarray, seed: int) -> Any:
     """Fully connected: every pair of nodes is an edge (gossip = exact averaging in one step)."""
     return _graph(n, [(i, j) for i in range(n) for j in range(i + 1, n)])
 
 
-@register("capability", random=True)
+@TOPOLOGIES.register("capability")
+@seeded
 def capability(n: int, cfg: GraphConfig, tiers: np.ndarray, seed: int) -> Any:
     """Capability-aware: a ring inside every tier, and each node linked to graph.k random more capable nodes."""
     rng = np.random.default_rng([seed, 0x636170])
@@ -203,7 +202,7 @@ def sample_topology(cfg: GraphConfig, n: int, tiers: np.ndarray, seed: int, rnd:
     import networkx as nx
 
     fn = TOPOLOGIES.get(cfg.name, "graph.name")
-    is_random = cfg.name in RANDOM
+    is_random = fn in RANDOM
     key = rnd if (cfg.resample and is_random) else 0
     tries = cfg.max_tries if is_random else 1
     g = None

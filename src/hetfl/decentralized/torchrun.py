@@ -35,8 +35,8 @@ import torch
 
 from hetfl.algorithms.base import Context, ServerState, Weights
 from hetfl.config import RunConfig, parse_toml
-from hetfl.decentralized.engine import GraphReport, LonelyLog, models_of, require_decentralized, state_of
-from hetfl.decentralized.protocol import NodeHost, round_report
+from hetfl.decentralized.engine import GraphReport, LonelyLog, models_of, require_graph, state_of
+from hetfl.decentralized.host import NodeHost, round_report
 from hetfl.errors import ConfigError, HetflError
 from hetfl.models import ModelRef
 from hetfl.resolve import config_from_dict
@@ -166,7 +166,7 @@ class TorchrunEngine:
                  cfg: RunConfig) -> None:
         import torch.distributed as dist
 
-        self.algorithm = require_decentralized(algorithm, "torchrun")
+        self.algorithm = require_graph(algorithm, "torchrun")
         self.procs: list[subprocess.Popen] = []
         self.broken = False
         self.closed = False
@@ -331,6 +331,6 @@ def serve(cfg: Any, prepare: Callable[[Any], Any]) -> dict[str, Any]:
 def serve_if_worker(cfg: Any, prepare: Callable[[Any], Any]) -> dict[str, Any] | None:
     """In a torchrun rank above 0 running the torchrun engine: serve and return its summary; else None."""
     launched = launched_rank()
-    if launched is None or launched[0] == 0 or (cfg is not None and cfg.engine != "torchrun"):
+    if launched is None or launched[0] == 0 or (cfg is not None and cfg.engine.name != "torchrun"):
         return None
     return serve(cfg, prepare)

@@ -16,9 +16,10 @@ docs/performance.md).  ``batched = "auto"`` (the default) enables it only on a C
 a start-up micro-benchmark on the run's model says it is faster (on a CPU a timing-based choice would make
 a run's last bits depend on the load); ``true`` forces it (any device), ``false`` turns it off.
 
-Only algorithms whose client update *is* FedAvg's plain ``local_sgd`` qualify (``FedAvg.local_update``
-not overridden), and only models without buffers (BatchNorm statistics) or dropout, whose per-client
-state or randomness a stacked model would not reproduce.  Everything else runs sequentially, unchanged.
+Only algorithms that declare their client update to be plain ``local_sgd`` qualify
+(:attr:`~hetfl.algorithms.base.Algorithm.batchable`: FedAvg), and only models without buffers (BatchNorm
+statistics) or dropout, whose per-client state or randomness a stacked model would not reproduce.
+Everything else runs sequentially, unchanged.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from torch import nn
 
 from hetfl import packed
 from hetfl.algorithms.base import Algorithm, ClientResult, ClientTask, Context
-from hetfl.algorithms.fedavg import FedAvg
 from hetfl.config import TrainConfig
 from hetfl.data.base import Split
 from hetfl.data.federation import Federation
@@ -55,9 +55,8 @@ def check_setting(value: Any) -> bool | str:
 
 
 def algorithm_qualifies(algorithm: Algorithm) -> bool:
-    """True if the algorithm's client update is exactly FedAvg's plain local SGD."""
-
-    return isinstance(algorithm, FedAvg) and type(algorithm).local_update is FedAvg.local_update
+    """True if the algorithm declares its client update batchable (plain local SGD, no per-client state)."""
+    return algorithm.batchable
 
 
 def module_qualifies(module: nn.Module) -> bool:

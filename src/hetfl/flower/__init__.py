@@ -18,8 +18,8 @@ import os
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 from hetfl.flower.client import make_client_app  # noqa: E402
-from hetfl.flower.engine import FlowerSimulation, make_engine, options_from_env, use_grid  # noqa: E402
+from hetfl.flower.engine import FlowerSimulation, make_engine, use_grid  # noqa: E402
 from hetfl.flower.strategy import FlowerOptions, FlowerRoundReport, HetflStrategy  # noqa: E402
 
 __all__ = ["FlowerOptions", "FlowerRoundReport", "FlowerSimulation", "HetflStrategy", "make_client_app",
-           "make_engine", "options_from_env", "use_grid"]
+           "make_engine", "use_grid"]

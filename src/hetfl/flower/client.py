@@ -13,21 +13,22 @@ A node knows three things about itself, from its Flower *node config* (``flower-
 The server's query round (message type ``query``) asks every node for this, and for its number of
 training samples; train messages (type ``train``) carry a :class:`~hetfl.algorithms.base.ClientTask`
 (see :mod:`hetfl.flower.codec`).  The node loads and partitions its dataset once per process and run
-config (cached), rebuilds the task's model from the model registry, loads the weights, and calls the
-algorithm's own ``local_update``.
+config (cached) and runs the task with the one :class:`~hetfl.client.ClientRunner` of every engine (one
+module per model shape, kept per process and run: the task's weights loaded into it, the algorithm's own
+``local_update``, timed).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import threading
-import time
 from typing import Any
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from hetfl.client import ClientRunner
 from hetfl.config import parse_toml
 from hetfl.experiment import prepare
 from hetfl.flower import codec
@@ -37,8 +38,7 @@ CAPABILITY_KEYS = ("max-width", "speed", "memory-gb", "bandwidth-mbps", "device-
 
 _lock = threading.Lock()
 _cache: dict[tuple[str, str, str], Any] = {}  # (config digest, device, data-dir) -> Experiment
-_modules: dict[tuple[Any, str], torch.nn.Module] = {}
-_algorithms: dict[tuple[str, str], Any] = {}
+_runners: dict[tuple[str, str], ClientRunner] = {}  # (algorithm name, its params) -> runner, for the cached run
 
 
 def _node_value(context: Context, key: str, default: Any = None) -> Any:
@@ -67,8 +67,8 @@ def _experiment(run: ConfigRecord, context: Context) -> Any:
             if data_dir:
                 raw.setdefault("data", {})["data_dir"] = data_dir
             exp = prepare(config_from_dict(raw))
-            _cache.clear()  # one run at a time per process: drop the previous run's data
-            _modules.clear()
+            _cache.clear()  # one run at a time per process: drop the previous run's data and modules
+            _runners.clear()
             _cache[key] = exp
     return exp
 
@@ -97,21 +97,13 @@ def capability(context: Context, exp: Any) -> dict[str, Any]:
     return out
 
 
-def _module(exp: Any, ref: Any) -> torch.nn.Module:
-    key = (ref, str(exp.device))
-    module = _modules.get(key)
-    if module is None:
-        module = ref.build(exp.ctx.info).to(exp.device)
-        _modules[key] = module
-    return module
-
-
-def _algorithm(name: str, params: str) -> Any:
-    algo = _algorithms.get((name, params))
-    if algo is None:
-        algo = codec.build_algorithm(name, params)
-        _algorithms[(name, params)] = algo
-    return algo
+def _runner(exp: Any, name: str, params: str) -> ClientRunner:
+    """The client runner of this run's algorithm (built once per process and run; call under ``_lock``)."""
+    runner = _runners.get((name, params))
+    if runner is None:
+        runner = ClientRunner(codec.build_algorithm(name, params), exp.federation, exp.ctx, exp.device)
+        _runners[(name, params)] = runner
+    return runner
 
 
 def handle_query(msg: Message, context: Context) -> Message:
@@ -120,20 +112,15 @@ def handle_query(msg: Message, context: Context) -> Message:
 
 
 def handle_train(msg: Message, context: Context) -> Message:
-    t0 = time.perf_counter()
     exp = _experiment(msg.content.config_records[codec.RUN], context)
     task, algo_name, algo_params = codec.decode_task(msg.content)
     pid = partition_id(context)
     if task.client_id != pid:
         raise ValueError(f"a task for client {task.client_id} reached the node holding partition {pid}")
-    algorithm = _algorithm(algo_name, algo_params)
     with _lock:  # one module per model shape per process: threads of one process train one at a time
-        model = _module(exp, task.model)
-        model.load_state_dict({k: v.to(exp.device) for k, v in task.weights.items()})
-        data = exp.federation.client_train(pid)
-        result = algorithm.local_update(task, model, data, exp.device)
+        result, seconds = _runner(exp, algo_name, algo_params).timed(task)
     result = dataclasses.replace(result, weights={k: v.cpu() for k, v in result.weights.items()})
-    return Message(codec.encode_result(result, time.perf_counter() - t0), reply_to=msg)
+    return Message(codec.encode_result(result, seconds), reply_to=msg)
 
 
 def make_client_app() -> ClientApp:

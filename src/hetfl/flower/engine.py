@@ -53,28 +53,6 @@ def use_grid(grid: Grid, *, expected_nodes: int | None = None, options: FlowerOp
         _active_grid.reset(token)
 
 
-def options_from_env(env: dict[str, str] | None = None) -> FlowerOptions:
-    """FlowerOptions from ``HETFL_FLOWER_MIN_SUCCESS``, ``_ROUND_TIMEOUT``, ``_NUM_CPUS``, ``_NUM_GPUS``, ``_VERBOSE``.
-
-    (hetfl's config has no engine section; these variables set the Flower engine's knobs for the CLI.)
-    """
-    env = dict(os.environ if env is None else env)
-    kw: dict[str, Any] = {}
-    try:
-        if "HETFL_FLOWER_MIN_SUCCESS" in env:
-            kw["min_success_fraction"] = float(env["HETFL_FLOWER_MIN_SUCCESS"])
-        if "HETFL_FLOWER_ROUND_TIMEOUT" in env:
-            kw["round_timeout_s"] = float(env["HETFL_FLOWER_ROUND_TIMEOUT"])
-        if "HETFL_FLOWER_NUM_CPUS" in env:
-            kw["num_cpus"] = float(env["HETFL_FLOWER_NUM_CPUS"])
-        if "HETFL_FLOWER_NUM_GPUS" in env:
-            kw["num_gpus"] = float(env["HETFL_FLOWER_NUM_GPUS"])
-    except ValueError as exc:
-        raise HetflError(f"a HETFL_FLOWER_* environment variable is not a number: {exc}") from None
-    kw["verbose"] = env.get("HETFL_FLOWER_VERBOSE", "0") not in ("", "0", "false")
-    return FlowerOptions(**kw)
-
-
 def _proc_table() -> dict[int, tuple[int, str, str]]:
     """pid -> (parent pid, start time, command line) of every live process (Linux /proc; empty elsewhere)."""
     table: dict[int, tuple[int, str, str]] = {}
@@ -314,12 +292,14 @@ class FlowerSimulation:
 
 def make_engine(algorithm: Algorithm, federation: Any, ctx: Context, device: Any, cfg: RunConfig,
                 options: FlowerOptions | None = None) -> Any:
-    """The ``flower`` engine: the active deployment Grid if inside :func:`use_grid`, else a simulation."""
+    """The ``flower`` engine: the active deployment Grid if inside :func:`use_grid`, else a simulation;
+    its options are the ``flower_*`` keys of ``[engine]`` unless given."""
     active = _active_grid.get()
     if active is not None:
         grid, expected, grid_options = active
         strategy = HetflStrategy(algorithm, ctx, grid, cfg.to_toml(), device=str(device),
-                                 options=options or grid_options or options_from_env(), expected_nodes=expected)
+                                 options=options or grid_options or FlowerOptions.of(cfg.engine),
+                                 expected_nodes=expected)
         strategy.query()
         return strategy
-    return FlowerSimulation(algorithm, federation, ctx, device, cfg, options=options or options_from_env())
+    return FlowerSimulation(algorithm, federation, ctx, device, cfg, options=options or FlowerOptions.of(cfg.engine))

@@ -11,11 +11,14 @@ Run config keys (``[tool.flwr.app.config]`` of the Flower app, or ``flwr run --r
 ``set``                    ``;``-separated ``--set`` overrides, e.g. ``"rounds=3;data.num_clients=2"``
 ``out-dir``                run directory to create (default: ``runs/<name>-<time>``)
 ``expected-nodes``         SuperNodes to wait for before the query round (0 = one per client)
-``min-success-fraction``   share of a round's clients that must reply (default 0.5)
-``round-timeout``          seconds before a silent client counts as lost (0 = rely on Flower's
-                           node-unavailable replies)
-``query-timeout``          seconds to wait for nodes to connect and answer the query (default 600)
+``min-success-fraction``   ``faults.min_success_fraction``: share of a round's clients that must reply
+``round-timeout``          ``engine.flower_round_timeout_s``: seconds before a silent client counts as
+                           lost (0 = rely on Flower's node-unavailable replies)
+``query-timeout``          ``engine.flower_query_timeout_s``: seconds to wait for nodes to connect and
+                           answer the query (default 600)
 =========================  ==========================================================================
+
+The last three are shorthands for ``--set`` overrides of the config's keys (given here, they win).
 """
 
 from __future__ import annotations
@@ -26,13 +29,16 @@ from flwr.app import Context as FlowerContext
 from flwr.serverapp import Grid, ServerApp
 
 from hetfl.flower.engine import use_grid
-from hetfl.flower.strategy import FlowerOptions
 from hetfl.resolve import load_config
 from hetfl.runner import run
 
 log = logging.getLogger("hetfl.flower")
 
 app = ServerApp()
+
+#: run config keys that are shorthands for config keys
+RUN_CONFIG_KEYS = {"min-success-fraction": "faults.min_success_fraction",
+                   "round-timeout": "engine.flower_round_timeout_s", "query-timeout": "engine.flower_query_timeout_s"}
 
 
 @app.main()
@@ -42,14 +48,12 @@ def main(grid: Grid, context: FlowerContext) -> None:
     if not rc.get("config"):
         raise ValueError("the hetfl ServerApp needs run config 'config' (path of a hetfl TOML config)")
     overrides = [s.strip() for s in str(rc.get("set", "")).split(";") if s.strip()]
-    cfg = load_config(str(rc["config"]), overrides).replace(engine="flower")
-    options = FlowerOptions(
-        min_success_fraction=float(rc.get("min-success-fraction", 0.5)),
-        round_timeout_s=float(rc.get("round-timeout", 0.0)),
-        query_timeout_s=float(rc.get("query-timeout", 600.0)),
-    )
+    for key, field in RUN_CONFIG_KEYS.items():
+        if key in rc:
+            overrides.append(f"{field}={float(rc[key])!r}")
+    cfg = load_config(str(rc["config"]), overrides).with_engine(name="flower")
     expected = int(rc.get("expected-nodes", 0)) or None
-    with use_grid(grid, expected_nodes=expected, options=options):
+    with use_grid(grid, expected_nodes=expected):
         summary = run(cfg, str(rc["out-dir"]) if rc.get("out-dir") else None, quiet=True)
     log.warning("hetfl run finished: %s rounds=%s test_accuracy=%s", summary["run_dir"],
                 summary["rounds_completed"], summary.get("test_accuracy"))

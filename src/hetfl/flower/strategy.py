@@ -8,9 +8,10 @@ and a real deployment (SuperLink + SuperNodes).  One hetfl round is:
    simulator: same RNG streams, same seeds);
 2. one ``train`` Message per task to the node that holds that client's partition, each carrying its
    own ModelRef (submodel shape), weights, local config and seed (:mod:`hetfl.flower.codec`);
-3. replies are pulled as they arrive and handed back in task order (deterministic) as the transport of
-   :class:`hetfl.rounds.Round`: the round itself (fault plan, validation, ``min_clients``, aggregation,
-   accounting) is the one every engine runs, so ``[faults]`` behaves here as in the simulator.
+3. replies are pulled as they arrive (:class:`FlowerSession`, the streaming transport of
+   :class:`hetfl.rounds.Round`, which hands them to the aggregation in task order): the round itself
+   (fault plan, validation, ``min_clients``, aggregation, accounting) is the one every engine runs, so
+   ``[faults]`` behaves here as in the simulator.
 
 Before the first round a ``query`` round asks every node for its partition id and capability; the
 strategy keeps the reports (:attr:`HetflStrategy.capabilities`) and hands them to the algorithm as the
@@ -18,10 +19,11 @@ run's :class:`~hetfl.fleet.Fleet` (``ctx.fleet``: ``max_width``, ``speed``, ...)
 own report decides what it is asked to train.
 
 A ClientApp that raises, or a node that disappears (Flower answers ``NODE_UNAVAILABLE``, or no reply
-comes within ``round_timeout_s``) is logged and counted in the round's ``failed_clients`` (and in
-``dropped_failure``, as any failed client); the round aggregates the others as long as at least
-``min_success_fraction`` of the clients sent a task replied,
-otherwise it raises :class:`~hetfl.errors.HetflError` (the run stops and can be resumed).
+comes within ``engine.flower_round_timeout_s``) is logged and counted in the round's ``failed_clients``
+(and in ``dropped_failure``, as any failed client); the round aggregates the others as long as at least
+``faults.min_success_fraction`` of the clients sent a task replied, otherwise it raises
+:class:`~hetfl.errors.HetflError` (the run stops and can be resumed): the rule of every engine
+(:class:`~hetfl.reliability.guard.RoundBook`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import dataclasses
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +42,7 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from hetfl.algorithms.base import Algorithm, ClientResult, ClientTask, Context, ServerState
+from hetfl.config import EngineConfig
 from hetfl.errors import ClientLost, HetflError
 from hetfl.flower import codec
 from hetfl.rounds import Outcome, Round, RoundReport
@@ -48,15 +52,15 @@ log = logging.getLogger("hetfl.flower")
 
 @dataclass(frozen=True)
 class FlowerOptions:
-    """How hetfl talks to Flower (library: ``FlowerOptions(...)``; CLI: ``HETFL_FLOWER_*`` variables).
+    """How hetfl talks to Flower: the ``flower_*`` keys of ``[engine]`` (:meth:`of`), or ``FlowerOptions(...)``
+    in library use.
 
-    ``min_success_fraction``: share of a round's sampled clients that must reply for the round to count.
     ``round_timeout_s``: a client that has not replied by then is reported lost (0 = wait forever).
     ``query_timeout_s``: how long to wait for nodes to connect and answer the capability query.
     ``num_cpus`` / ``num_gpus``: Flower simulation client resources (``num_cpus=None``: Flower's default).
+    ``poll_interval_s`` / ``ray_init_args``: library use only.
     """
 
-    min_success_fraction: float = 0.5
     round_timeout_s: float = 0.0
     query_timeout_s: float = 600.0
     poll_interval_s: float = 0.01
@@ -66,10 +70,15 @@ class FlowerOptions:
     verbose: bool = False
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.min_success_fraction <= 1.0:
-            raise HetflError(f"flower min_success_fraction must be in [0, 1], got {self.min_success_fraction}")
         if self.round_timeout_s < 0 or self.query_timeout_s <= 0:
             raise HetflError("flower round_timeout_s must be >= 0 and query_timeout_s > 0")
+
+    @classmethod
+    def of(cls, engine: EngineConfig) -> FlowerOptions:
+        """The options an ``[engine]`` section sets."""
+        return cls(round_timeout_s=engine.flower_round_timeout_s, query_timeout_s=engine.flower_query_timeout_s,
+                   num_cpus=engine.flower_num_cpus or None, num_gpus=engine.flower_num_gpus,
+                   verbose=engine.flower_verbose)
 
 
 @dataclass
@@ -86,6 +95,97 @@ def _remote_error(rep: Message) -> str:
     the lines before it are the remote traceback)."""
     lines = [line.strip() for line in str(rep.error.reason).splitlines() if line.strip()]
     return f"ClientApp error (code {rep.error.code}): {lines[-1] if lines else 'no reason given'}"
+
+
+class FlowerSession:
+    """Tasks out as ``train`` Messages, replies back as they arrive (the streaming session of
+    :mod:`hetfl.rounds`).
+
+    What it can do: ``submit`` queues a task for the node holding that client; the next ``next_result``
+    pushes every queued task in one ``push_messages`` call and then returns whichever reply is pulled
+    first (a client with no node fails at once); a client silent for ``round_timeout_s`` after its push is
+    reported lost (its late reply is ignored).  So tasks can be submitted while others are out, as a
+    buffered asynchronous server needs.  What it cannot do: cancel a task that is out (Flower's Grid has
+    no such call: leaving the session just stops listening, and the node's reply is dropped), or tell
+    when a node *started* a task; a node trains the tasks it receives one after another.
+    """
+
+    def __init__(self, strategy: HetflStrategy, group: str) -> None:
+        self.strategy = strategy
+        self.group = group
+        self._queued: list[tuple[ClientTask, int]] = []  # submitted, not pushed yet: (task, node)
+        self._out: dict[str, tuple[ClientTask, float]] = {}  # message id -> (task, deadline)
+        self._ready: deque[tuple[ClientTask, Outcome]] = deque()
+        self._submitted = self._returned = 0
+
+    def __enter__(self) -> FlowerSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._queued.clear()
+        self._out.clear()  # replies still to come are ignored
+        self._ready.clear()
+
+    @property
+    def in_flight(self) -> int:
+        return self._submitted - self._returned
+
+    def submit(self, task: ClientTask) -> None:
+        self._submitted += 1
+        node = self.strategy.node_of.get(task.client_id)
+        if node is None:
+            self._ready.append((task, _raises(ClientLost("no Flower node holds this client's partition"))))
+        else:
+            self._queued.append((task, node))
+
+    def next_result(self) -> tuple[ClientTask, Outcome]:
+        if self._queued:
+            self._push()
+        strategy, options = self.strategy, self.strategy.options
+        sleep = options.poll_interval_s
+        while not self._ready:
+            if not self._out:
+                raise HetflError("next_result(): no task is in flight")
+            replies = list(strategy.grid.pull_messages(set(self._out)))
+            for rep in replies:
+                entry = self._out.pop(rep.metadata.reply_to_message_id, None)
+                if entry is None:
+                    continue
+                task = entry[0]
+                if rep.has_error():  # the ClientApp raised: the client's own failure
+                    self._ready.append((task, _raises(RuntimeError(_remote_error(rep)))))
+                else:
+                    self._ready.append((task, strategy._decoded(rep)))
+            if replies:
+                sleep = options.poll_interval_s
+                continue
+            now = time.monotonic()
+            for mid, (task, deadline) in list(self._out.items()):
+                if now >= deadline:
+                    del self._out[mid]
+                    why = f"no reply within round_timeout_s={options.round_timeout_s:g} s (node lost?)"
+                    self._ready.append((task, _raises(ClientLost(why))))
+            if self._ready:
+                break
+            if strategy._alive is not None:
+                strategy._alive()
+            time.sleep(sleep)
+            sleep = min(sleep * 1.5, 0.2)
+        self._returned += 1
+        return self._ready.popleft()
+
+    def _push(self) -> None:
+        strategy = self.strategy
+        messages = [Message(codec.encode_task(task, strategy.algorithm, strategy.run_record), node, "train",
+                            group_id=self.group) for task, node in self._queued]
+        ids = list(strategy.grid.push_messages(messages))
+        if len(ids) != len(messages):
+            raise HetflError(f"Flower accepted {len(ids)} of {len(messages)} messages")
+        timeout = strategy.options.round_timeout_s
+        deadline = time.monotonic() + timeout if timeout > 0 else math.inf
+        for (task, _), mid in zip(self._queued, ids):
+            self._out[mid] = (task, deadline)
+        self._queued.clear()
 
 
 def _raises(exc: BaseException) -> Outcome:
@@ -245,28 +345,9 @@ class HetflStrategy:
         return dataclasses.replace(ctx, fleet=dataclasses.replace(fleet, **changes))
 
     # ------------------------------------------------------------------ a round
-    def execute(self, tasks: list[ClientTask]) -> Iterator[tuple[ClientTask, Outcome]]:
-        """The transport of :class:`hetfl.rounds.Round`: one ``train`` Message per task to the node holding
-        that client, replies yielded in task order as outcomes (a lost or failed client's outcome raises)."""
-        algo = self.algorithm
-        group = str(self._round)
-        sent, messages = [], []
-        for task in tasks:
-            node = self.node_of.get(task.client_id)
-            if node is None:
-                yield task, _raises(ClientLost("no Flower node holds this client's partition"))
-                continue
-            messages.append(Message(codec.encode_task(task, algo, self.run_record), node, "train", group_id=group))
-            sent.append(task)
-        if not messages:
-            return
-        for task, rep in zip(sent, self._exchange(messages, self.options.round_timeout_s)):
-            if isinstance(rep, str):
-                yield task, _raises(ClientLost(rep))
-            elif rep.has_error():  # the ClientApp raised: the client's own failure
-                yield task, _raises(RuntimeError(_remote_error(rep)))
-            else:
-                yield task, self._decoded(rep)
+    def open(self) -> FlowerSession:
+        """The transport of :class:`hetfl.rounds.Round`: a :class:`FlowerSession` on this Grid."""
+        return FlowerSession(self, str(self._round))
 
     def _decoded(self, rep: Message) -> Outcome:
         def outcome(task: ClientTask) -> ClientResult:
@@ -288,14 +369,6 @@ class HetflStrategy:
         report.extra["client_time_s"] = round(self._client_time_s, 4)
         for cid, why in sorted(report.failed.items()):
             log.warning("round %d: client %d failed: %s", rnd, cid, why)
-        faults = report.faults or {}
-        planned = faults.get("dropped_deadline", 0) + faults.get("dropped_failure", 0) - len(report.failed)
-        asked = faults.get("clients_selected", 0) - planned  # clients the plan let train, i.e. sent a task
-        replied = asked - len(report.failed)
-        if replied < math.ceil(self.options.min_success_fraction * asked - 1e-9):
-            detail = "; ".join(f"client {c}: {why}" for c, why in sorted(report.failed.items())[:5])
-            raise HetflError(f"round {rnd}: only {replied} of {asked} clients replied, fewer than "
-                             f"min_success_fraction={self.options.min_success_fraction:g} requires ({detail})")
         return new_state, report
 
     def close(self) -> None:

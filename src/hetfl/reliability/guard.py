@@ -1,24 +1,30 @@
 """Run a round's clients through the fault plan, catch their exceptions and validate their results.
 
-An engine uses a :class:`RoundGuard` like this (the simulator does exactly this)::
+The round (:class:`hetfl.rounds.Round`, the same for every engine) uses a :class:`RoundGuard` like this::
 
     book = guard.begin(rnd, tasks)            # plans dropouts and stragglers (no client has run yet)
-    update = algo.aggregate(state, rnd, book.stream(run_client), ctx)   # only accepted results
+    for task, outcome in transport results of book.to_run:
+        res = book.run(task, outcome)         # None: it raised or was lost (a failure, with its reason)
+        if res is not None and book.accept(task, res):   # validated
+            ...                               # aggregated
     metrics = book.finish()                   # per-round fault metrics; raises if every client raised
     state = skip_round(state) if book.skipped else algo.server_step(state, update, ctx)
 
-``book.stream`` runs only the clients that neither drop out nor miss the deadline, catches a client's
-exception (counted as a failure with its message, unless ``faults.fail_fast``), and yields only
-results that pass :func:`~hetfl.reliability.validate.validate_result`.  A round with fewer than
+``book.to_run`` holds only the clients that neither drop out nor miss the deadline; ``run`` catches a
+client's exception (counted as a failure with its message, unless ``faults.fail_fast``), and ``accept``
+lets through only results that pass :func:`~hetfl.reliability.validate.validate_result`.  A round with fewer than
 ``faults.min_clients`` accepted results is *skipped*: the caller keeps the global model (when the plan
 already leaves too few clients, nobody is trained at all).  A round in which *every* client that
 trained raised an exception is not a fault but a bug: :meth:`RoundBook.finish` raises
-:class:`ClientsFailedError` with the first exception as its cause.
+:class:`ClientsFailedError` with the first exception as its cause.  A round in which fewer than
+``faults.min_success_fraction`` of the clients that were sent a task came back (the rest raised or were
+lost: vanished nodes, dead workers) raises :class:`~hetfl.errors.HetflError`: the run stops, resumable.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import math
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,7 +32,7 @@ import torch
 
 from hetfl.accounting import CostCache, example_input
 from hetfl.algorithms.base import ClientResult, ClientTask, Context, ServerState
-from hetfl.errors import ClientLost
+from hetfl.errors import ClientLost, HetflError
 from hetfl.reliability import FaultsConfig
 from hetfl.reliability.plan import DROP_DEADLINE, DROP_DROPOUT, ClientPlan, client_tiers, plan_round
 from hetfl.reliability.validate import validate_result
@@ -109,13 +115,6 @@ class RoundBook:
         self.accepted.append(int(task.client_id))
         return True
 
-    def stream(self, run_client: Callable[[ClientTask], ClientResult]) -> Iterator[ClientResult]:
-        """Run the planned clients one by one and yield the accepted results."""
-        for task in self.to_run:
-            res = self.run(task, run_client)
-            if res is not None and self.accept(task, res):
-                yield res
-
     # ---------------------------------------------------------------- per round
     @property
     def skipped(self) -> bool:
@@ -130,6 +129,11 @@ class RoundBook:
                 f"(simulate failures with faults.dropout)"
             ) from self._first_error
         f = self.faults
+        replied = self.ran - len(self.failed)
+        if self.ran and replied < math.ceil(f.min_success_fraction * self.ran - 1e-9):
+            detail = "; ".join(f"client {x['client']}: {x['reason']}" for x in self.failed[:5])
+            raise HetflError(f"round {self.rnd}: only {replied} of {self.ran} clients replied, fewer than "
+                             f"faults.min_success_fraction={f.min_success_fraction:g} requires ({detail})")
         levels = self.guard.levels
         sel = np.zeros(len(levels), dtype=np.int64)
         rep = np.zeros(len(levels), dtype=np.int64)

@@ -1,0 +1,120 @@
+"""The worker side of the client-parallel pool (:mod:`hetfl.engines.pool`): one process's loop.
+
+A worker maps the shared buffers it is told about (:mod:`hetfl.engines.shm`), trains each client it is
+sent with the one :class:`~hetfl.client.ClientRunner` (or a chunk of same-shape clients batched,
+:mod:`hetfl.engines.batched`), writes the result into the buffer's *out* half and replies with the small
+rest (client id, sample count, metrics, ``extra``; an exception with its traceback if the client raised).
+Messages are pickled tuples: ``("task" | "chunk", seq, slot id, new slot or None, meta)`` in,
+``("done", seq, seconds, info, weights or None)`` / ``("error", seq, seconds, exception, traceback)`` out,
+``("ready", pid)`` once at start, ``("stop",)`` to end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import signal
+import time
+import traceback
+from typing import Any
+
+import torch
+
+from hetfl.algorithms.base import Algorithm, ClientTask, Context
+from hetfl.client import ClientRunner
+from hetfl.engines.batched import train_tasks
+from hetfl.engines.shm import Views, client_views, layout_of, map_views, unlink
+from hetfl.errors import HetflError
+from hetfl.model_cache import ModelCache
+from hetfl.train import SGD
+
+
+def dumps(obj: Any) -> bytes:
+    return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _exception_payload(exc: BaseException) -> tuple[Any, str]:
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        blob = dumps(exc)
+        pickle.loads(blob)
+        return blob, tb
+    except Exception:
+        return (type(exc).__name__, str(exc)), tb
+
+
+def warm_up(models: ModelCache | None, algorithm: Algorithm, federation: Any, ctx: Context) -> None:
+    """Build the run's models and take one SGD step at the training batch size on a throwaway copy, so
+    that one-time set-up (lazy imports of the optimizer's first step, kernel selection) is not paid
+    inside the first round.  Run in the main process before forking, every worker inherits it."""
+    x = federation.train.x[:ctx.train.batch_size]
+    for ref in algorithm.model_refs(ctx):
+        if models is not None:
+            models.get(ref)
+        with torch.random.fork_rng(devices=[]):
+            scratch = ref.build(ctx.info).to(x.device)
+            scratch.train()
+            opt = SGD(list(scratch.parameters()), lr=0.0)
+            scratch(x).float().sum().backward()
+            opt.step()
+
+
+def worker_main(conn: Any, algorithm: Algorithm, federation: Any, ctx: Context, threads: int) -> None:
+    """The loop of one worker process: map buffers, train the clients it is sent, reply."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops us cleanly
+    torch.set_num_threads(threads)
+    parent = os.getppid()
+    models = ModelCache(ctx, torch.device("cpu"))
+    run_client = ClientRunner(algorithm, federation, ctx, "cpu", models)
+    with contextlib.suppress(Exception):  # an error here is met again, and reported, by the first client
+        warm_up(models, algorithm, federation, ctx)
+    slots: dict[int, tuple[Views, Views]] = {}
+    conn.send_bytes(dumps(("ready", os.getpid())))
+    while True:
+        while not conn.poll(1.0):
+            if os.getppid() != parent:  # the parent died without stopping us
+                return
+        try:
+            msg = pickle.loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            return
+        if msg[0] == "stop":
+            return
+        kind, seq, slot_id, slot_new, meta = msg
+        if slot_new is not None:
+            path, layout, out_layout = slot_new
+            if not os.path.exists(path):  # torch.from_file would create an empty one
+                raise HetflError(f"internal error: shared buffer {path} vanished before the worker mapped it")
+            slots[slot_id] = map_views(path, layout, out_layout)
+            unlink(path)  # both sides hold the mapping now: no name is left in /dev/shm
+        weights, out = slots[slot_id]
+        t0 = time.perf_counter()
+        try:
+            sent = None  # the weights, when they do not fit the slot's out buffer
+            if kind == "chunk":  # same-shape clients trained as one batched model (hetfl.engines.batched)
+                info: Any = _train_chunk(meta, weights, out, models, federation)
+            else:
+                client_id, ref, train, cseed, extra = meta
+                res = run_client(ClientTask(client_id, ref, weights, train, cseed, extra))
+                if layout_of(res.weights) == layout_of(out):
+                    for k, v in res.weights.items():
+                        out[k].copy_(v)
+                else:
+                    sent = res.weights
+                info = (res.client_id, res.num_samples, res.metrics, res.extra)
+            reply = ("done", seq, time.perf_counter() - t0, info, sent)
+        except Exception as exc:  # the client failed, the worker lives on
+            reply = ("error", seq, time.perf_counter() - t0, *_exception_payload(exc))
+        conn.send_bytes(dumps(reply))
+
+
+def _train_chunk(metas: list[tuple], weights: Views, out: Views, models: ModelCache, federation: Any) -> list[tuple]:
+    """Train a chunk of clients batched, their results straight into the chunk's result buffer."""
+
+    layout = layout_of(weights)
+    tasks = [ClientTask(cid, ref, weights, train, cseed, extra) for cid, ref, train, cseed, extra in metas]
+    into = [client_views(out, layout, c) for c in range(len(tasks))]
+    results = train_tasks(models.get(tasks[0].model), tasks, federation, into)
+    return [(r.client_id, r.num_samples, r.metrics, r.extra) for r in results]
+
