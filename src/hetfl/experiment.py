@@ -66,7 +66,7 @@ def prepare(cfg: RunConfig) -> Experiment:
     algorithm = algo_cls(**dict(cfg.algorithm.params))
     check_algorithm(cfg.privacy, cfg.algorithm.name, algorithm, cfg.faults.min_clients)  # before partitioning
     if cfg.asynchronous.active:
-        check_async(algorithm, cfg.privacy.active, cfg.faults.deadline_s, cfg.engine)
+        check_async(algorithm, cfg.privacy.active, cfg.faults.deadline_s, cfg.engine.name)
     # server-side data (e.g. FedDF's transfer set) leaves the training split before anything is partitioned
     dataset, server_data = draw_server_data(dataset, algorithm.server_data_spec(), cfg.seed, cfg.data.data_dir)
     part = make_partitioner({"name": cfg.data.partition.name, **cfg.data.partition.kwargs})
