@@ -27,7 +27,7 @@ system time of every process it started, start-up included), which a shared mach
 inflate as it does wall time.  Median and [min-max] over the repeats, and ``ratio = pfl / hetfl`` of the
 medians of seconds per round (> 1: hetfl is faster).
 
-    python benchmarks/race_pfl.py --pfl-python /work/venvs/pfl/bin/python                 # the race (~15 min)
+    python benchmarks/race_pfl.py --pfl-python /work/venvs/pfl/bin/python                 # the race (~30 min loaded)
     python benchmarks/race_pfl.py --pfl-python /work/venvs/pfl/bin/python --workloads 2nn --procs 1
     python benchmarks/race_pfl.py --pfl-python /work/venvs/pfl/bin/python --hetfl-set train.precision=bf16 \\
         --pfl-amp bf16                                                                     # both in bf16
