@@ -209,3 +209,11 @@ def test_graph_and_privacy_are_marked_inert_where_unused():
     assert "[graph]\n" in decentral and "[graph]  #" not in decentral
     private = config_text(load_config(ROOT / "configs/digits_fedavg.toml", ["privacy.clip=1.0"]))
     assert "[privacy]\n" in private
+
+
+def test_ctrl_c_of_a_sweep_says_to_rerun_it():
+    from hetfl.cli import interrupted_message
+
+    assert interrupted_message("/x/cells/a__s0", "sweep") == (
+        "hetfl: interrupted; run the same `hetfl sweep` command again to go on (complete cells are skipped)")
+    assert interrupted_message(None) == "hetfl: interrupted before a run directory was written; nothing to resume"

@@ -368,14 +368,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hetfl {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt as exc:
-        print(interrupted_message(getattr(exc, "run_dir", None)), file=sys.stderr)
+        print(interrupted_message(getattr(exc, "run_dir", None), args.command), file=sys.stderr)
         return 130
     finally:
         warnings.showwarning = shown
 
 
-def interrupted_message(run_dir: str | None) -> str:
+def interrupted_message(run_dir: str | None, command: str = "run") -> str:
     """What Ctrl-C prints: the command that continues the run, with its real directory."""
+    if command == "sweep":
+        return "hetfl: interrupted; run the same `hetfl sweep` command again to go on (complete cells are skipped)"
     if run_dir is None:
         return "hetfl: interrupted before a run directory was written; nothing to resume"
     return f"hetfl: interrupted; resume with `hetfl run --resume {shlex.quote(run_dir)}`"

@@ -22,10 +22,40 @@ import importlib.util
 import math
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from hetfl.errors import ConfigError
+
+LOG_WRITERS = ("tensorboard", "mlflow")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """``[log]``: where every round's metrics go besides metrics.jsonl (off by default; see hetfl.logwriters).
+
+    * ``to``: ``"tensorboard"`` (event files in RUN_DIR/tensorboard; extra ``hetfl[tensorboard]``), ``"mlflow"``
+      (a run of an MLflow tracking store, with the resolved config as its parameters; extra ``hetfl[mlflow]``),
+      both comma-separated, or ``""``: none.
+    * ``mlflow_uri``: the MLflow tracking URI (default: a local file store in RUN_DIR/mlruns).
+    * ``mlflow_experiment``: the MLflow experiment the run is logged under.
+    """
+
+    to: str = ""
+    mlflow_uri: str = ""
+    mlflow_experiment: str = "hetfl"
+
+    def __post_init__(self) -> None:
+        unknown = [w for w in self.writers if w not in LOG_WRITERS]
+        if unknown:
+            raise ConfigError(f"log.to: unknown writer {unknown[0]!r} in {self.to!r}; allowed: "
+                              f"{', '.join(LOG_WRITERS)} (comma-separated), or \"\" for none")
+
+    @property
+    def writers(self) -> tuple[str, ...]:
+        return tuple(w.strip().lower() for w in self.to.split(",") if w.strip())
+
 
 EXTRAS = {"tensorboard": ("tensorboard", "pip install 'hetfl[tensorboard]'"),
           "mlflow": ("mlflow", "pip install 'hetfl[mlflow]'")}

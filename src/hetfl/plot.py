@@ -4,7 +4,8 @@
 unless asked):
 
 * ``accuracy.png``: the global model's test accuracy (solid) and, for heterogeneous runs, the accuracy of the
-  models the clients deploy (dashed), against rounds, cumulative bytes, cumulative training FLOPs and virtual time;
+  models the clients deploy (dashed), against rounds, cumulative bytes, cumulative training FLOPs and the
+  simulated (virtual) time of the devices, where the run has it;
 * ``loss.png``: the clients' train loss and the global model's test loss against rounds, each labelled;
 * ``tiers.png`` (runs with widths or tiers): per run, the global model cut to every width, the deployed and the
   smallest model's accuracy, and every tier's model on its own clients' data;
@@ -28,14 +29,17 @@ DEFAULT_OUT = Path("plots")
 
 
 def _cumulative(rows: list[dict[str, Any]], cost: str) -> list[float]:
-    """Cumulative bytes (MiB, up + down) or training FLOPs (GFLOPs, every tier's) at every row."""
+    """Cumulative bytes (MiB, up + down), training FLOPs (GFLOPs, every tier's) or simulated seconds (the rounds'
+    ``round_sim_time_s``: the slowest sampled device's compute + transfer) at every row."""
     total, out = 0.0, []
     for r in rows:
         if cost == "bytes":
             total += (r.get("bytes_up", 0) or 0) + (r.get("bytes_down", 0) or 0)
+        elif cost == "sim_time":
+            total += r.get("round_sim_time_s", 0) or 0
         else:
             total += sum(v for k, v in r.items() if k.startswith("tier.") and k.endswith(".flops") and v)
-        out.append(total / (2**20 if cost == "bytes" else 1e9))
+        out.append(total / {"bytes": 2**20, "sim_time": 1.0}.get(cost, 1e9))
     return out
 
 
@@ -91,7 +95,9 @@ def plot_runs(dirs: Sequence[str | Path], out: str | Path | None = None) -> list
     if has_flops:
         xs.append(("flops", "cumulative client training FLOPs (GFLOP)"))
     if any(r.rows and r.rows[-1].get("virtual_time_s") for r in runs):  # the fleet's simulated time (docs/async.md)
-        xs.append(("virtual_time_s", "virtual time (simulated s on the fleet)"))
+        xs.append(("virtual_time_s", "virtual time (s simulated on the fleet: compute + transfer)"))
+    elif any(_cumulative(r.rows, "sim_time")[-1] > 0 for r in runs):  # runs from before virtual_time_s
+        xs.append(("sim_time", "simulated time (s; per round the slowest device's compute + transfer)"))
     fig, axes = plt.subplots(1, len(xs), figsize=(5.2 * len(xs), 4.2), squeeze=False)
     for ax, (x, xlabel) in zip(axes[0], xs):
         for run, label in zip(runs, labels):
