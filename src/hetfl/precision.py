@@ -9,7 +9,9 @@ weights the optimiser updates -- their gradients, the aggregation, DP noise and 
 run's own model is faster (on this project's CPU the 2NN MLP is slower in bf16, the CNNs faster); the
 4-D weight layout (``train.memory_format = "auto"``) is chosen in the same measurement for bf16.
 
-The decision is made once, at the start of a run (:func:`hetfl.runner.run`), written into the tasks'
+The measurement runs on one CPU thread (what a worker process trains with; on a shared machine a
+multi-threaded timing swings by several times, one thread far less).  The decision is made once, at the
+start of a run (:func:`hetfl.runner.run`), written into the tasks'
 train config (so worker processes, batched clients and Flower nodes all follow it, none measures
 again) and recorded in ``summary.json``; a resumed run reuses it.  Measurements are cached per
 (model, input shape, batch size, device, threads) in the process.
@@ -173,7 +175,13 @@ def choose(train: TrainConfig, build, example: torch.Tensor, num_classes: int, d
             idx = torch.randint(len(example), (train.batch_size,))
             x = example[idx.to(example.device)]
             y = torch.randint(num_classes, (train.batch_size,)).to(device)
-            times = _step_times(build, x, y, candidates, device)
+            threads = torch.get_num_threads()
+            if device.type == "cpu":  # one thread: what a worker has, and far steadier on a loaded machine
+                torch.set_num_threads(1)
+            try:
+                times = _step_times(build, x, y, candidates, device)
+            finally:
+                torch.set_num_threads(threads)
             choice = _pick(train.precision, times, why)
     if cache_key is not None:
         _CACHE[cache_key] = choice
