@@ -122,7 +122,7 @@ def engines(device: str, tmp: Path, dry: bool) -> None:
     def workers() -> None:  # worker processes train on the CPU, whatever the run's device
         for prec in ("fp32", "bf16"):
             cfg = cfg_for("cpu", ["workers=2", "threads_per_worker=1"], prec, dry)
-            seq = run(cfg.replace(workers=1), tmp / f"seq-{prec}", quiet=True)
+            seq = run(cfg.with_engine(workers=1), tmp / f"seq-{prec}", quiet=True)
             par = run(cfg, tmp / f"workers-{prec}", quiet=True)
             ok = abs(seq["test_accuracy"] - par["test_accuracy"]) <= 0.02 and par["precision"] == prec
             report(f"workers (CPU) {prec}", ok, f"acc in process {seq['test_accuracy']:.4f} / workers "
@@ -138,7 +138,7 @@ def engines(device: str, tmp: Path, dry: bool) -> None:
         for prec in ("bf16",) if dry else ("fp32", "bf16"):  # fp32 identity: tests/test_flower.py
             cfg = cfg_for(device, [], prec, dry)
             sim = run(cfg, tmp / f"fl-sim-{prec}", quiet=True)
-            flw = run(cfg.replace(engine="flower"), tmp / f"fl-flower-{prec}", quiet=True)
+            flw = run(cfg.with_engine(name="flower"), tmp / f"fl-flower-{prec}", quiet=True)
             ok = abs(sim["test_accuracy"] - flw["test_accuracy"]) <= 0.02 and flw["precision"] == prec
             report(f"flower {prec}", ok,
                    f"acc simulator {sim['test_accuracy']:.4f} / flower {flw['test_accuracy']:.4f}")

@@ -45,7 +45,7 @@ def test_plot_legends_tell_heterofl_and_fjord_apart_with_per_tier_curves(two_run
     assert legend == ["heterofl: global model", "heterofl: deployed", "fjord: global model", "fjord: deployed"]
     assert [ax.get_xlabel() for ax in accuracy.axes] == [
         "round", "cumulative bytes up + down (MiB)", "cumulative client training FLOPs (GFLOP)",
-        "simulated time (s; per round the slowest device's compute + transfer)"]
+        "virtual time (s simulated on the fleet: compute + transfer)"]
     assert accuracy._suptitle.get_text().startswith("digits · mlp · dirichlet partition · α=0.5 · 6 clients · "
                                                     "fleet tiers a-b-c: test accuracy")
     assert [ax.get_title() for ax in loss.axes] == ["train loss (clients' local training, mean)",

@@ -172,14 +172,15 @@ def test_workers_follow_the_runs_bf16(tmp_path, digits_cfg):
     torch.set_num_threads(1)
     try:
         cfg = digits_cfg(SMALL_CNN, 'train.precision="bf16"', 'train.memory_format="contiguous"', "rounds=2")
-        run(cfg.replace(workers=1), tmp_path / "seq", quiet=True)
-        run(cfg.replace(workers=2), tmp_path / "par", quiet=True)
+        run(cfg.with_engine(workers=1), tmp_path / "seq", quiet=True)
+        run(cfg.with_engine(workers=2), tmp_path / "par", quiet=True)
     finally:
         torch.set_num_threads(before)
     strip = [{k: v for k, v in r.items() if not k.endswith("time_s")} for r in read_metrics(tmp_path / "seq")]
     assert strip == [{k: v for k, v in r.items() if not k.endswith("time_s")} for r in read_metrics(tmp_path / "par")]
     fp32 = tmp_path / "fp32"
-    run(cfg.replace(workers=1, train=TrainConfig(**{**cfg.train.__dict__, "precision": "fp32"})), fp32, quiet=True)
+    run(cfg.with_engine(workers=1).replace(train=TrainConfig(**{**cfg.train.__dict__, "precision": "fp32"})), fp32,
+        quiet=True)
     assert read_metrics(fp32)[-1]["train_loss"] != read_metrics(tmp_path / "seq")[-1]["train_loss"]
     assert read_metrics(fp32)[-1]["train_loss"] == pytest.approx(read_metrics(tmp_path / "seq")[-1]["train_loss"],
                                                                 rel=0.05)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from hetfl.algorithms.base import ClientResult, ClientTask, ServerState
+from hetfl.algorithms.base import ClientResult, ServerState
+from hetfl.algorithms.fedavg import FedAvg
 from hetfl.engines.simulator import Simulator
 from hetfl.errors import ConfigError
 from hetfl.privacy.mechanism import PrivateRound
@@ -42,10 +43,9 @@ def _release(z: float, reproducible: bool, updates: list[torch.Tensor]) -> torch
     plan = PrivacyPlan(noise_multiplier=z, clip=1.0, delta=1e-5, sampling_rate=1.0, eligible=tuple(range(n)),
                        rounds=1, reproducible_noise=reproducible)
     glob = {"w": torch.zeros(updates[0].shape, dtype=torch.float64)}
-    dp = PrivateRound(object(), _Ctx(), plan)
-    tasks = [ClientTask(k, None, glob, None, 0) for k in range(n)]
+    dp = PrivateRound(FedAvg(), _Ctx(), plan)
     results = [ClientResult(k, 10, {"w": u}) for k, u in enumerate(updates)]
-    return dp.aggregate(ServerState(0, {"global": glob}), 1, tasks, results)["w"] * n
+    return dp.aggregate(ServerState(0, {"global": glob}), 1, results)["w"] * n
 
 
 @pytest.mark.parametrize("reproducible", [True, False])

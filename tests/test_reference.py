@@ -29,7 +29,8 @@ def test_every_key_is_listed_under_its_section():
     for key in all_keys():
         section, _, name = key.rpartition(".")
         assert f"| `{name}` |" in sections[section or "Top level"], key
-    for key in ("engine", "workers", "threads_per_worker", "worker_timeout_s", "batched", "data.verify",
+    for key in ("engine.name", "engine.workers", "engine.threads_per_worker", "engine.worker_timeout_s",
+                "engine.batched", "asynchronous.mode", "data.verify",
                 "train.augment", "train.memory_format", "fleet.size_correlation", "graph.name", "graph.mixing"):
         assert key in all_keys(), key  # the keys issue 39 found missing from the README's table
 

@@ -231,7 +231,7 @@ def warn_workers(cfg: Any) -> None:
     share the cores, each round slower rather than faster."""
     from hetfl.engines.workers import available_cores
 
-    workers = getattr(cfg, "workers", "auto")
+    workers = cfg.engine.workers
     cores = available_cores()
     if isinstance(workers, int) and workers > cores:
         print(f"hetfl run: warning: workers={workers} is more than the {cores} core(s) this process may use; up to "

@@ -246,8 +246,8 @@ class AsyncConfig:
 
     * ``mode``: ``"sync"`` (a round waits for its clients) or ``"fedbuff"`` (``concurrency`` clients are always
       in flight on the virtual clock; every ``buffer`` results the server takes one step; docs/async.md).
-    * ``concurrency`` / ``buffer``: clients in flight and results per server step (0 = algorithm's
-      clients per round).
+    * ``concurrency``: clients in flight at every moment (0 = the algorithm's clients per round).
+    * ``buffer``: results per server step (0 = the algorithm's clients per round).
     * ``staleness``: the weight of a result trained on a model ``s`` server steps old: ``"sqrt"``
       ``1 / sqrt(1 + s)`` (FedBuff's) or ``"constant"`` 1.
     * ``server_lr``: the server step on the mean of the weighted updates.

@@ -33,7 +33,8 @@ WHERE = {
 }
 
 #: Sections whose keys are fixed fields (the registry-backed ones add the chosen entry's own parameters).
-SECTIONS = ("", "data", "model", "algorithm", "train", "eval", "fleet", "faults", "graph", "privacy", "log")
+SECTIONS = ("", "data", "model", "algorithm", "train", "eval", "fleet", "faults", "engine", "graph", "privacy",
+            "asynchronous", "log")
 _ENTRY_SECTIONS = {"data": "datasets", "data.partition": "partitioners", "model": "models", "algorithm": "algorithms"}
 
 

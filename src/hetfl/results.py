@@ -238,7 +238,7 @@ def inert_keys(cfg: Any) -> dict[str, str]:
     from hetfl.catalog import ALGORITHMS
 
     entry = ALGORITHMS.get(cfg.algorithm.name) if cfg.algorithm.name in ALGORITHMS else None
-    if entry is not None and not getattr(entry, "decentralized", False):  # whole sections: "[section]" -> why
+    if entry is not None and hasattr(entry, "placer"):  # a server algorithm; whole sections: "[section]" -> why
         out["[graph]"] = f"used only by decentralized algorithms (dkd, dpsgd, ...), not {cfg.algorithm.name}"
     if not cfg.privacy.active:
         out["[privacy]"] = "off: no clip, noise_multiplier or target_epsilon"

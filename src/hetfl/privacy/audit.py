@@ -316,13 +316,13 @@ def audit_run(cfg: Any, out_dir: Any, canaries: int = 1000, canary_seed: int = 0
     :class:`CanaryRound`; returns the run's summary, both statistics over all canaries and per kind, and
     the accountants' epsilon.  The canaries' own cost is not in the run's metrics (they are not clients of
     the federation: their updates are added to the round's results)."""
-    from hetfl.engines import ENGINES
+    from hetfl.engines import engine_for
     from hetfl.runner import run
 
     holder: dict[str, Any] = {}
 
     def factory(algorithm: Any, federation: Any, ctx: Any, device: Any, cfg_: Any) -> Any:
-        engine = ENGINES.get(cfg_.engine, "engine")(algorithm, federation, ctx, device, cfg_)
+        engine = engine_for(cfg_.engine.name, algorithm)(algorithm, federation, ctx, device, cfg_)
         dp = engine.round.privacy
         state = algorithm.init_state(ctx)
         flat = Flat(state.models["global"], _released(dp, state))
