@@ -231,7 +231,7 @@ def warn_workers(cfg: Any) -> None:
     share the cores, each round slower rather than faster."""
     from hetfl.engines.workers import available_cores
 
-    workers = cfg.engine.workers
+    workers = cfg.engine.workers if cfg is not None else "auto"
     cores = available_cores()
     if isinstance(workers, int) and workers > cores:
         print(f"hetfl run: warning: workers={workers} is more than the {cores} core(s) this process may use; up to "

@@ -30,10 +30,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from hetfl.config import TrainConfig
+from hetfl.models.registry import PREFERS_CHANNELS_LAST
 
 #: bf16 is chosen by ``auto`` only when its measured step takes at most this fraction of fp32's
 #: (a margin against timing noise: a tie stays in fp32, which is exact and reproducible)
 AUTO_MARGIN = 0.9
+
+
+def training_memory_format(setting: str, model: nn.Module, device: torch.device | str) -> torch.memory_format:
+    """The layout of the model's 4-D weights while :func:`local_sgd` trains it.
+
+    ``"auto"``: ``channels_last`` on the CPU for a model whose builder marked it so (attribute
+    :data:`PREFERS_CHANNELS_LAST`: FedAvg's CNN trains 1.25-1.4x faster so with oneDNN's kernels, measured
+    in benchmarks/README.md; HeteroFL's BN conv net and the ResNet gain nothing and are left alone), else
+    contiguous.  The layout changes how convolutions sum, so results differ from contiguous training in
+    the last bits; every engine trains through this function, so they agree with each other.
+    """
+    if setting == "channels_last":
+        return torch.channels_last
+    if setting == "auto" and torch.device(device).type == "cpu" and getattr(model, PREFERS_CHANNELS_LAST, False):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def bf16_hardware(device: torch.device | str = "cpu") -> tuple[bool, str]:
@@ -98,7 +115,6 @@ def _step_times(build, x: torch.Tensor, y: torch.Tensor, candidates: list[tuple[
                 device: torch.device, rounds: int = 9, budget_s: float = 2.0) -> dict[tuple[str, str], float]:
     """Fastest seconds of one SGD step (forward, loss, backward, update) per (precision, format)
     candidate, measured round robin (so load on the machine hits every candidate alike)."""
-    from hetfl.train import training_memory_format
 
     models = {}
     for prec, fmt in candidates:

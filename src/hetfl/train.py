@@ -23,8 +23,7 @@ from torch import nn
 from hetfl.config import TrainConfig
 from hetfl.data.augment import make_augment
 from hetfl.data.base import ClientSplit, Split
-from hetfl.models.registry import PREFERS_CHANNELS_LAST
-from hetfl.precision import autocast, resolved
+from hetfl.precision import autocast, resolved, training_memory_format  # noqa: F401  (re-exported)
 
 Forward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 LossTerm = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -80,22 +79,6 @@ def seed_torch(seed: int, device: torch.device | str = "cpu") -> None:
         torch.cuda.manual_seed(seed)  # the device in use (initialised: no lazy queue)
     elif device.type != "cpu":
         torch.manual_seed(seed)
-
-
-def training_memory_format(setting: str, model: nn.Module, device: torch.device | str) -> torch.memory_format:
-    """The layout of the model's 4-D weights while :func:`local_sgd` trains it.
-
-    ``"auto"``: ``channels_last`` on the CPU for a model whose builder marked it so (attribute
-    :data:`PREFERS_CHANNELS_LAST`: FedAvg's CNN trains 1.25-1.4x faster so with oneDNN's kernels, measured
-    in benchmarks/README.md; HeteroFL's BN conv net and the ResNet gain nothing and are left alone), else
-    contiguous.  The layout changes how convolutions sum, so results differ from contiguous training in
-    the last bits; every engine trains through this function, so they agree with each other.
-    """
-    if setting == "channels_last":
-        return torch.channels_last
-    if setting == "auto" and torch.device(device).type == "cpu" and getattr(model, PREFERS_CHANNELS_LAST, False):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 @dataclass
