@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,8 +24,9 @@ from hetfl.hetero import prefix_submodel
 from hetfl.hetero.extract import Weights
 from hetfl.hetero.sampling import MaxWidth, WidthPlan, WidthSchedule, level_label, plan_round
 
-if TYPE_CHECKING:
-    from hetfl.algorithms.base import Context
+#: ``ctx`` below is the run's :class:`hetfl.algorithms.base.Context` (its fleet, train config, seed, client
+#: sizes); typed ``Context = Any`` here so that hetero imports nothing of the algorithms above it.
+Context = Any
 
 LOSS_KEY = "width_loss"  # ServerState.buffers: moving average of every level's validation loss
 
