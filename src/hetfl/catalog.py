@@ -8,6 +8,8 @@ from hetfl.data.partition import PARTITIONERS
 from hetfl.decentralized import TOPOLOGIES
 from hetfl.decentralized import protocol as _decentralized  # noqa: F401  (registers dkd, dpsgd, isolated)
 from hetfl.engines import GRAPH_ENGINES, SERVER_ENGINES
+from hetfl.hetero.depth import DEPTH_RULES
+from hetfl.hetero.losses import LOSS_RULES
 from hetfl.hetero.policy import INDEX_POLICIES
 from hetfl.hetero.sampling import WIDTH_SCHEDULES
 from hetfl.models import MODELS
@@ -23,7 +25,9 @@ REGISTRIES: dict[str, Registry] = {
     "topologies": TOPOLOGIES,
     "index policies": INDEX_POLICIES,
     "width schedules": WIDTH_SCHEDULES,
+    "loss rules": LOSS_RULES,
+    "depth rules": DEPTH_RULES,
 }
 
-__all__ = ["ALGORITHMS", "DATASETS", "GRAPH_ENGINES", "INDEX_POLICIES", "MODELS", "PARTITIONERS", "REGISTRIES",
-           "SERVER_ENGINES", "TOPOLOGIES", "WIDTH_SCHEDULES"]
+__all__ = ["ALGORITHMS", "DATASETS", "DEPTH_RULES", "GRAPH_ENGINES", "INDEX_POLICIES", "LOSS_RULES", "MODELS",
+           "PARTITIONERS", "REGISTRIES", "SERVER_ENGINES", "TOPOLOGIES", "WIDTH_SCHEDULES"]
