@@ -46,12 +46,13 @@ class Piece:
 
     def coverage(self, reference: torch.Tensor) -> torch.Tensor:
         """Bool tensor of the server tensor's shape: the elements this piece holds (its public footprint)."""
-        out = torch.zeros(reference.shape, dtype=torch.bool, device=reference.device)
-        held = torch.ones(self._shape(reference), dtype=torch.bool, device=reference.device)
         if self.mask is not None:
             held = self.mask.to(device=reference.device, dtype=torch.bool)
+        else:
+            held = torch.ones(self._shape(reference), dtype=torch.bool, device=reference.device)
         if self.index is None:
             return held.reshape(reference.shape).clone()
+        out = torch.zeros(reference.shape, dtype=torch.bool, device=reference.device)
         out.view(-1)[self.index.to(reference.device)] = held.reshape(-1)
         return out
 
