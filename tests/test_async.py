@@ -78,7 +78,8 @@ def test_fedbuff_submodels_with_staleness_run_and_resume_exactly(tmp_path, digit
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_fedbuff_runs_depth_and_fiarse_and_on_workers(tmp_path, digits_cfg):
+def test_fedbuff_runs_depth_and_fiarse_and_on_workers(tmp_path, digits_cfg, one_thread):
+    """The in-process run trains at one thread, as each worker does, so the two agree bit for bit."""
     base = ("rounds=2", *TIERS, "data.num_clients=8", *FEDBUFF, "asynchronous.buffer=2")
     for name, algo in (("depth", '{name="depthfl", levels="1x1,1x0.5", clients_per_round=3}'),
                        ("fiarse", '{name="fiarse", clients_per_round=3}')):
