@@ -50,6 +50,15 @@ def interval(diffs: list[float]) -> tuple[float, float, float, int]:
     return m, m - half, m + half, n
 
 
+def time_of_round(run_dir: Path, rnd: int) -> float:
+    """virtual_time_s at the end of round (FedBuff: step) ``rnd``."""
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if int(r["round"]) == rnd:
+            return float(r["virtual_time_s"])
+    raise SystemExit(f"{run_dir}: no round {rnd}")
+
+
 def curve(run_dir: Path) -> list[tuple[int, float, float]]:
     """(round, virtual_time_s, accuracy) of every evaluation of one run."""
     out = []
@@ -64,7 +73,8 @@ def curve(run_dir: Path) -> list[tuple[int, float, float]]:
 def cells(sweep: Path) -> dict[str, dict[int, list[tuple[int, float, float]]]]:
     by: dict[str, dict[int, list]] = {a: {} for a in ARMS}
     for d in sorted((sweep / "cells").iterdir()):
-        if not (d / "summary.json").exists():
+        summary = d / "summary.json"
+        if not summary.exists() or json.loads(summary.read_text()).get("status") != "complete":
             continue  # not complete
         arm, seed = d.name.rsplit("__s", 1)
         by.setdefault(arm, {})[int(seed)] = curve(d)
@@ -102,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     if not by[BASE]:
         raise SystemExit(f"{args.sweep}: no complete {BASE} cell yet")
     target = 0.95 * statistics.fmean(final(c) for c in by[BASE].values())
-    r50 = statistics.median(next(t for r, t, _ in c if r >= 50) for c in by[BASE].values())
+    r50 = statistics.median(time_of_round(args.sweep / "cells" / f"{BASE}__s{s}", 50) for s in by[BASE])
     rows = []
     for arm in ARMS:
         for seed, c in sorted(by[arm].items()):
