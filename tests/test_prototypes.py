@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from hetfl.algorithms.base import ClientTask, round_seed
-from hetfl.algorithms.fedtgp import FedTGP, adaptive_margin, class_gaps
-from hetfl.algorithms.prototypes import (
+from hetfl.algorithms.fedproto import (
     FedProto,
     ProtoUpdate,
     average_prototypes,
@@ -18,6 +17,7 @@ from hetfl.algorithms.prototypes import (
     client_key,
     prototype_forward,
 )
+from hetfl.algorithms.fedtgp import FedTGP, adaptive_margin, class_gaps
 from hetfl.data.base import Split
 from hetfl.engines.simulator import Simulator
 from hetfl.errors import ConfigError

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from hetfl.algorithms.base import Algorithm, Context, EvalTarget, ServerState
-from hetfl.algorithms.prototypes import prototype_forward
+from hetfl.algorithms.fedproto import prototype_forward
 from hetfl.config import EvalConfig
 from hetfl.data.base import Split
 from hetfl.data.federation import Federation

@@ -5,11 +5,11 @@ from hetfl.algorithms import (  # noqa: F401  (registers the algorithms)
     fedavg,
     feddf,
     fedgen,
+    fedproto,
     fedtgp,
     fiarse,
     heterofl,
     inclusivefl,
-    prototypes,
     scalefl,
 )
 from hetfl.algorithms.base import Algorithm, ClientResult, ClientTask, Context, EvalTarget, ServerState, Weights

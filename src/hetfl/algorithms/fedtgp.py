@@ -1,6 +1,6 @@
 """FedTGP (Zhang, Liu, Hua, Cao, AAAI 2024): FedProto with trainable global prototypes and an adaptive margin.
 
-Clients are FedProto's (:mod:`hetfl.algorithms.prototypes`: own models, upload per-class prototypes and counts,
+Clients are FedProto's (:mod:`hetfl.algorithms.fedproto`: own models, upload per-class prototypes and counts,
 train with ``CE + proto_weight * MSE`` to the global prototypes, evaluated by the nearest global prototype).
 The server, instead of averaging, keeps a small trainable network ``G``: a learned embedding per class ->
 Linear(d, h) -> ReLU -> Linear(h, d) (``h = tgp_hidden``, 0 = d, the feature size).  Every round:
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hetfl.algorithms.base import Context, ServerState, Weights, round_seed, weights_of
-from hetfl.algorithms.prototypes import FedProto, ProtoUpdate
+from hetfl.algorithms.fedproto import FedProto, ProtoUpdate
 from hetfl.algorithms.registry import ALGORITHMS
 from hetfl.train import SGD
 
