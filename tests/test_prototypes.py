@@ -19,6 +19,7 @@ from hetfl.algorithms.fedproto import (
 )
 from hetfl.algorithms.fedtgp import FedTGP, adaptive_margin, class_gaps
 from hetfl.data.base import Split
+from hetfl.decentralized.protocol import node_key
 from hetfl.engines.simulator import Simulator
 from hetfl.errors import ConfigError
 from hetfl.resolve import load_config
@@ -197,9 +198,16 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
 
 def test_heterogeneous_families_keep_their_own_models(tmp_path):
     over = ("model.name='cnn'", "model.fc=16", "algorithm.families='cnn, mlp(hidden=32,16)'",
-            "fleet.source='tiers'", "fleet.mix='a-b'")
+            "fleet.source='tiers'", "fleet.mix='a-b'", "algorithm.eval_by='head'")
     summary = run(cfg(*over), tmp_path / "h", quiet=True)
     assert "test_accuracy.mlp(hidden=32,16)" in summary and "test_accuracy.cnn" in summary
+    assert summary["eval_by"] == "head"
+    state = torch.load(tmp_path / "h" / "checkpoint.pt", weights_only=True)["state"]
+    held = state["buffers"]["family"].tolist()
+    for c, f in enumerate(held):  # every client trained the model of its family, and keeps it
+        shapes = {k: v.shape for k, v in state["models"][client_key(c)].items()}
+        family = ("cnn", "mlp(hidden=32,16)")[f]
+        assert shapes == {k: v.shape for k, v in state["models"][family].items()}, c
     exp = prepare(cfg(*over))
     fams = exp.algorithm.client_families(exp.algorithm.init_state(exp.ctx), 1, exp.ctx)
     assert sorted(set(fams.tolist())) == [0, 1]
@@ -212,10 +220,14 @@ def test_heterogeneous_families_keep_their_own_models(tmp_path):
     (("algorithm.name='fedtgp'", "algorithm.margin_cap=-1.0"), "algorithm.margin_cap must be >= 0"),
     (("model.name='cnn'", "algorithm.families='cnn, mlp(hidden=64)'"),
      "fedproto's prototypes need one feature dimension in front of every family's head"),
+    (("algorithm.weighted=true",), "algorithm.weighted has no effect"),
+    (("algorithm.aggregator='median'",), "algorithm.aggregator has no effect"),
+    (('asynchronous.mode="fedbuff"',), "averages updates of one global model; algorithm FedProto"),
 ])
-def test_bad_config(overrides, message):
+def test_bad_config(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        prepare(cfg(*overrides))
+        run(cfg(*overrides), tmp_path / "r", quiet=True)
+    assert not (tmp_path / "r").exists()
 
 
 @pytest.mark.parametrize("name", ["fedproto", "fedtgp"])
@@ -235,3 +247,18 @@ def test_worker_processes_give_the_in_process_run(tmp_path, one_thread):
     b = run(c.with_engine(workers=2), tmp_path / "workers", quiet=True)
     assert a["test_accuracy"] == b["test_accuracy"]
     assert rows_of(tmp_path / "inproc")[-1]["client.test_acc"] == rows_of(tmp_path / "workers")[-1]["client.test_acc"]
+
+
+def test_lambda_zero_equals_the_isolated_graph_algorithm(tmp_path):
+    """proto_weight = 0, every client every round, scored by its head: hetfl's ``isolated`` (graph protocol, no
+    communication) run for run: the same client models bit for bit and the same accuracies."""
+    proto = run(cfg("algorithm.proto_weight=0.0", "algorithm.eval_by='head'"), tmp_path / "p", quiet=True)
+    alone = run(cfg("algorithm={name='isolated'}"), tmp_path / "i", quiet=True)
+    assert proto["test_accuracy"] == alone["test_accuracy"]
+    assert rows_of(tmp_path / "p")[-1]["client.test_acc"] == rows_of(tmp_path / "i")[-1]["node.test_acc"]
+    assert proto["client_acc_mean"] == alone["client_acc_mean"]
+    mp = torch.load(tmp_path / "p" / "checkpoint.pt", weights_only=True)["state"]["models"]
+    mi = torch.load(tmp_path / "i" / "checkpoint.pt", weights_only=True)["state"]["models"]
+    for c in range(5):
+        for k, v in mi[node_key(c)].items():
+            assert torch.equal(mp[client_key(c)][k], v), (c, k)

@@ -194,6 +194,10 @@ class FedProto(FamilyAlgorithm):
             (self.weighting in WEIGHTINGS, "weighting", f"must be one of {', '.join(WEIGHTINGS)}"),
             (self.eval_by in EVAL_MODES, "eval_by", f"must be one of {', '.join(EVAL_MODES)}"),
             (self.proto_batch >= 1, "proto_batch", "must be >= 1"),
+            # no weights are averaged: flags of the weight mean would silently do nothing
+            (not self.weighted, "weighted", "has no effect (no weights are averaged; the prototype mean is set by "
+                                            "algorithm.weighting), so it must be false"),
+            (self.aggregator == "mean", "aggregator", "has no effect (no weights are averaged), so it must be 'mean'"),
         ])
 
     # ---------------------------------------------------------------- hooks
