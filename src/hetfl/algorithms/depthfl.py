@@ -39,6 +39,16 @@ from hetfl.algorithms.base import (
     round_seed,
     weights_of,
 )
+from hetfl.algorithms.feddyn import (
+    DYN,
+    DynClients,
+    DynUpdate,
+    client_state_after,
+    client_term,
+    init_dyn,
+    param_keys,
+    server_correction,
+)
 from hetfl.algorithms.registry import ALGORITHMS
 from hetfl.algorithms.submodel import SubmodelFL, keys_of
 from hetfl.data.base import DataInfo, Split
@@ -109,6 +119,9 @@ class MultiExitFL(SubmodelFL):
     loss: str = ""
     #: how many blocks a level's depth fraction keeps (hetfl.hetero.depth.DEPTH_RULES): "ceil", "round", ...
     depth_rule: str = "ceil"
+    #: FedDyn's alpha (0: off): clients add -<theta, h_i> + alpha/2 ||theta - theta_g||^2 with their own state h_i,
+    #: the server corrects the mean with its h (hetfl.algorithms.feddyn; DepthFL's Flower baseline: 0.1)
+    dyn: float = 0.0
 
     #: the global prediction: "ensemble" (mean of the exits' logits) or "last" (the deepest exit)
     global_output: ClassVar[str] = "last"
@@ -119,10 +132,21 @@ class MultiExitFL(SubmodelFL):
         super().__post_init__()
         parse_levels(self.levels)
         self.channels, self.loss_rule, depth_rule(self.depth_rule)  # noqa: B018  (unknown names or bad parameters: ConfigError naming the field)
+        if not self.dyn >= 0:
+            raise ConfigError(f"algorithm.dyn (FedDyn's alpha) must be >= 0 (0: off), got {self.dyn}")
         if self.schedule.schedule.needs_validation:
             raise ConfigError(f"algorithm.level_schedule: {self.level_schedule!r} needs every width's validation "
                               f"loss, which the depth methods do not compute; use max, uniform, mixture(q=...) "
                               f"or coverage(target=...)")
+
+    @property
+    def private_refusal(self) -> str | None:  # type: ignore[override]
+        """FedDyn's server step reads every client's own state and the per-element holder counts beside the
+        reducer, which a private round does not allow."""
+        if self.dyn > 0:
+            return ("algorithm.dyn (FedDyn) keeps per-client state that the server side updates from each raw "
+                    "result; set algorithm.dyn = 0 to run under [privacy]")
+        return None
 
     @cached_property
     def loss_rule(self) -> LossRule:
@@ -212,7 +236,13 @@ class MultiExitFL(SubmodelFL):
         for w, _ in self.level_table(ctx):
             group_sizes(ref, ctx.info, w)
         torch.manual_seed(round_seed(ctx.seed, 0))  # the base model's weights are FedAvg's; exits come after
-        return ServerState(round=0, models={"global": weights_of(ref.build(ctx.info))})
+        glob = weights_of(ref.build(ctx.info))
+        if self.dyn == 0:
+            return ServerState(round=0, models={"global": glob})
+        if ctx.asynchronous is not None:
+            raise ConfigError("algorithm.dyn (FedDyn) needs synchronous rounds: its server step reads every "
+                              "client's state each round; drop [asynchronous] or set algorithm.dyn = 0")
+        return ServerState(round=0, models={"global": glob}, buffers={DYN: init_dyn(glob, param_keys(ref, ctx.info))})
 
     def model_refs(self, ctx: Context) -> list[ModelRef]:
         # the runner checks (batch, classes) logits: the ensemble output runs every exit the model holds
@@ -232,9 +262,37 @@ class MultiExitFL(SubmodelFL):
         for c in clients:
             level = plan.of(int(c))
             ref = self.client_ref(ctx, level)
-            tasks.append(ClientTask(int(c), ref, self.submodel(glob, ctx, ref, level[0], rnd, int(c)), train,
-                                    round_seed(ctx.seed, rnd, int(c)), {**extra, "level": list(level)}))
+            task = ClientTask(int(c), ref, self.submodel(glob, ctx, ref, level[0], rnd, int(c)), train,
+                              round_seed(ctx.seed, rnd, int(c)), {**extra, "level": list(level)})
+            if self.dyn > 0:
+                task.extra["dyn_h"] = self._client_h(state, ctx, ref, level, rnd, int(c), task.weights)
+            tasks.append(task)
         return tasks
+
+    def _client_h(self, state: ServerState, ctx: Context, ref: ModelRef, level: Level, rnd: int, client: int,
+                  weights: Weights) -> Weights:
+        """Client ``client``'s FedDyn state at its level's shapes (zero where it never trained)."""
+        keys = param_keys(ref, ctx.info)
+        held = state.buffers[DYN]["clients"].get(client)
+        if held is None:
+            return {k: torch.zeros_like(weights[k]) for k in keys}
+        glob = state.models["global"]
+        full = {k: held.get(k, torch.zeros_like(glob[k])) for k in keys}
+        return extract(full, spec_for(self.global_ref(ctx), ctx.info), self.selection(ctx, level[0], rnd, client))
+
+    def side_channel(self, state: ServerState, rnd: int, ctx: Context) -> DynClients | None:
+        """FedDyn: the round's holder counts and the clients' new states (None when off)."""
+        if self.dyn == 0:
+            return None
+        dyn = state.buffers[DYN]
+        return DynClients(state.models["global"], tuple(dyn["h"]), dyn["clients"])
+
+    def combine(self, state: ServerState, rnd: int, models: dict[str, Weights], side: DynClients | None,
+                ctx: Context):
+        mean = models.get("global", {})
+        if side is None or not mean:
+            return mean
+        return server_correction(state.models["global"], mean, state.buffers[DYN], side, self.dyn, ctx.num_clients)
 
     def level_law(self, ctx: Context, rnd: int) -> Callable[[int], dict[Level, float]]:
         """The level any client trains in round ``rnd``, as a law ``{level: probability}``."""
@@ -253,9 +311,12 @@ class MultiExitFL(SubmodelFL):
 
         return level_law
 
-    def server_step(self, state: ServerState, update: Weights, ctx: Context) -> ServerState:
+    def server_step(self, state: ServerState, update: Weights | DynUpdate, ctx: Context) -> ServerState:
+        buffers = state.buffers
+        if isinstance(update, DynUpdate):
+            update, buffers = update.weights, {**state.buffers, DYN: update.state}
         models = {**state.models, "global": update} if update else state.models
-        return ServerState(state.round + 1, models, state.buffers)
+        return ServerState(state.round + 1, models, buffers)
 
     def eval_targets(self, state: ServerState, ctx: Context) -> dict[str, EvalTarget]:
         """``global``: the method's prediction (DepthFL: the mean of all exits' logits); ``w<W>d<D>``: every
@@ -305,10 +366,17 @@ class MultiExitFL(SubmodelFL):
                 model.eval()
                 labels = torch.zeros(int(model(data.x[:1]).shape[-1]), dtype=torch.bool, device=data.y.device)
             labels[data.y] = True
+        terms, extra = (), {"level": task.extra.get("level")}
+        if self.dyn > 0:
+            h = {k: v.to(device) for k, v in task.extra["dyn_h"].items()}
+            anchor = {k: p.detach().clone() for k, p in model.named_parameters() if k in h}
+            terms = (client_term(model, anchor, h, self.dyn),)
         stats = local_sgd(model, data, task.train, seed=task.seed, device=device,
-                          loss_fn=self.exit_loss(task, labels))
+                          loss_fn=self.exit_loss(task, labels), loss_terms=terms)
+        if self.dyn > 0:
+            extra["dyn_h"] = client_state_after(model, anchor, h, self.dyn)
         return ClientResult(task.client_id, len(data), weights_of(model),
-                            {"train_loss": stats.loss, "steps": stats.steps}, {"level": task.extra.get("level")})
+                            {"train_loss": stats.loss, "steps": stats.steps}, extra)
 
 
 @ALGORITHMS.register("depthfl")
