@@ -16,6 +16,11 @@ takes entry ``round(t * (n - 1) / (T - 1))``, so the strongest tier gets the fir
 weakest the last (with more tiers than entries, neighbouring tiers share one); a one-tier fleet gets the
 first.  Width-only, depth-only and nested width x depth
 fleets are therefore configs (``"1x1,0.5x1"``, ``"1x1,1x0.5"``, ``"1x1,0.5x0.5"``), not code.
+
+Two options of every depth method: ``per_level`` keeps the keys it names (``"norm"``: the normalisation layers)
+as one copy per level, averaged over that level's clients only (NeFL's inconsistent parameters; the server holds
+``key@<level label>``, :func:`hetfl.aggregation.owned_by_level`); ``dyn`` adds FedDyn's client regularizer with
+explicit per-client state and its server correction (:mod:`hetfl.algorithms.feddyn`).
 """
 
 from __future__ import annotations
@@ -320,9 +325,9 @@ class MultiExitFL(SubmodelFL):
         for c in clients:
             level = plan.of(int(c))
             ref = self.client_ref(ctx, level)
-            task = ClientTask(int(c), ref, self.submodel(self.view(glob, ctx, level), ctx, ref, level[0], rnd, int(c)),
-                              train,
-                              round_seed(ctx.seed, rnd, int(c)), {**extra, "level": list(level)})
+            weights = self.submodel(self.view(glob, ctx, level), ctx, ref, level[0], rnd, int(c))
+            task = ClientTask(int(c), ref, weights, train, round_seed(ctx.seed, rnd, int(c)),
+                              {**extra, "level": list(level)})
             if self.dyn > 0:
                 task.extra["dyn_h"] = self._client_h(state, ctx, ref, level, rnd, int(c), task.weights)
             tasks.append(task)

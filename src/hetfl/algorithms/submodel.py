@@ -11,6 +11,9 @@ Everything else is this base, composed of registered parts from :mod:`hetfl.hete
   than the global model keeps;
 * the **placement** of a result (:meth:`placer`): the level's keys at its channels, in the global tensors
   (:func:`hetfl.hetero.extract.place_slice`), for the round's reducer (:mod:`hetfl.aggregation`);
+* the **per-level keys** (:meth:`owned_keys`, none by default): keys the server holds once per level, which a
+  client reads and writes at its own level (:meth:`view`; its pieces relabelled by
+  :func:`hetfl.aggregation.owned_by_level`);
 * the **footprints** (:meth:`footprints`): every level a client may train this round, with its probability, as
   the elements it would cover (differential privacy's expected counts), and the deployed submodels' footprints.
 
