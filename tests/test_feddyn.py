@@ -112,3 +112,5 @@ def test_bad_dyn_configs(digits_cfg):
     with pytest.raises(ConfigError, match=r"keeps per-client state.*set algorithm.dyn = 0"):
         prepare(digits_cfg(*FLEET, 'algorithm={name="depthfl", dyn=0.1}', "privacy.clip=1.0",
                            "privacy.noise_multiplier=1.0"))
+    with pytest.raises(ConfigError, match="reads results beside the mean"):
+        prepare(digits_cfg(*FLEET, 'algorithm={name="depthfl", dyn=0.1}', 'asynchronous.mode="fedbuff"'))

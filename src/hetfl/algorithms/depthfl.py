@@ -195,6 +195,11 @@ class MultiExitFL(SubmodelFL):
                     "result; set algorithm.dyn = 0 to run under [privacy]")
         return None
 
+    @property
+    def reads_beside_mean(self) -> bool:
+        """Only FedDyn (``dyn``) reads results beside the mean (its side channel and server correction)."""
+        return self.dyn > 0
+
     @cached_property
     def loss_rule(self) -> LossRule:
         """The client's loss over its exits: ``algorithm.loss``, or the method's own (:meth:`default_loss`)."""
