@@ -114,3 +114,16 @@ def test_bad_dyn_configs(digits_cfg):
                            "privacy.noise_multiplier=1.0"))
     with pytest.raises(ConfigError, match="reads results beside the mean"):
         prepare(digits_cfg(*FLEET, 'algorithm={name="depthfl", dyn=0.1}', 'asynchronous.mode="fedbuff"'))
+
+
+def test_client_state_travels_through_worker_processes(tmp_path, digits_cfg, one_thread):
+    cfg = digits_cfg(*FLEET, "rounds=2", 'algorithm={name="depthfl", clients_per_round=4, levels="1x1,1x0.5", '
+                                         'dyn=0.1}')
+    run(cfg, tmp_path / "inproc", quiet=True)
+    run(cfg.with_engine(workers=2), tmp_path / "workers", quiet=True)
+    a = torch.load(tmp_path / "inproc" / "checkpoint.pt", weights_only=True)["state"]
+    b = torch.load(tmp_path / "workers" / "checkpoint.pt", weights_only=True)["state"]
+    for k, v in a["models"]["global"].items():
+        assert torch.equal(v, b["models"]["global"][k]), k
+    for c, st in a["buffers"][DYN]["clients"].items():
+        assert all(torch.equal(v, b["buffers"][DYN]["clients"][c][k]) for k, v in st.items()), c
