@@ -333,6 +333,7 @@ MLP2 = 'model={name="mlp", hidden="32,32"}'
 @pytest.mark.parametrize("algo, extra", [
     ('{name="depthfl", levels="1x1,1x0.5"}', (MLP2,)),
     ('{name="scalefl", levels="1x1,0.5x0.5"}', (MLP2,)),
+    ('{name="nefl", levels="1x1,0.5x0.5"}', ('model={name="heterofl_conv", hidden="8,8,16,16"}',)),  # per-level BN
     ('{name="inclusivefl", levels="1x1,1x0.5"}', (MLP2,)),
     ('{name="fiarse"}', ()),
     ('{name="feddf", families="mlp(hidden=32),mlp(hidden=16)", distill_steps=5, server_data_size=50, '

@@ -61,7 +61,7 @@ def check_async(algorithm: Any, private: bool, deadline_s: float, engine: str) -
     if getattr(algorithm, "decentralized", False) or not hasattr(algorithm, "placer"):
         raise ConfigError("[asynchronous] mode = \"fedbuff\" needs a server algorithm; decentralized algorithms have "
                           "no server to buffer results")
-    if type(algorithm).side_channel is not Algorithm.side_channel or type(algorithm).combine is not Algorithm.combine:
+    if algorithm.reads_beside_mean:
         raise ConfigError(f"[asynchronous] mode = \"fedbuff\" averages updates of one global model; algorithm "
                           f"{type(algorithm).__name__} keeps several server models or reads results beside the mean "
                           f"(FedDF, FedGen): use mode = \"sync\"")

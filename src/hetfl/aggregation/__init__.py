@@ -6,8 +6,8 @@
 nothing of hetfl's but :mod:`hetfl.packed` and :mod:`hetfl.robust`.
 """
 
-from hetfl.aggregation.placement import Piece, Placement, footprint_of, whole
+from hetfl.aggregation.placement import Piece, Placement, footprint_of, level_key, level_view, owned_by_level, whole
 from hetfl.aggregation.reducers import CoordinateRobust, Reducer, WeightedMean, make_reducer
 
-__all__ = ["CoordinateRobust", "Piece", "Placement", "Reducer", "WeightedMean", "footprint_of", "make_reducer",
-           "whole"]
+__all__ = ["CoordinateRobust", "Piece", "Placement", "Reducer", "WeightedMean", "footprint_of", "level_key",
+           "level_view", "make_reducer", "owned_by_level", "whole"]

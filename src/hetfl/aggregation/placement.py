@@ -114,4 +114,28 @@ def footprint_of(reference: Weights, keys=None, model: str = "global", signature
     return Placement({k: Piece() for k in keys}, model, 1.0, signature)
 
 
-__all__ = ["Piece", "Placement", "footprint_of", "whole"]
+def level_key(key: str, label: str) -> str:
+    """The server key of ``key``'s copy that belongs to the level ``label`` alone (``"bn1.weight@w0.5d0.5"``)."""
+    return f"{key}@{label}"
+
+
+def level_view(weights: Weights, owned: frozenset[str], label: str) -> Weights:
+    """``weights`` as the level ``label`` sees them: every key in ``owned`` read from that level's own copy, under
+    its plain name (so width specs and model state dicts apply unchanged); the other keys shared."""
+    if not owned:
+        return weights
+    return {**{k: v for k, v in weights.items() if "@" not in k},
+            **{k: weights[level_key(k, label)] for k in owned if level_key(k, label) in weights}}
+
+
+def owned_by_level(placement: Placement, owned: frozenset[str], label: str) -> Placement:
+    """Per-level pieces: the pieces of keys in ``owned`` land in the level's own copies (``level_key``), so they are
+    averaged only over clients of that level; the other pieces are shared as placed."""
+    if not owned or not owned & placement.pieces.keys():
+        return placement
+    pieces = {(level_key(k, label) if k in owned else k): p for k, p in placement.pieces.items()}
+    signature = None if placement.signature is None else (placement.signature, label)
+    return Placement(pieces, placement.model, placement.weight, signature, placement.extra)
+
+
+__all__ = ["Piece", "Placement", "footprint_of", "level_key", "level_view", "owned_by_level", "whole"]

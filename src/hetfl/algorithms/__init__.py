@@ -10,6 +10,7 @@ from hetfl.algorithms import (  # noqa: F401  (registers the algorithms)
     fiarse,
     heterofl,
     inclusivefl,
+    nefl,
     scalefl,
 )
 from hetfl.algorithms.base import Algorithm, ClientResult, ClientTask, Context, EvalTarget, ServerState, Weights

@@ -208,6 +208,13 @@ class Algorithm:
         model.  Used for per-level noise figures under ``[privacy]``."""
         return {}
 
+    @property
+    def reads_beside_mean(self) -> bool:
+        """Whether the server step reads results beside the reduced mean or keeps several server models
+        (:meth:`side_channel` or :meth:`combine` overridden); FedBuff's stale updates cannot feed such a step."""
+        cls = type(self)
+        return cls.side_channel is not Algorithm.side_channel or cls.combine is not Algorithm.combine
+
     def side_channel(self, state: ServerState, rnd: int, ctx: Context) -> Any:
         """An object with ``add(result, placement)`` that reads raw results beside the reducer (FedDF's teachers,
         FedGen's heads), or None.  Never called in a private round: there only the reducer sees results."""

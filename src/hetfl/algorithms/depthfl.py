@@ -16,10 +16,16 @@ takes entry ``round(t * (n - 1) / (T - 1))``, so the strongest tier gets the fir
 weakest the last (with more tiers than entries, neighbouring tiers share one); a one-tier fleet gets the
 first.  Width-only, depth-only and nested width x depth
 fleets are therefore configs (``"1x1,0.5x1"``, ``"1x1,1x0.5"``, ``"1x1,0.5x0.5"``), not code.
+
+Two options of every depth method: ``per_level`` keeps the keys it names (``"norm"``: the normalisation layers)
+as one copy per level, averaged over that level's clients only (NeFL's inconsistent parameters; the server holds
+``key@<level label>``, :func:`hetfl.aggregation.owned_by_level`); ``dyn`` adds FedDyn's client regularizer with
+explicit per-client state and its server correction (:mod:`hetfl.algorithms.feddyn`).
 """
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
@@ -29,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hetfl.aggregation import level_key
 from hetfl.algorithms.base import (
     ClientResult,
     ClientTask,
@@ -38,6 +45,16 @@ from hetfl.algorithms.base import (
     Weights,
     round_seed,
     weights_of,
+)
+from hetfl.algorithms.feddyn import (
+    DYN,
+    DynClients,
+    DynUpdate,
+    client_state_after,
+    client_term,
+    init_dyn,
+    param_keys,
+    server_correction,
 )
 from hetfl.algorithms.registry import ALGORITHMS
 from hetfl.algorithms.submodel import SubmodelFL, keys_of
@@ -86,6 +103,41 @@ def level_label(level: Level) -> str:
     return f"w{level[0]:g}d{level[1]:g}"
 
 
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def per_level_entries(text: str) -> tuple[str, ...]:
+    """``algorithm.per_level`` as its entries: ``"norm"`` or key patterns (``fnmatch``), comma-separated."""
+    entries = tuple(e.strip() for e in str(text).split(",") if e.strip())
+    for e in entries:
+        if "@" in e:
+            raise ConfigError(f"algorithm.per_level: {e!r} in {text!r} contains '@', which marks the per-level "
+                              f"copies themselves; write \"norm\" or patterns of the model's keys, e.g. \"*.step\"")
+    return entries
+
+
+@lru_cache(maxsize=64)
+def owned_keys(ref: ModelRef, info: DataInfo, text: str) -> frozenset[str]:
+    """The floating state-dict keys of ``ref``'s model that ``algorithm.per_level`` names (``"norm"``: every
+    tensor of a BatchNorm / GroupNorm / LayerNorm layer; otherwise an ``fnmatch`` pattern, which must match)."""
+    with torch.random.fork_rng(devices=[]):
+        model = ref.build(info)
+    state = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+    out: set[str] = set()
+    for entry in per_level_entries(text):
+        if entry == "norm":
+            for name, mod in model.named_modules():
+                if isinstance(mod, _NORMS):
+                    out |= {k for k in state if k.rsplit(".", 1)[0] == name}
+            continue
+        hits = {k for k in state if fnmatch.fnmatchcase(k, entry)}
+        if not hits:
+            raise ConfigError(f"algorithm.per_level: {entry!r} matches no floating tensor of the model (keys look "
+                              f"like {', '.join(list(state)[:4])}, ...)")
+        out |= hits
+    return frozenset(out)
+
+
 @lru_cache(maxsize=64)
 def shapes_of(ref: ModelRef, info: DataInfo) -> dict[str, tuple[int, ...]]:
     """State-dict shapes of the model ``ref`` builds (cached; do not modify the returned dict)."""
@@ -109,6 +161,13 @@ class MultiExitFL(SubmodelFL):
     loss: str = ""
     #: how many blocks a level's depth fraction keeps (hetfl.hetero.depth.DEPTH_RULES): "ceil", "round", ...
     depth_rule: str = "ceil"
+    #: FedDyn's alpha (0: off): clients add -<theta, h_i> + alpha/2 ||theta - theta_g||^2 with their own state h_i,
+    #: the server corrects the mean with its h (hetfl.algorithms.feddyn; DepthFL's Flower baseline: 0.1)
+    dyn: float = 0.0
+    #: keys kept as one copy per level and averaged over that level's clients only (NeFL's "inconsistent
+    #: parameters"): comma-separated "norm" (every normalisation layer's tensors) or key patterns ("*.step");
+    #: "" = none (every key shared)
+    per_level: str = ""
 
     #: the global prediction: "ensemble" (mean of the exits' logits) or "last" (the deepest exit)
     global_output: ClassVar[str] = "last"
@@ -119,10 +178,27 @@ class MultiExitFL(SubmodelFL):
         super().__post_init__()
         parse_levels(self.levels)
         self.channels, self.loss_rule, depth_rule(self.depth_rule)  # noqa: B018  (unknown names or bad parameters: ConfigError naming the field)
+        per_level_entries(self.per_level)
+        if not self.dyn >= 0:
+            raise ConfigError(f"algorithm.dyn (FedDyn's alpha) must be >= 0 (0: off), got {self.dyn}")
         if self.schedule.schedule.needs_validation:
             raise ConfigError(f"algorithm.level_schedule: {self.level_schedule!r} needs every width's validation "
                               f"loss, which the depth methods do not compute; use max, uniform, mixture(q=...) "
                               f"or coverage(target=...)")
+
+    @property
+    def private_refusal(self) -> str | None:  # type: ignore[override]
+        """FedDyn's server step reads every client's own state and the per-element holder counts beside the
+        reducer, which a private round does not allow."""
+        if self.dyn > 0:
+            return ("algorithm.dyn (FedDyn) keeps per-client state that the server side updates from each raw "
+                    "result; set algorithm.dyn = 0 to run under [privacy]")
+        return None
+
+    @property
+    def reads_beside_mean(self) -> bool:
+        """Only FedDyn (``dyn``) reads results beside the mean (its side channel and server correction)."""
+        return self.dyn > 0
 
     @cached_property
     def loss_rule(self) -> LossRule:
@@ -177,6 +253,14 @@ class MultiExitFL(SubmodelFL):
     def level_width(self, level: Level) -> float:
         return float(level[0])
 
+    def level_tag(self, level: Level) -> str:
+        return level_label(level)
+
+    def owned_keys(self, ctx: Context) -> frozenset[str]:
+        if not self.per_level:
+            return frozenset()
+        return owned_keys(self.global_ref(ctx), ctx.info, self.per_level)
+
     def plan_law(self, state: ServerState, ctx: Context, rnd: int):
         return self.level_of(ctx, rnd), self.level_law(ctx, rnd)
 
@@ -212,9 +296,23 @@ class MultiExitFL(SubmodelFL):
         for w, _ in self.level_table(ctx):
             group_sizes(ref, ctx.info, w)
         torch.manual_seed(round_seed(ctx.seed, 0))  # the base model's weights are FedAvg's; exits come after
-        return ServerState(round=0, models={"global": weights_of(ref.build(ctx.info))})
+        glob = weights_of(ref.build(ctx.info))
+        owned = self.owned_keys(ctx)
+        if owned:  # one copy per level of every per-level key, each starting from the shared initial value
+            tags = [self.level_tag(lv) for lv in dict.fromkeys(self.level_table(ctx))]
+            glob = {**{k: v for k, v in glob.items() if k not in owned},
+                    **{level_key(k, t): glob[k].clone() for k in sorted(owned) for t in tags}}
+        if self.dyn == 0:
+            return ServerState(round=0, models={"global": glob})
+        if ctx.asynchronous is not None:
+            raise ConfigError("algorithm.dyn (FedDyn) needs synchronous rounds: its server step reads every "
+                              "client's state each round; drop [asynchronous] or set algorithm.dyn = 0")
+        params = [k2 for k in param_keys(ref, ctx.info) for k2 in ([k] if k in glob else
+                                                                  [x for x in glob if x.startswith(f"{k}@")])]
+        return ServerState(round=0, models={"global": glob}, buffers={DYN: init_dyn(glob, tuple(params))})
 
     def model_refs(self, ctx: Context) -> list[ModelRef]:
+        self.owned_keys(ctx)  # per_level naming nothing of the model: a ConfigError before any file is written
         # the runner checks (batch, classes) logits: the ensemble output runs every exit the model holds
         return [self.global_ref(ctx, "ensemble"),
                 *(self.client_ref(ctx, lv, "ensemble") for lv in dict.fromkeys(self.level_table(ctx)))]
@@ -232,9 +330,38 @@ class MultiExitFL(SubmodelFL):
         for c in clients:
             level = plan.of(int(c))
             ref = self.client_ref(ctx, level)
-            tasks.append(ClientTask(int(c), ref, self.submodel(glob, ctx, ref, level[0], rnd, int(c)), train,
-                                    round_seed(ctx.seed, rnd, int(c)), {**extra, "level": list(level)}))
+            weights = self.submodel(self.view(glob, ctx, level), ctx, ref, level[0], rnd, int(c))
+            task = ClientTask(int(c), ref, weights, train, round_seed(ctx.seed, rnd, int(c)),
+                              {**extra, "level": list(level)})
+            if self.dyn > 0:
+                task.extra["dyn_h"] = self._client_h(state, ctx, ref, level, rnd, int(c), task.weights)
+            tasks.append(task)
         return tasks
+
+    def _client_h(self, state: ServerState, ctx: Context, ref: ModelRef, level: Level, rnd: int, client: int,
+                  weights: Weights) -> Weights:
+        """Client ``client``'s FedDyn state at its level's shapes (zero where it never trained)."""
+        keys = param_keys(ref, ctx.info)
+        held = state.buffers[DYN]["clients"].get(client)
+        if held is None:
+            return {k: torch.zeros_like(weights[k]) for k in keys}
+        seen, owned, tag = self.view(state.models["global"], ctx, level), self.owned_keys(ctx), self.level_tag(level)
+        full = {k: held.get(level_key(k, tag) if k in owned else k, torch.zeros_like(seen[k])) for k in keys}
+        return extract(full, spec_for(self.global_ref(ctx), ctx.info), self.selection(ctx, level[0], rnd, client))
+
+    def side_channel(self, state: ServerState, rnd: int, ctx: Context) -> DynClients | None:
+        """FedDyn: the round's holder counts and the clients' new states (None when off)."""
+        if self.dyn == 0:
+            return None
+        dyn = state.buffers[DYN]
+        return DynClients(state.models["global"], tuple(dyn["h"]), dyn["clients"])
+
+    def combine(self, state: ServerState, rnd: int, models: dict[str, Weights], side: DynClients | None,
+                ctx: Context):
+        mean = models.get("global", {})
+        if side is None or not mean:
+            return mean
+        return server_correction(state.models["global"], mean, state.buffers[DYN], side, self.dyn, ctx.num_clients)
 
     def level_law(self, ctx: Context, rnd: int) -> Callable[[int], dict[Level, float]]:
         """The level any client trains in round ``rnd``, as a law ``{level: probability}``."""
@@ -253,9 +380,12 @@ class MultiExitFL(SubmodelFL):
 
         return level_law
 
-    def server_step(self, state: ServerState, update: Weights, ctx: Context) -> ServerState:
+    def server_step(self, state: ServerState, update: Weights | DynUpdate, ctx: Context) -> ServerState:
+        buffers = state.buffers
+        if isinstance(update, DynUpdate):
+            update, buffers = update.weights, {**state.buffers, DYN: update.state}
         models = {**state.models, "global": update} if update else state.models
-        return ServerState(state.round + 1, models, state.buffers)
+        return ServerState(state.round + 1, models, buffers)
 
     def eval_targets(self, state: ServerState, ctx: Context) -> dict[str, EvalTarget]:
         """``global``: the method's prediction (DepthFL: the mean of all exits' logits); ``w<W>d<D>``: every
@@ -270,7 +400,8 @@ class MultiExitFL(SubmodelFL):
             return np.flatnonzero(np.isin(fixed_tiers, tiers)) if tiers and len(table) > 1 else None
 
         ref = self.global_ref(ctx, self.global_output)
-        targets = {"global": EvalTarget(ref, self.submodel(glob, ctx, ref, 1.0, policy=Prefix()),
+        top = self.view(glob, ctx, table[0])  # per-level keys: the strongest level's copies for the full model
+        targets = {"global": EvalTarget(ref, self.submodel(top, ctx, ref, 1.0, policy=Prefix()),
                                         clients=clients_of(table[0]))}
         if not self.eval_levels:
             return targets
@@ -288,7 +419,8 @@ class MultiExitFL(SubmodelFL):
                 continue
             seen.add(same)
             ref = self.client_ref(ctx, level, "last")
-            targets[level_label(level)] = EvalTarget(ref, self.submodel(glob, ctx, ref, level[0], policy=Prefix()),
+            own = self.view(glob, ctx, level) if level in table else top
+            targets[level_label(level)] = EvalTarget(ref, self.submodel(own, ctx, ref, level[0], policy=Prefix()),
                                                      clients=clients_of(level))
         return targets
 
@@ -305,10 +437,17 @@ class MultiExitFL(SubmodelFL):
                 model.eval()
                 labels = torch.zeros(int(model(data.x[:1]).shape[-1]), dtype=torch.bool, device=data.y.device)
             labels[data.y] = True
+        terms, extra = (), {"level": task.extra.get("level")}
+        if self.dyn > 0:
+            h = {k: v.to(device) for k, v in task.extra["dyn_h"].items()}
+            anchor = {k: p.detach().clone() for k, p in model.named_parameters() if k in h}
+            terms = (client_term(model, anchor, h, self.dyn),)
         stats = local_sgd(model, data, task.train, seed=task.seed, device=device,
-                          loss_fn=self.exit_loss(task, labels))
+                          loss_fn=self.exit_loss(task, labels), loss_terms=terms)
+        if self.dyn > 0:
+            extra["dyn_h"] = client_state_after(model, anchor, h, self.dyn)
         return ClientResult(task.client_id, len(data), weights_of(model),
-                            {"train_loss": stats.loss, "steps": stats.steps}, {"level": task.extra.get("level")})
+                            {"train_loss": stats.loss, "steps": stats.steps}, extra)
 
 
 @ALGORITHMS.register("depthfl")

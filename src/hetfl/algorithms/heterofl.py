@@ -4,7 +4,8 @@ Every client trains a real smaller network — the registered model built at ``r
 width — whose weights are the channels the *index policy* selects from the global model; the *width
 schedule* decides which width a client trains in a round; FjORD's *ordered dropout* also trains nested
 narrower widths per minibatch.  Those parts live in :mod:`hetfl.hetero` (``[algorithm] index_policy``,
-``width_schedule``, ``ordered``); the server averages every global element over the clients that trained it.
+``width_schedule``, ``ordered``, ``inplace_kd``); the server averages every global element over the clients that
+trained it.
 
 HeteroFL's options, with its defaults: static BN (running statistics are not aggregated; they are
 recomputed for evaluation in one pass over client data at each evaluated width), the Scaler (the hidden
@@ -46,7 +47,7 @@ from hetfl.errors import ConfigError
 from hetfl.hetero import group_sizes, prefix_submodel, spec_for, submodel_ref
 from hetfl.hetero.extract import extract
 from hetfl.hetero.losses import masked_cross_entropy
-from hetfl.hetero.ordered import nested_widths, ordered_forward
+from hetfl.hetero.ordered import InplaceDistill, inplace_loss, nested_widths, ordered_forward
 from hetfl.hetero.policy import Prefix
 from hetfl.hetero.sampling import width_schedule
 from hetfl.hetero.scaler import Scaler, scaler_absorbed, scaler_layers
@@ -72,6 +73,11 @@ class HeteroFL(SubmodelFL):
     width_schedule: str = "max"  # which width per client and round (hetfl.hetero.sampling), e.g. "mixture(q=0.25)"
     ordered: bool = False  # FjORD: also train nested narrower widths, one drawn per minibatch
     self_distill: bool = False  # FjORD + KD: the client's widest width teaches the sampled narrower one
+    #: in-place distillation: weight of the narrower widths' soft-target loss (0: off); every minibatch trains
+    #: the client's width on the labels and its nested narrower fleet widths on its detached softmax
+    inplace_kd: float = 0.0
+    #: narrower widths per minibatch under inplace_kd: 0 = all the client holds; k = the smallest + k - 1 drawn
+    inplace_sample: int = 0
     static_bn: bool = True
     scaler: bool | Literal["auto"] = "auto"  # "auto": on iff scaler_absorbed(model, static_bn); true / false force it
     masked_ce: bool = True
@@ -99,6 +105,16 @@ class HeteroFL(SubmodelFL):
             raise ConfigError(f'algorithm.scaler must be true, false or "auto", got {self.scaler!r}')
         if self.self_distill and not self.ordered:
             raise ConfigError("algorithm.self_distill needs algorithm.ordered = true (FjORD's per-minibatch widths)")
+        if not self.inplace_kd >= 0 or self.inplace_sample < 0:
+            raise ConfigError(f"algorithm.inplace_kd must be >= 0 (0: off) and algorithm.inplace_sample >= 0 "
+                              f"(0: every narrower width), got {self.inplace_kd} and {self.inplace_sample}")
+        if self.inplace_kd > 0 and self.ordered:
+            raise ConfigError("algorithm.inplace_kd trains the widest and narrower widths on every minibatch; it "
+                              "replaces ordered dropout's one draw per minibatch: set algorithm.ordered = false "
+                              "(FjORD's own distillation is algorithm.self_distill)")
+        if self.inplace_kd > 0 and not isinstance(self.channels, Prefix):
+            raise ConfigError("algorithm.inplace_kd needs nested submodels: algorithm.index_policy must be "
+                              "'prefix'")
 
     # ------------------------------------------------------------------ the parts
     @cached_property
@@ -177,7 +193,7 @@ class HeteroFL(SubmodelFL):
         for c, rate in zip(clients, self.client_rates(state, ctx, rnd, clients)):
             sel = self.selection(ctx, rate, rnd, int(c))
             extra: dict[str, object] = {"rate": rate, "info": info_to_plain(ctx.info)}
-            if self.ordered:
+            if self.ordered or self.inplace_kd > 0:
                 extra["widths"] = nested_widths(levels, rate)
             tasks.append(ClientTask(int(c), submodel_ref(ctx.model, rate), extract(glob, spec, sel), train,
                                     round_seed(ctx.seed, rnd, int(c)), extra))
@@ -224,6 +240,10 @@ class HeteroFL(SubmodelFL):
         if forward is not None and self.self_distill:
             loss_fn = forward.distillation_loss(loss_fn or F.cross_entropy)
         scaled = scaler_layers(spec_for(task.model, info)) if self.uses_scaler(model) else ()
+        widths = task.extra.get("widths", [1.0])
+        if self.inplace_kd > 0 and any(w < 1.0 for w in widths):
+            forward = InplaceDistill(model, task.model, info, widths, task.seed, self.inplace_sample, scaled, rate)
+            loss_fn = inplace_loss(loss_fn or F.cross_entropy, self.inplace_kd)
         with Scaler(model, scaled, rate):
             kwargs = {"forward": forward} if forward is not None else {}
             stats = local_sgd(model, data, task.train, seed=task.seed, device=device, loss_fn=loss_fn, **kwargs)

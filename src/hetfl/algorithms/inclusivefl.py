@@ -48,6 +48,12 @@ class InclusiveFL(MultiExitFL):
         super().__post_init__()
         if not 0 <= self.mom_beta < 1:
             raise ConfigError(f"algorithm.mom_beta must be in [0, 1), got {self.mom_beta}")
+        if self.per_level:
+            raise ConfigError("algorithm.per_level is not available for inclusivefl: its momentum step matches "
+                              "shared keys between blocks; use nefl, depthfl or scalefl, or leave per_level empty")
+        if self.dyn > 0:
+            raise ConfigError("algorithm.dyn (FedDyn) is not available for inclusivefl: its momentum step rewrites "
+                              "the server update; use depthfl, scalefl or nefl, or set algorithm.dyn = 0")
 
     def transfer_map(self, ctx: Context) -> dict[str, list[str]]:
         """For every parameter of a shallower level's top block, the same parameters of the blocks the next

@@ -11,6 +11,9 @@ Everything else is this base, composed of registered parts from :mod:`hetfl.hete
   than the global model keeps;
 * the **placement** of a result (:meth:`placer`): the level's keys at its channels, in the global tensors
   (:func:`hetfl.hetero.extract.place_slice`), for the round's reducer (:mod:`hetfl.aggregation`);
+* the **per-level keys** (:meth:`owned_keys`, none by default): keys the server holds once per level, which a
+  client reads and writes at its own level (:meth:`view`; its pieces relabelled by
+  :func:`hetfl.aggregation.owned_by_level`);
 * the **footprints** (:meth:`footprints`): every level a client may train this round, with its probability, as
   the elements it would cover (differential privacy's expected counts), and the deployed submodels' footprints.
 
@@ -27,7 +30,7 @@ from typing import Any
 
 import torch
 
-from hetfl.aggregation import Placement
+from hetfl.aggregation import Placement, level_view, owned_by_level
 from hetfl.algorithms.base import Algorithm, ClientResult, Context, ServerState, Weights
 from hetfl.data.base import DataInfo
 from hetfl.hetero import group_sizes, spec_for
@@ -84,6 +87,20 @@ class SubmodelFL(Algorithm):
         """Per-class weights of a result's output rows (HeteroFL's classifier rule), or None."""
         return None
 
+    def owned_keys(self, ctx: Context) -> frozenset[str]:
+        """Keys kept as one copy per level ("inconsistent parameters", NeFL): the server holds ``key@<label>``
+        for every level, a client reads and writes its own level's copy, averaged over that level's clients
+        only (:func:`hetfl.aggregation.owned_by_level`).  Default: none (every key shared by the levels)."""
+        return frozenset()
+
+    def level_tag(self, level: Any) -> str:
+        """A level's label in per-level keys and evaluation labels."""
+        return f"{level}"
+
+    def view(self, glob: Weights, ctx: Context, level: Any) -> Weights:
+        """The global weights as a client of ``level`` sees them (its own copies of the per-level keys)."""
+        return level_view(glob, self.owned_keys(ctx), self.level_tag(level))
+
     # ------------------------------------------------------------------ the round's plan, once
     def level_plan(self, state: ServerState, ctx: Context, rnd: int) -> LevelPlan:
         """The levels of round ``rnd``, planned once per round and state (configure, place and footprints
@@ -108,10 +125,11 @@ class SubmodelFL(Algorithm):
                                                 client=client, seed=ctx.seed)
 
     def level_keys(self, ctx: Context, level: Any, glob: Weights) -> list[str]:
-        """The floating tensors a client of ``level`` holds and the server averages."""
+        """The floating tensors a client of ``level`` holds and the server averages (plain names)."""
         skip = self.skip_keys(glob)
+        seen = self.view(glob, ctx, level)
         keys = keys_of(self.level_ref(ctx, level), ctx.info)
-        return [k for k in keys if k in glob and glob[k].is_floating_point() and k not in skip]
+        return [k for k in keys if k in seen and seen[k].is_floating_point() and k not in skip]
 
     # ------------------------------------------------------------------ aggregation parts
     def placer(self, state: ServerState, rnd: int, ctx: Context) -> Callable[[ClientResult], Placement]:
@@ -121,10 +139,16 @@ class SubmodelFL(Algorithm):
         spec = spec_for(self.global_ref(ctx), ctx.info)
         skip = self.skip_keys(glob)
         plan = self.level_plan(state, ctx, rnd)
+        owned = self.owned_keys(ctx)
 
         def place(res: ClientResult) -> Placement:
-            sel = self.selection(ctx, self.level_width(plan.of(res.client_id)), rnd, res.client_id)
-            return place_slice(glob, spec, res.weights, sel, self.weight_of(res), self.class_mask(res), skip)
+            level = plan.of(res.client_id)
+            sel = self.selection(ctx, self.level_width(level), rnd, res.client_id)
+            if not owned:
+                return place_slice(glob, spec, res.weights, sel, self.weight_of(res), self.class_mask(res), skip)
+            tag = self.level_tag(level)
+            return owned_by_level(place_slice(level_view(glob, owned, tag), spec, res.weights, sel,
+                                              self.weight_of(res), self.class_mask(res), skip), owned, tag)
 
         return place
 
@@ -156,8 +180,9 @@ class SubmodelFL(Algorithm):
         key = (level, selection_signature(sel))
         if key not in cache:
             glob = state.models["global"]
-            cache[key] = slice_footprint(glob, spec_for(self.global_ref(ctx), ctx.info), sel,
-                                         self.level_keys(ctx, level, glob), key)
+            fp = slice_footprint(self.view(glob, ctx, level), spec_for(self.global_ref(ctx), ctx.info), sel,
+                                 self.level_keys(ctx, level, glob), key)
+            cache[key] = owned_by_level(fp, self.owned_keys(ctx), self.level_tag(level))
         return cache[key]
 
 

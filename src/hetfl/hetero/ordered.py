@@ -6,6 +6,12 @@ local training loop calls on every minibatch: it draws a width uniformly from th
 slices the live parameters to that prefix (autograd flows back into the full tensors) and runs the
 narrower network on them.  With self-distillation (FjORD + KD) the client's widest width teaches the drawn
 narrower one.
+
+:class:`InplaceDistill` is in-place distillation (slimmable / once-for-all networks' rule): on every
+minibatch the client runs its widest width *and* narrower nested widths (all of them, or the smallest plus
+a uniform draw: the sandwich rule), stacked as ``(widths, batch, classes)`` widest first; the widest is
+trained on the labels and its detached softmax is the soft target of the narrower ones
+(:func:`inplace_loss`); all the forwards' gradients go into one optimizer step.
 """
 
 from __future__ import annotations
@@ -17,10 +23,12 @@ import torch
 from torch import nn
 
 from hetfl.data.base import DataInfo
-from hetfl.hetero import prefix_submodel
+from hetfl.hetero import prefix_submodel, submodel_ref
+from hetfl.hetero.scaler import Scaler
 from hetfl.models import ModelRef
 
 _STREAM = 0x6F64  # "od": the per-minibatch width draw's random stream
+_INPLACE_STREAM = 0x6970  # "ip": in-place distillation's draw of narrower widths
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -63,13 +71,84 @@ class OrderedDropout:
             return model(x)
         if self.keep_teacher:
             self.teacher = model(x)
-        tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-        ref, sliced = prefix_submodel(self.ref, self.info, tensors, p)
-        if p not in self.subs:
-            self.subs[p] = ref.build(self.info).to(next(self.model.parameters()).device)
-        sub = self.subs[p]
-        sub.train(model.training)
-        return torch.func.functional_call(sub, sliced, (x,))
+        return narrow_forward(self, model, live_tensors(model), p, x)
+
+
+def live_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's parameters and buffers as they are now (slicing them keeps autograd)."""
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
+def narrow_forward(owner: OrderedDropout | InplaceDistill, model: nn.Module, tensors: dict[str, torch.Tensor],
+                   p: float, x: torch.Tensor) -> torch.Tensor:
+    """The prefix width ``p`` of ``model`` run on ``x`` with its live tensors (one built module per width)."""
+    _, sliced = prefix_submodel(owner.ref, owner.info, tensors, p)
+    sub = width_module(owner, p)
+    sub.train(model.training)
+    return torch.func.functional_call(sub, sliced, (x,))
+
+
+def width_module(owner: OrderedDropout | InplaceDistill, p: float) -> nn.Module:
+    """The module of prefix width ``p`` (built once per owner; its own tensors are never used)."""
+    if p not in owner.subs:
+        owner.subs[p] = submodel_ref(owner.ref, p).build(owner.info).to(next(owner.model.parameters()).device)
+    return owner.subs[p]
+
+
+class InplaceDistill:
+    """In-place distillation's forward: the client's full width and narrower nested widths on every minibatch,
+    their logits stacked widest first.  ``sample = 0``: every narrower width; ``k``: the smallest and ``k - 1``
+    of the others drawn uniformly without replacement per minibatch (the sandwich rule)."""
+
+    def __init__(self, model: nn.Module, ref: ModelRef, info: DataInfo, widths: Sequence[float], seed: int,
+                 sample: int = 0, scaled: Sequence[str] = (), rate: float = 1.0) -> None:
+        self.model = model
+        self.scaled = tuple(scaled)  # HeteroFL's Scaler: a narrower width p divides these outputs by rate * p
+        self.rate = rate
+        self.ref = ref
+        self.info = info
+        self.narrow = tuple(sorted((float(w) for w in widths if w < 1.0), reverse=True))
+        self.sample = sample
+        self.rng = np.random.default_rng([seed, _INPLACE_STREAM])
+        self.subs: dict[float, nn.Module] = {}
+
+    def draw(self) -> tuple[float, ...]:
+        """The narrower widths of this minibatch, widest first."""
+        if self.sample == 0 or self.sample >= len(self.narrow):
+            return self.narrow
+        rest = self.narrow[:-1]
+        picks = sorted(int(i) for i in self.rng.choice(len(rest), size=self.sample - 1, replace=False))
+        return (*(rest[i] for i in picks), self.narrow[-1])
+
+    def __call__(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        full = model(x)
+        widths = self.draw()
+        if not widths:
+            return full[None]
+        tensors = live_tensors(model)
+        return torch.stack([full, *(self._narrow(model, tensors, p, x) for p in widths)])
+
+    def _narrow(self, model: nn.Module, tensors: dict[str, torch.Tensor], p: float, x: torch.Tensor) -> torch.Tensor:
+        if not self.scaled:
+            return narrow_forward(self, model, tensors, p, x)
+        with Scaler(width_module(self, p), self.scaled, self.rate * p):
+            return narrow_forward(self, model, tensors, p, x)
+
+
+def inplace_loss(hard_loss: Loss, weight: float) -> Loss:
+    """In-place distillation's loss over stacked logits ``z`` (widest first): ``hard_loss(z[0], y)`` plus
+    ``weight`` x the soft-target cross-entropy ``-sum_c p_c log softmax(z_k)_c`` (batch mean) of every narrower
+    ``z[k]``, with ``p = softmax(z[0])`` detached (no temperature, no label term for the narrower widths)."""
+
+    def loss(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        total = hard_loss(z[0], y)
+        if z.shape[0] > 1:
+            soft = torch.softmax(z[0].detach(), dim=-1)
+            for k in range(1, z.shape[0]):
+                total = total + weight * torch.sum(-soft * torch.log_softmax(z[k], dim=-1), dim=-1).mean()
+        return total
+
+    return loss
 
 
 def ordered_forward(model: nn.Module, ref: ModelRef, info: DataInfo, widths: Sequence[float],
