@@ -40,7 +40,7 @@ from hetfl.algorithms.base import (
     weights_of,
 )
 from hetfl.algorithms.registry import ALGORITHMS
-from hetfl.algorithms.submodel import SubmodelFL, keys_of
+from hetfl.algorithms.submodel import WINDOWS, SubmodelFL, keys_of
 from hetfl.data.base import DataInfo, Split
 from hetfl.errors import ConfigError
 from hetfl.hetero import group_sizes, spec_for, submodel_ref
@@ -209,6 +209,7 @@ class MultiExitFL(SubmodelFL):
     def init_state(self, ctx: Context) -> ServerState:
         ref = self.global_ref(ctx)
         spec_for(ref, ctx.info)  # fail early if the model cannot be sliced
+        self.check_windows(ctx)
         for w, _ in self.level_table(ctx):
             group_sizes(ref, ctx.info, w)
         torch.manual_seed(round_seed(ctx.seed, 0))  # the base model's weights are FedAvg's; exits come after
@@ -254,8 +255,9 @@ class MultiExitFL(SubmodelFL):
         return level_law
 
     def server_step(self, state: ServerState, update: Weights, ctx: Context) -> ServerState:
+        update, windows = self.split_update(state, update)
         models = {**state.models, "global": update} if update else state.models
-        return ServerState(state.round + 1, models, state.buffers)
+        return self.keep_windows(ServerState(state.round + 1, models, state.buffers), windows)
 
     def eval_targets(self, state: ServerState, ctx: Context) -> dict[str, EvalTarget]:
         """``global``: the method's prediction (DepthFL: the mean of all exits' logits); ``w<W>d<D>``: every
@@ -288,8 +290,12 @@ class MultiExitFL(SubmodelFL):
                 continue
             seen.add(same)
             ref = self.client_ref(ctx, level, "last")
-            targets[level_label(level)] = EvalTarget(ref, self.submodel(glob, ctx, ref, level[0], policy=Prefix()),
-                                                     clients=clients_of(level))
+            weights = self.submodel(glob, ctx, ref, level[0], policy=Prefix())
+            rec = state.buffers.get(WINDOWS, {}).get(f"{level[0]:g}") if self.tracks_windows else None
+            if rec is not None and level[0] < 1.0:  # eval_window = "trained": the window it last trained
+                targets[f"prefix_{level_label(level)}"] = EvalTarget(ref, weights)
+                weights = self.submodel(glob, ctx, ref, level[0], int(rec[0]), int(rec[1]))
+            targets[level_label(level)] = EvalTarget(ref, weights, clients=clients_of(level))
         return targets
 
     # ------------------------------------------------------------------ client
