@@ -62,6 +62,7 @@ from hetfl.sections import (  # noqa: F401  (re-exported: every section is impor
     ASYNC_MODES,
     AUGMENTATIONS,
     BATCHED,
+    BN_RULES,
     ENGINE_KEYS,
     MEMORY_FORMATS,
     MIXINGS,
@@ -276,6 +277,7 @@ def validate_ranges(cfg: RunConfig) -> None:
     _require(e.every >= 1, f"eval.every must be >= 1, got {e.every}")
     _require(e.batch_size >= 1, f"eval.batch_size must be >= 1, got {e.batch_size}")
     _require(e.bn_samples >= 1, f"eval.bn_samples must be >= 1, got {e.bn_samples}")
+    _require(e.bn in BN_RULES, f"eval.bn must be one of {', '.join(map(repr, BN_RULES))}, got {e.bn!r}")
     _require(e.local_clients >= 0, f"eval.local_clients must be >= 0 (0 = all), got {e.local_clients}")
 
 

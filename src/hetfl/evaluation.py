@@ -16,6 +16,7 @@ from hetfl.algorithms.base import Algorithm, Context, EvalTarget, ServerState
 from hetfl.config import EvalConfig
 from hetfl.data.base import Split
 from hetfl.data.federation import Federation
+from hetfl.errors import ConfigError
 from hetfl.model_cache import ModelCache
 from hetfl.train import evaluate
 
@@ -87,7 +88,7 @@ class Evaluator:
             if self.progress is not None:
                 self.progress(done, len(targets), label)
             model = self.models.loaded(target.model, target.weights)
-            if target.calibrate_bn:
+            if calibrates(self.cfg.bn, target):
                 out["bn_calibration_samples"] = recalibrate_bn(model, self.calibration_data(), self.cfg.batch_size)
             # the run's resolved arithmetic and layout (hetfl.precision)
             prec = {"precision": self.ctx.train.precision, "memory_format": self.ctx.train.memory_format}
@@ -142,6 +143,26 @@ class Evaluator:
             tiers = fleet.tiers()
             res["smallest_accuracy"] = float(per_client[tiers == tiers.max()].mean())
         return res
+
+
+def calibrates(rule: str, target: EvalTarget) -> bool:
+    """Whether ``target``'s BatchNorm statistics are recomputed before it is scored: ``eval.bn = "method"``, the
+    algorithm's choice (static BN); ``"recalibrate"``, always; ``"running"``, never (the averaged statistics)."""
+    return target.calibrate_bn if rule == "method" else rule == "recalibrate"
+
+
+def check_bn_rule(rule: str, algorithm: Algorithm, ctx: Context) -> None:
+    """``eval.bn = "running"`` needs averaged running statistics: refused for an algorithm that keeps them out
+    of the average (static BN) on a model with BatchNorm, whose global model then has none to run."""
+    if rule != "running" or not getattr(algorithm, "static_bn", False):
+        return
+    with torch.random.fork_rng(devices=[]):
+        model = ctx.model.build(ctx.info)
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules()):
+        raise ConfigError(f'eval.bn = "running": algorithm {type(algorithm).__name__} keeps BatchNorm statistics out '
+                          f'of the average (static_bn = true), so its global model has none to run; set '
+                          f'algorithm.static_bn = false (the server then averages them, as FedAvg) or use '
+                          f'eval.bn = "recalibrate" / "method"')
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ from hetfl.data.partition import check_groups, make_partitioner
 from hetfl.data.server import draw_server_data
 from hetfl.decentralized.protocol import GraphAlgorithm
 from hetfl.errors import ConfigError, HetflError
+from hetfl.evaluation import check_bn_rule
 from hetfl.fleet import build_fleet
 from hetfl.models import ModelRef
 from hetfl.privacy.plan import check_algorithm, plan_privacy
@@ -97,6 +98,7 @@ def prepare(cfg: RunConfig) -> Experiment:
                                                         cfg.faults.min_clients))  # [privacy]: refused or resolved
     if isinstance(algorithm, GraphAlgorithm):  # the graph protocol: nodes on the [graph] (hetfl.decentralized)
         algorithm.check_setup(ctx, cfg.graph)
+    check_bn_rule(cfg.eval.bn, algorithm, ctx)
 
     return Experiment(cfg, dataset, federation, algorithm, ctx, device)
 

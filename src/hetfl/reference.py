@@ -66,6 +66,8 @@ NOTES = {
     "eval.local": "also evaluate on every client's local test split (data.local_test_fraction > 0)",
     "eval.local_clients": "evaluate only this many clients locally (0 = all)",
     "eval.bn_samples": "client samples for recomputing BatchNorm statistics (static BN)",
+    "eval.bn": 'BatchNorm statistics at evaluation: "method" (each method\'s own), "recalibrate" (all '
+               're-computed), "running" (all averaged)',
     "fleet.source": "uniform (everyone full width), tiers (fleet.mix), phones (320 measured Android phones)",
     "fleet.mix": 'tiers in HeteroFL notation: "a-b-c-d-e" (widths 1 .. 1/16), "a2-e8" (proportions)',
     "fleet.assignment": "fixed (a client keeps its tier) or dynamic (re-drawn every round)",

@@ -64,6 +64,7 @@ class AlgorithmConfig:
 
 
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
+BN_RULES = ("method", "recalibrate", "running")  # eval.bn (hetfl.evaluation)
 PRECISIONS = ("fp32", "auto", "bf16")
 AUGMENTATIONS = ("none", "crop_flip")
 
@@ -100,6 +101,10 @@ class EvalConfig:
     local: bool = True
     local_clients: int = 0
     bn_samples: int = 10000
+    #: BatchNorm statistics of every evaluated model (hetfl.evaluation.BN_RULES): "method" (each algorithm's
+    #: own: static BN recalibrates, the others run the averaged statistics), "recalibrate" (every method
+    #: recomputes them over eval.bn_samples client samples), "running" (every method runs its averaged ones)
+    bn: str = "method"
 
 
 @dataclass(frozen=True)
