@@ -326,20 +326,28 @@ class DepthFL(MultiExitFL):
     kd: float = 1.0  # weight of the mutual distillation (0: off, DepthFL's "FedAvg" variant)
     kd_rampup: int = 300  # rounds until the weight reaches kd: kd * exp(-5 (1 - min(t, R) / R)^2), t from 0
     temperature: float = 1.0
+    #: > 0: the ramp is this share of the run's rounds instead of kd_rampup (DepthFL's 300 of 1 000 is 0.3), so a
+    #: short run reaches the full weight too (100 rounds at kd_rampup = 300 average a weight of 0.039)
+    kd_rampup_share: float = 0.0
 
     global_output: ClassVar[str] = "ensemble"
 
     def __post_init__(self) -> None:
         if self.kd < 0 or self.kd_rampup < 0 or self.temperature <= 0:
             raise ConfigError("algorithm.kd and algorithm.kd_rampup must be >= 0 and algorithm.temperature > 0")
+        if not 0 <= self.kd_rampup_share <= 1:
+            raise ConfigError(f"algorithm.kd_rampup_share must be in [0, 1] (0: kd_rampup rounds), "
+                              f"got {self.kd_rampup_share!r}")
         super().__post_init__()
 
     def default_loss(self) -> LossRule:
-        """DepthFL's own rule from its fields: mutual distillation at ``kd``, ramped over ``kd_rampup`` rounds."""
-        return MutualKD(weight_max=self.kd, rampup=self.kd_rampup, temperature=self.temperature)
+        """DepthFL's own rule from its fields: mutual distillation at ``kd``, ramped over ``kd_rampup`` rounds
+        (or ``kd_rampup_share`` of the run)."""
+        return MutualKD(weight_max=self.kd, rampup=self.kd_rampup, temperature=self.temperature,
+                        rampup_share=self.kd_rampup_share)
 
-    def kd_weight(self, rnd: int) -> float:
-        return self.loss_rule.weight(rnd, 0)
+    def kd_weight(self, rnd: int, rounds: int = 0) -> float:
+        return self.loss_rule.weight(rnd, rounds)
 
 
 __all__ = ["DepthFL", "MultiExitFL", "level_label", "levels_for_tiers", "mutual_kl", "parse_levels"]
