@@ -190,9 +190,7 @@ def test_exit_losses():
 
     from hetfl.algorithms.base import ClientTask
     from hetfl.algorithms.depthfl import DepthFL, levels_for_tiers, mutual_kl, parse_levels
-    from hetfl.algorithms.depthfl import DepthFL
     from hetfl.algorithms.scalefl import ScaleFL
-    from hetfl.errors import ConfigError
     from hetfl.config import TrainConfig
     from hetfl.models import ModelRef
 
