@@ -256,6 +256,8 @@ def validate_ranges(cfg: RunConfig) -> None:
              f"got {d.num_clients}")
     _require(0.0 <= d.local_test_fraction < 1.0,
              f"data.local_test_fraction must be in [0, 1), got {d.local_test_fraction}")
+    _require(0.0 <= d.validation_fraction < 1.0,
+             f"data.validation_fraction must be in [0, 1) (0 = no validation split), got {d.validation_fraction}")
     _require(0.0 < cfg.model.width <= 1.0, f"model.width must be in (0, 1], got {cfg.model.width}")
     t = cfg.train
     _require(t.epochs >= 0, f"train.epochs must be >= 0, got {t.epochs}")
@@ -285,7 +287,8 @@ def validate_ranges(cfg: RunConfig) -> None:
 # dict <-> config
 # --------------------------------------------------------------------------------------------------
 
-DATA_RESERVED = ("name", "data_dir", "verify", "num_clients", "local_test_fraction", "partition")
+DATA_RESERVED = ("name", "data_dir", "verify", "num_clients", "local_test_fraction", "validation_fraction",
+                 "partition")
 MODEL_RESERVED = ("name", "width")
 
 

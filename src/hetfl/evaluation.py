@@ -49,6 +49,8 @@ class Evaluator:
         self.ctx = ctx
         self.models = models
         self.test = federation.dataset.test.to(device)
+        #: the validation split (data.validation_fraction, or the dataset's own): every model's val_accuracy
+        self.val = federation.dataset.val.to(device) if federation.dataset.val is not None else None
         self.local = self._local_set(federation, cfg, seed) if cfg.local else None
         self.federation = federation
         self.seed = seed
@@ -96,6 +98,10 @@ class Evaluator:
             suffix = "" if label == "global" else f".{label}"
             out[f"test_accuracy{suffix}"] = res.accuracy
             out[f"test_loss{suffix}"] = res.loss
+            if self.val is not None:
+                val = evaluate(model, self.val, self.cfg.batch_size, **prec)
+                out[f"val_accuracy{suffix}"] = val.accuracy
+                out[f"val_loss{suffix}"] = val.loss
             if self.local is None or (label != "global" and target.clients is None):
                 continue
             loc = evaluate(model, self.local.data, self.cfg.batch_size, per_sample=True, **prec)
@@ -116,25 +122,30 @@ class Evaluator:
         if self.progress is not None:
             self.progress(len(targets), len(targets), "")
         out.update(self._deployed(targets, out))
+        if self.val is not None:
+            names = {"deployed_accuracy": "deployed_val_accuracy", "smallest_accuracy": "smallest_val_accuracy"}
+            out.update({names[k]: v for k, v in self._deployed(targets, out, "val_accuracy").items()})
         if deployed_local is not None and not np.isnan(deployed_local).any():
             out.update(client_distribution(deployed_local, prefix="deployed_client_acc"))
         return out
 
-    def _deployed(self, targets: dict[str, EvalTarget], out: dict[str, float]) -> dict[str, float]:
+    def _deployed(self, targets: dict[str, EvalTarget], out: dict[str, float],
+                  metric: str = "test_accuracy") -> dict[str, float]:
         """``deployed_accuracy``: the mean over all clients of the test accuracy of the model each client runs
         (the first target that serves it; one model for everyone when no target names its clients), and
         ``smallest_accuracy``: that of the model the fleet's lowest tier runs.  Defined the same way for every
         algorithm (widths, depths, capacities), so a comparison across methods reads one key; absent when the
-        targets do not cover every client (e.g. ``eval_levels = false``)."""
+        targets do not cover every client (e.g. ``eval_levels = false``).  ``metric = "val_accuracy"``: the same
+        on the validation split (``deployed_val_accuracy``, ``smallest_val_accuracy``)."""
         n = self.ctx.num_clients
         served = [(label, t.clients) for label, t in targets.items() if t.clients is not None]
         if not served:
-            acc = out["test_accuracy"]
+            acc = out[metric]
             return {"deployed_accuracy": acc, "smallest_accuracy": acc}
         per_client = np.full(n, np.nan)
         for label, clients in served:
             free = clients[np.isnan(per_client[clients])]
-            per_client[free] = out["test_accuracy" if label == "global" else f"test_accuracy.{label}"]
+            per_client[free] = out[metric if label == "global" else f"{metric}.{label}"]
         if np.isnan(per_client).any():
             return {}
         res = {"deployed_accuracy": float(per_client.mean())}

@@ -20,7 +20,7 @@ from hetfl.data.base import Dataset
 from hetfl.data.datasets import load_dataset
 from hetfl.data.federation import Federation, build_federation
 from hetfl.data.partition import check_groups, make_partitioner
-from hetfl.data.server import draw_server_data
+from hetfl.data.server import draw_server_data, hold_out_validation
 from hetfl.decentralized.protocol import GraphAlgorithm
 from hetfl.errors import ConfigError, HetflError
 from hetfl.evaluation import check_bn_rule
@@ -70,6 +70,7 @@ def prepare(cfg: RunConfig) -> Experiment:
         check_async(algorithm, cfg.privacy.active, cfg.faults.deadline_s, cfg.engine.name)
     # server-side data (e.g. FedDF's transfer set) leaves the training split before anything is partitioned
     dataset, server_data = draw_server_data(dataset, algorithm.server_data_spec(), cfg.seed, cfg.data.data_dir)
+    dataset = hold_out_validation(dataset, cfg.data.validation_fraction, cfg.seed)  # data.validation_fraction
     part = make_partitioner({"name": cfg.data.partition.name, **cfg.data.partition.kwargs})
     groups = dataset.groups
     check_groups(part, groups, cfg.data.name)

@@ -50,6 +50,8 @@ NOTES = {
     "data.data_dir": "where to read the dataset's files from (unset: hetfl's cache, then a download)",
     "data.num_clients": "clients (0 = one per natural group)",
     "data.local_test_fraction": "share of every client's data held out as its local test split",
+    "data.validation_fraction": "share of the training split held out as the server's validation split "
+                                "(val_accuracy; tune on it, not on the test set)",
     "model.name": "a model (below)",
     "model.width": "width of the global model in (0, 1]",
     "algorithm.name": "an algorithm (below)",

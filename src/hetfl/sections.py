@@ -46,6 +46,9 @@ class DataConfig:
     verify: bool = True  # check data files against their published checksums (false: warn and go on)
     num_clients: int = 10
     local_test_fraction: float = 0.0
+    #: share of the training split held out (seeded, before partitioning) as a validation split the server scores
+    #: every evaluated model on (``val_accuracy``): tune on it, never on the test set (0 = none)
+    validation_fraction: float = 0.0
     partition: Component = Component("iid")
     params: Params = ()
 
