@@ -31,7 +31,8 @@ seed, status, final and last-5-evaluation-mean accuracy of the global model, of 
 submodel on the global test set) and of every capability tier (local test splits, when the runs have
 them), the deployed accuracy (the mean over clients of the test accuracy of the width each client runs),
 the width schedule's expected ``width_q`` and the wall time; with ``data.validation_fraction > 0`` also the
-validation split's ``val_acc`` and ``deployed_val_acc`` (tune on those, never on the test columns).
+validation split's ``val_acc`` and ``deployed_val_acc`` (tune on those, never on the test columns), and
+``mflops_<label>``: the forward MFLOPs per sample of every evaluated model (summary.json ``evaluated_models``).
 ``OUT/sweep.json`` logs every invocation.
 """
 
@@ -469,6 +470,8 @@ def cell_row(study: Study, cell: Cell, run_dir: Path) -> dict[str, Any]:
         vals = [r[key] for r in evals if r.get(key) is not None]  # the evaluator's, for depth and capacity levels
         if vals and col not in row:
             row[col], row[f"{col}_last5"] = vals[-1], _last5(vals)
+    for label, model in (summary.get("evaluated_models") or {}).items():  # each evaluated model's inference cost
+        row[f"mflops_{label}"] = model["forward_flops"] / 1e6
     qs = [r["width_q"] for r in rows if r.get("width_q") is not None]
     row["width_q"] = float(np.mean(qs)) if qs else ordered_q
     for w in levels:
