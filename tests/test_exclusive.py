@@ -73,3 +73,15 @@ def test_bundle_of_bundles_is_refused():
         build_model("exclusive_sizes", DataInfo((4,), 3), base="exclusive_sizes")
     with pytest.raises(ConfigError, match=r"model.widths of 'exclusive_sizes'.*got '1,x'"):
         build_model("exclusive_sizes", DataInfo((4,), 3), widths="1,x")
+
+
+def test_private_rounds_clip_one_update_over_every_size(digits_cfg, tmp_path):
+    """[privacy]: a client's update spans every size it trained; each size's expected contributors are the
+    clients that can run it (footprints), and per-size noise figures name the deployed sizes."""
+    cfg = digits_cfg("rounds=2", "data.num_clients=8", 'fleet.source="tiers"', 'fleet.mix="a-b"',
+                     'algorithm={name="exclusive", clients_per_round=4}', "privacy.clip=1.0",
+                     "privacy.noise_multiplier=1.0")
+    run(cfg, tmp_path, quiet=True)
+    row = _rows(tmp_path)[-1]
+    assert np.isfinite(row["test_accuracy"]) and np.isfinite(row["test_accuracy.w0.5"])
+    assert any(k.startswith("privacy.") for k in row)
