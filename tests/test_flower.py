@@ -47,6 +47,9 @@ CONFORMANCE = {
                 'fleet.source="tiers"', 'fleet.mix="a-b-c-e"'],
     "fiarse": ['algorithm={name="fiarse", clients_per_round=4}', 'model={name="mlp", hidden="32"}',
                'fleet.source="tiers"', 'fleet.mix="a-b-c-e"'],
+    # client-held models and prototypes travel in task/result extras; "global" is the untouched initial model, so
+    # the comparison that counts is the metrics' (every client's own model scored by the trained prototypes)
+    "fedtgp": ['algorithm={name="fedtgp", clients_per_round=4, server_epochs=3}', 'model={name="mlp", hidden="32"}'],
 }
 COMMON = ["data.num_clients=4", 'data.partition={name="iid"}', "rounds=3", "seed=3", "train.momentum=0.5"]
 

@@ -374,6 +374,8 @@ def evaluated_models(targets: dict[str, Any], info: DataInfo, last: dict[str, An
     costs = CostCache(info, example_input(info))
     out: dict[str, dict[str, Any]] = {}
     for label, target in targets.items():
+        if getattr(target, "personal", None) is not None:  # one model per client (FedProto): no tier's model
+            continue
         cost = costs(target.model)
         suffix = "" if label == "global" else f".{label}"
         out[label] = {"forward_flops": cost.forward_flops, "params": cost.params,

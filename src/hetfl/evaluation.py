@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from hetfl.algorithms.base import Algorithm, Context, EvalTarget, ServerState
+from hetfl.algorithms.fedproto import prototype_forward
 from hetfl.config import EvalConfig
 from hetfl.data.base import Split
 from hetfl.data.federation import Federation
@@ -55,6 +57,7 @@ class Evaluator:
         self.federation = federation
         self.seed = seed
         self._calib: Split | None = None
+        self._rows: dict[int, torch.Tensor] | None = None  # each client's rows of the local test set
         #: called as ``progress(done, total, label)`` around every evaluated model (the console's evaluation step)
         self.progress: Callable[[int, int, str], None] | None = None
 
@@ -86,15 +89,21 @@ class Evaluator:
         targets = algorithm.eval_targets(state, self.ctx)
         # local accuracy of the model each evaluated client runs (the first target serving it)
         deployed_local = np.full(len(self.local.clients), np.nan) if self.local is not None else None
+        personal: list[tuple[EvalTarget, Any, float]] = []  # one client's own model: (target, test, local accuracy)
         for done, (label, target) in enumerate(targets.items()):
             if self.progress is not None:
                 self.progress(done, len(targets), label)
             model = self.models.loaded(target.model, target.weights)
             if calibrates(self.cfg.bn, target):
                 out["bn_calibration_samples"] = recalibrate_bn(model, self.calibration_data(), self.cfg.batch_size)
-            # the run's resolved arithmetic and layout (hetfl.precision)
+            # the run's resolved arithmetic and layout (hetfl.precision); by the nearest prototype if the target says
             prec = {"precision": self.ctx.train.precision, "memory_format": self.ctx.train.memory_format}
+            if target.prototypes is not None:
+                prec["forward"] = prototype_forward(*target.prototypes)
             res = evaluate(model, self.test, self.cfg.batch_size, **prec)
+            if target.personal is not None:
+                personal.append((target, res, self._own_local(model, target, prec)))
+                continue
             suffix = "" if label == "global" else f".{label}"
             out[f"test_accuracy{suffix}"] = res.accuracy
             out[f"test_loss{suffix}"] = res.loss
@@ -121,12 +130,57 @@ class Evaluator:
                 deployed_local = acc  # one model for everyone
         if self.progress is not None:
             self.progress(len(targets), len(targets), "")
-        out.update(self._deployed(targets, out))
-        if self.val is not None:
-            names = {"deployed_accuracy": "deployed_val_accuracy", "smallest_accuracy": "smallest_val_accuracy"}
-            out.update({names[k]: v for k, v in self._deployed(targets, out, "val_accuracy").items()})
+        if personal:
+            out.update(self._personal(personal))
+            targets = {label: t for label, t in targets.items() if t.personal is None}
+        if targets:
+            out.update(self._deployed(targets, out))
+            if self.val is not None:
+                names = {"deployed_accuracy": "deployed_val_accuracy", "smallest_accuracy": "smallest_val_accuracy"}
+                out.update({names[k]: v for k, v in self._deployed(targets, out, "val_accuracy").items()})
         if deployed_local is not None and not np.isnan(deployed_local).any():
             out.update(client_distribution(deployed_local, prefix="deployed_client_acc"))
+        return out
+
+    def _own_local(self, model: torch.nn.Module, target: EvalTarget, prec: dict[str, Any]) -> float:
+        """A personal model's accuracy on its own client's local test split (NaN: none)."""
+        if self.local is None:
+            return float("nan")
+        if self._rows is None:
+            pos = {int(c): i for i, c in enumerate(self.local.clients)}
+            dev = self.local.data.x.device
+            self._rows = {c: torch.as_tensor(np.flatnonzero(self.local.owner == i), device=dev) for c, i in pos.items()}
+        rows = self._rows.get(int(target.clients[0]))
+        if rows is None or len(rows) == 0:
+            return float("nan")
+        return evaluate(model, self.local.data.subset(rows), self.cfg.batch_size, **prec).accuracy
+
+    def _personal(self, personal: list[tuple[EvalTarget, Any, float]]) -> dict[str, Any]:
+        """Metrics of a run whose every client runs its own model: ``test_accuracy`` / ``test_loss`` = the mean
+        over clients of their model on the global test set (also ``deployed_accuracy``), per group
+        ``test_accuracy.<group>`` and ``tier_acc.<group>`` when there are several, ``client_acc_*`` (and
+        ``deployed_client_acc_*``) over their local accuracies, ``client.test_acc`` per client."""
+        acc = np.array([r.accuracy for _, r, _ in personal])
+        loss = np.array([r.loss for _, r, _ in personal])
+        local = np.array([a for _, _, a in personal])
+        groups = np.array([t.personal for t, _, _ in personal])
+        out: dict[str, Any] = {"test_accuracy": float(acc.mean()), "test_loss": float(loss.mean())}
+        if len(set(groups)) > 1:
+            for g in dict.fromkeys(groups):
+                out[f"test_accuracy.{g}"] = float(acc[groups == g].mean())
+                out[f"test_loss.{g}"] = float(loss[groups == g].mean())
+                own = local[(groups == g) & np.isfinite(local)]
+                if len(own):
+                    out[f"tier_acc.{g}"] = float(own.mean())
+        out["deployed_accuracy"] = out["smallest_accuracy"] = out["test_accuracy"]
+        if self.ctx.fleet is not None:
+            clients = np.array([int(t.clients[0]) for t, _, _ in personal])
+            tiers = self.ctx.fleet.tiers()[clients]
+            out["smallest_accuracy"] = float(acc[tiers == tiers.max()].mean())
+        finite = local[np.isfinite(local)]
+        out.update(client_distribution(finite))
+        out.update(client_distribution(finite, prefix="deployed_client_acc"))
+        out["client.test_acc"] = [round(float(a), 6) for a in acc]
         return out
 
     def _deployed(self, targets: dict[str, EvalTarget], out: dict[str, float],

@@ -1,11 +1,13 @@
 """Algorithms: transport-agnostic objects with explicit state (see :mod:`hetfl.algorithms.base`)."""
 
-from hetfl.algorithms import (  # noqa: F401
+from hetfl.algorithms import (  # noqa: F401  (registers the algorithms)
     depthfl,
     exclusive,
     fedavg,
     feddf,
     fedgen,
+    fedproto,
+    fedtgp,
     fiarse,
     heterofl,
     inclusivefl,

@@ -104,13 +104,19 @@ class EvalTarget:
 
     ``calibrate_bn``: recompute BatchNorm statistics (one pass over client training data at this
     width) before evaluating, as static BN requires.  ``clients``: the clients this model serves (a
-    capability tier); their local test splits give its per-tier accuracy.
+    capability tier); their local test splits give its per-tier accuracy.  ``personal``: the model is one
+    client's own (``clients`` = that client; FedProto keeps one per device): it is scored only in the mean over
+    the personal targets of its group (``personal`` = the group's label: ``"global"`` or an architecture
+    family), never under its own key.  ``prototypes``: ``(classes x features, present-class mask)``: classify by
+    the nearest prototype (Euclidean) of the features in front of the model's head instead of by the head.
     """
 
     model: ModelRef
     weights: Weights
     calibrate_bn: bool = False
     clients: np.ndarray | None = None
+    personal: str | None = None
+    prototypes: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def weights_of(model: nn.Module) -> Weights:
