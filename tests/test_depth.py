@@ -385,3 +385,24 @@ def test_mutual_kd_ramp_scales_to_the_run():
     scaled = MutualKD(rampup_share=0.3)
     assert scaled.weight(1, 100) == pytest.approx(MutualKD(rampup=30).weight(1, 100))
     assert scaled.weight(31, 100) == 1.0 and scaled.weight(31, 1000) < 0.2
+
+
+def test_depthfl_ramp_scales_to_the_run_and_kd_off_is_zero_every_round():
+    """issue 40 item 3: 100 rounds of the 300-round ramp average a weight of 0.039; kd_rampup_share = 0.3 makes it
+    DepthFL's ramp over 30 % of the run (mean 0.81, full weight from round 31); kd = 0 / kd_gamma = 0 switch the
+    distillation off in every round (the KD-off ablations)."""
+    from hetfl.algorithms.depthfl import DepthFL
+    from hetfl.algorithms.scalefl import ScaleFL
+    from hetfl.errors import ConfigError
+
+    def mean(algo, rounds=100):
+        return sum(algo.loss_rule.weight(t, rounds) for t in range(1, rounds + 1)) / rounds
+
+    assert mean(DepthFL()) == pytest.approx(0.0393, abs=1e-4)
+    scaled = DepthFL(kd_rampup_share=0.3)
+    assert mean(scaled) == pytest.approx(0.8137, abs=1e-4)
+    assert scaled.kd_weight(31, 100) == 1.0 and scaled.kd_weight(30, 100) < 1.0
+    assert scaled.kd_weight(301, 1000) == DepthFL().kd_weight(301, 1000) == 1.0  # DepthFL's own 1 000 rounds
+    assert mean(DepthFL(kd=0)) == 0.0 and mean(ScaleFL(kd_gamma=0)) == 0.0
+    with pytest.raises(ConfigError, match="algorithm.kd_rampup_share must be in \\[0, 1\\].*got 1.5"):
+        DepthFL(kd_rampup_share=1.5)

@@ -367,6 +367,22 @@ class Accountant:
         return client_cost(task, self.ctx, self.costs(task.model), self.tier(task.client_id))
 
 
+def evaluated_models(targets: dict[str, Any], info: DataInfo, last: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per evaluated model (``eval_targets`` label): its forward FLOPs per sample and parameters (the module's,
+    dense: a FIARSE mask zeroes elements but multiplies them all), beside its last test accuracy and tier
+    accuracy: the cost of every per-tier accuracy, for one table across width, depth and capacity methods."""
+    costs = CostCache(info, example_input(info))
+    out: dict[str, dict[str, Any]] = {}
+    for label, target in targets.items():
+        if getattr(target, "personal", None) is not None:  # one model per client (FedProto): no tier's model
+            continue
+        cost = costs(target.model)
+        suffix = "" if label == "global" else f".{label}"
+        out[label] = {"forward_flops": cost.forward_flops, "params": cost.params,
+                      "test_accuracy": last.get(f"test_accuracy{suffix}"), "tier_acc": last.get(f"tier_acc.{label}")}
+    return out
+
+
 def tier_totals(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, int]]:
     """Run totals of the per-tier fields of metrics.jsonl rows (``peak_mem_bytes``: the run's maximum)."""
     out: dict[str, dict[str, int]] = {}

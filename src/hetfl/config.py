@@ -62,6 +62,7 @@ from hetfl.sections import (  # noqa: F401  (re-exported: every section is impor
     ASYNC_MODES,
     AUGMENTATIONS,
     BATCHED,
+    BN_RULES,
     ENGINE_KEYS,
     MEMORY_FORMATS,
     MIXINGS,
@@ -255,6 +256,8 @@ def validate_ranges(cfg: RunConfig) -> None:
              f"got {d.num_clients}")
     _require(0.0 <= d.local_test_fraction < 1.0,
              f"data.local_test_fraction must be in [0, 1), got {d.local_test_fraction}")
+    _require(0.0 <= d.validation_fraction < 1.0,
+             f"data.validation_fraction must be in [0, 1) (0 = no validation split), got {d.validation_fraction}")
     _require(0.0 < cfg.model.width <= 1.0, f"model.width must be in (0, 1], got {cfg.model.width}")
     t = cfg.train
     _require(t.epochs >= 0, f"train.epochs must be >= 0, got {t.epochs}")
@@ -276,6 +279,7 @@ def validate_ranges(cfg: RunConfig) -> None:
     _require(e.every >= 1, f"eval.every must be >= 1, got {e.every}")
     _require(e.batch_size >= 1, f"eval.batch_size must be >= 1, got {e.batch_size}")
     _require(e.bn_samples >= 1, f"eval.bn_samples must be >= 1, got {e.bn_samples}")
+    _require(e.bn in BN_RULES, f"eval.bn must be one of {', '.join(map(repr, BN_RULES))}, got {e.bn!r}")
     _require(e.local_clients >= 0, f"eval.local_clients must be >= 0 (0 = all), got {e.local_clients}")
 
 
@@ -283,7 +287,8 @@ def validate_ranges(cfg: RunConfig) -> None:
 # dict <-> config
 # --------------------------------------------------------------------------------------------------
 
-DATA_RESERVED = ("name", "data_dir", "verify", "num_clients", "local_test_fraction", "partition")
+DATA_RESERVED = ("name", "data_dir", "verify", "num_clients", "local_test_fraction", "validation_fraction",
+                 "partition")
 MODEL_RESERVED = ("name", "width")
 
 

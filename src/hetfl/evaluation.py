@@ -18,6 +18,7 @@ from hetfl.algorithms.fedproto import prototype_forward
 from hetfl.config import EvalConfig
 from hetfl.data.base import Split
 from hetfl.data.federation import Federation
+from hetfl.errors import ConfigError
 from hetfl.model_cache import ModelCache
 from hetfl.train import evaluate
 
@@ -50,6 +51,8 @@ class Evaluator:
         self.ctx = ctx
         self.models = models
         self.test = federation.dataset.test.to(device)
+        #: the validation split (data.validation_fraction, or the dataset's own): every model's val_accuracy
+        self.val = federation.dataset.val.to(device) if federation.dataset.val is not None else None
         self.local = self._local_set(federation, cfg, seed) if cfg.local else None
         self.federation = federation
         self.seed = seed
@@ -91,7 +94,7 @@ class Evaluator:
             if self.progress is not None:
                 self.progress(done, len(targets), label)
             model = self.models.loaded(target.model, target.weights)
-            if target.calibrate_bn:
+            if calibrates(self.cfg.bn, target):
                 out["bn_calibration_samples"] = recalibrate_bn(model, self.calibration_data(), self.cfg.batch_size)
             # the run's resolved arithmetic and layout (hetfl.precision); by the nearest prototype if the target says
             prec = {"precision": self.ctx.train.precision, "memory_format": self.ctx.train.memory_format}
@@ -104,6 +107,10 @@ class Evaluator:
             suffix = "" if label == "global" else f".{label}"
             out[f"test_accuracy{suffix}"] = res.accuracy
             out[f"test_loss{suffix}"] = res.loss
+            if self.val is not None:
+                val = evaluate(model, self.val, self.cfg.batch_size, **prec)
+                out[f"val_accuracy{suffix}"] = val.accuracy
+                out[f"val_loss{suffix}"] = val.loss
             if self.local is None or (label != "global" and target.clients is None):
                 continue
             loc = evaluate(model, self.local.data, self.cfg.batch_size, per_sample=True, **prec)
@@ -128,6 +135,9 @@ class Evaluator:
             targets = {label: t for label, t in targets.items() if t.personal is None}
         if targets:
             out.update(self._deployed(targets, out))
+            if self.val is not None:
+                names = {"deployed_accuracy": "deployed_val_accuracy", "smallest_accuracy": "smallest_val_accuracy"}
+                out.update({names[k]: v for k, v in self._deployed(targets, out, "val_accuracy").items()})
         if deployed_local is not None and not np.isnan(deployed_local).any():
             out.update(client_distribution(deployed_local, prefix="deployed_client_acc"))
         return out
@@ -173,21 +183,23 @@ class Evaluator:
         out["client.test_acc"] = [round(float(a), 6) for a in acc]
         return out
 
-    def _deployed(self, targets: dict[str, EvalTarget], out: dict[str, float]) -> dict[str, float]:
+    def _deployed(self, targets: dict[str, EvalTarget], out: dict[str, float],
+                  metric: str = "test_accuracy") -> dict[str, float]:
         """``deployed_accuracy``: the mean over all clients of the test accuracy of the model each client runs
         (the first target that serves it; one model for everyone when no target names its clients), and
         ``smallest_accuracy``: that of the model the fleet's lowest tier runs.  Defined the same way for every
         algorithm (widths, depths, capacities), so a comparison across methods reads one key; absent when the
-        targets do not cover every client (e.g. ``eval_levels = false``)."""
+        targets do not cover every client (e.g. ``eval_levels = false``).  ``metric = "val_accuracy"``: the same
+        on the validation split (``deployed_val_accuracy``, ``smallest_val_accuracy``)."""
         n = self.ctx.num_clients
         served = [(label, t.clients) for label, t in targets.items() if t.clients is not None]
         if not served:
-            acc = out["test_accuracy"]
+            acc = out[metric]
             return {"deployed_accuracy": acc, "smallest_accuracy": acc}
         per_client = np.full(n, np.nan)
         for label, clients in served:
             free = clients[np.isnan(per_client[clients])]
-            per_client[free] = out["test_accuracy" if label == "global" else f"test_accuracy.{label}"]
+            per_client[free] = out[metric if label == "global" else f"{metric}.{label}"]
         if np.isnan(per_client).any():
             return {}
         res = {"deployed_accuracy": float(per_client.mean())}
@@ -196,6 +208,26 @@ class Evaluator:
             tiers = fleet.tiers()
             res["smallest_accuracy"] = float(per_client[tiers == tiers.max()].mean())
         return res
+
+
+def calibrates(rule: str, target: EvalTarget) -> bool:
+    """Whether ``target``'s BatchNorm statistics are recomputed before it is scored: ``eval.bn = "method"``, the
+    algorithm's choice (static BN); ``"recalibrate"``, always; ``"running"``, never (the averaged statistics)."""
+    return target.calibrate_bn if rule == "method" else rule == "recalibrate"
+
+
+def check_bn_rule(rule: str, algorithm: Algorithm, ctx: Context) -> None:
+    """``eval.bn = "running"`` needs averaged running statistics: refused for an algorithm that keeps them out
+    of the average (static BN) on a model with BatchNorm, whose global model then has none to run."""
+    if rule != "running" or not getattr(algorithm, "static_bn", False):
+        return
+    with torch.random.fork_rng(devices=[]):
+        model = ctx.model.build(ctx.info)
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules()):
+        raise ConfigError(f'eval.bn = "running": algorithm {type(algorithm).__name__} keeps BatchNorm statistics out '
+                          f'of the average (static_bn = true), so its global model has none to run; set '
+                          f'algorithm.static_bn = false (the server then averages them, as FedAvg) or use '
+                          f'eval.bn = "recalibrate" / "method"')
 
 
 @torch.no_grad()

@@ -20,9 +20,10 @@ from hetfl.data.base import Dataset
 from hetfl.data.datasets import load_dataset
 from hetfl.data.federation import Federation, build_federation
 from hetfl.data.partition import check_groups, make_partitioner
-from hetfl.data.server import draw_server_data
+from hetfl.data.server import draw_server_data, hold_out_validation
 from hetfl.decentralized.protocol import GraphAlgorithm
 from hetfl.errors import ConfigError, HetflError
+from hetfl.evaluation import check_bn_rule
 from hetfl.fleet import build_fleet
 from hetfl.models import ModelRef
 from hetfl.privacy.plan import check_algorithm, plan_privacy
@@ -69,6 +70,7 @@ def prepare(cfg: RunConfig) -> Experiment:
         check_async(algorithm, cfg.privacy.active, cfg.faults.deadline_s, cfg.engine.name)
     # server-side data (e.g. FedDF's transfer set) leaves the training split before anything is partitioned
     dataset, server_data = draw_server_data(dataset, algorithm.server_data_spec(), cfg.seed, cfg.data.data_dir)
+    dataset = hold_out_validation(dataset, cfg.data.validation_fraction, cfg.seed)  # data.validation_fraction
     part = make_partitioner({"name": cfg.data.partition.name, **cfg.data.partition.kwargs})
     groups = dataset.groups
     check_groups(part, groups, cfg.data.name)
@@ -97,6 +99,7 @@ def prepare(cfg: RunConfig) -> Experiment:
                                                         cfg.faults.min_clients))  # [privacy]: refused or resolved
     if isinstance(algorithm, GraphAlgorithm):  # the graph protocol: nodes on the [graph] (hetfl.decentralized)
         algorithm.check_setup(ctx, cfg.graph)
+    check_bn_rule(cfg.eval.bn, algorithm, ctx)
 
     return Experiment(cfg, dataset, federation, algorithm, ctx, device)
 

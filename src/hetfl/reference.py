@@ -50,6 +50,8 @@ NOTES = {
     "data.data_dir": "where to read the dataset's files from (unset: hetfl's cache, then a download)",
     "data.num_clients": "clients (0 = one per natural group)",
     "data.local_test_fraction": "share of every client's data held out as its local test split",
+    "data.validation_fraction": "share of the training split held out as the server's validation split "
+                                "(val_accuracy; tune on it, not on the test set)",
     "model.name": "a model (below)",
     "model.width": "width of the global model in (0, 1]",
     "algorithm.name": "an algorithm (below)",
@@ -66,6 +68,8 @@ NOTES = {
     "eval.local": "also evaluate on every client's local test split (data.local_test_fraction > 0)",
     "eval.local_clients": "evaluate only this many clients locally (0 = all)",
     "eval.bn_samples": "client samples for recomputing BatchNorm statistics (static BN)",
+    "eval.bn": 'BatchNorm statistics at evaluation: "method" (each method\'s own), "recalibrate" (all '
+               're-computed), "running" (all averaged)',
     "fleet.source": "uniform (everyone full width), tiers (fleet.mix), phones (320 measured Android phones)",
     "fleet.mix": 'tiers in HeteroFL notation: "a-b-c-d-e" (widths 1 .. 1/16), "a2-e8" (proportions)',
     "fleet.assignment": "fixed (a client keeps its tier) or dynamic (re-drawn every round)",

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hetfl.accounting import tier_totals
+from hetfl.accounting import evaluated_models, tier_totals
 from hetfl.algorithms.base import ServerState
 from hetfl.config import RunConfig, parse_toml
 from hetfl.decentralized.torchrun import serve_if_worker
@@ -240,6 +240,10 @@ def run(
         rows = run_dir.metrics()
         summary = summarize_metrics(rows, time.perf_counter() - t_start, cfg, status)
         summary.update(exp.algorithm.summarize(rows))
+        if status == "complete" and loop.protocol == "server":  # every tier's model: its FLOPs beside its accuracy
+            last = next((r for r in reversed(rows) if r.get("test_accuracy") is not None), {})
+            summary["evaluated_models"] = evaluated_models(exp.algorithm.eval_targets(state, exp.ctx), exp.ctx.info,
+                                                           last)
         summary.update(setup)
         if exp.ctx.privacy is not None:  # epsilon is recomputed from the rounds done (exact after a resume)
             summary["privacy"] = exp.ctx.privacy.summary(rows[-1]["round"] if rows else 0)

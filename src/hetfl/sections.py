@@ -46,6 +46,9 @@ class DataConfig:
     verify: bool = True  # check data files against their published checksums (false: warn and go on)
     num_clients: int = 10
     local_test_fraction: float = 0.0
+    #: share of the training split held out (seeded, before partitioning) as a validation split the server scores
+    #: every evaluated model on (``val_accuracy``): tune on it, never on the test set (0 = none)
+    validation_fraction: float = 0.0
     partition: Component = Component("iid")
     params: Params = ()
 
@@ -64,6 +67,7 @@ class AlgorithmConfig:
 
 
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
+BN_RULES = ("method", "recalibrate", "running")  # eval.bn (hetfl.evaluation)
 PRECISIONS = ("fp32", "auto", "bf16")
 AUGMENTATIONS = ("none", "crop_flip")
 
@@ -100,6 +104,10 @@ class EvalConfig:
     local: bool = True
     local_clients: int = 0
     bn_samples: int = 10000
+    #: BatchNorm statistics of every evaluated model (hetfl.evaluation.BN_RULES): "method" (each algorithm's
+    #: own: static BN recalibrates, the others run the averaged statistics), "recalibrate" (every method
+    #: recomputes them over eval.bn_samples client samples), "running" (every method runs its averaged ones)
+    bn: str = "method"
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,10 @@ checkpoint, and ``hetfl summary`` / ``hetfl plot`` work on any cell.  Cells run 
 seed, status, final and last-5-evaluation-mean accuracy of the global model, of every width (its prefix
 submodel on the global test set) and of every capability tier (local test splits, when the runs have
 them), the deployed accuracy (the mean over clients of the test accuracy of the width each client runs),
-the width schedule's expected ``width_q`` and the wall time.  ``OUT/sweep.json`` logs every invocation.
+the width schedule's expected ``width_q`` and the wall time; with ``data.validation_fraction > 0`` also the
+validation split's ``val_acc`` and ``deployed_val_acc`` (tune on those, never on the test columns), and
+``mflops_<label>``: the forward MFLOPs per sample of every evaluated model (summary.json ``evaluated_models``).
+``OUT/sweep.json`` logs every invocation.
 """
 
 from __future__ import annotations
@@ -462,10 +465,13 @@ def cell_row(study: Study, cell: Cell, run_dir: Path) -> dict[str, Any]:
         row["acc_narrowest"] = row[f"acc_{_width_key(narrow)}"]
         row["acc_narrowest_last5"] = row[f"acc_{_width_key(narrow)}_last5"]
     for key, col in (("deployed_accuracy", "deployed_acc"), ("smallest_accuracy", "acc_narrowest"),
-                     ("deployed_client_acc_worst10", "worst10_acc")):
+                     ("deployed_client_acc_worst10", "worst10_acc"), ("val_accuracy", "val_acc"),
+                     ("deployed_val_accuracy", "deployed_val_acc")):  # val_*: data.validation_fraction > 0 only
         vals = [r[key] for r in evals if r.get(key) is not None]  # the evaluator's, for depth and capacity levels
         if vals and col not in row:
             row[col], row[f"{col}_last5"] = vals[-1], _last5(vals)
+    for label, model in (summary.get("evaluated_models") or {}).items():  # each evaluated model's inference cost
+        row[f"mflops_{label}"] = model["forward_flops"] / 1e6
     qs = [r["width_q"] for r in rows if r.get("width_q") is not None]
     row["width_q"] = float(np.mean(qs)) if qs else ordered_q
     for w in levels:

@@ -2,6 +2,7 @@
 
 from hetfl.algorithms import (  # noqa: F401  (registers the algorithms)
     depthfl,
+    exclusive,
     fedavg,
     feddf,
     fedgen,

@@ -57,7 +57,7 @@ from hetfl.algorithms.feddyn import (
     server_correction,
 )
 from hetfl.algorithms.registry import ALGORITHMS
-from hetfl.algorithms.submodel import SubmodelFL, keys_of
+from hetfl.algorithms.submodel import WINDOWS, SubmodelFL, keys_of
 from hetfl.data.base import DataInfo, Split
 from hetfl.errors import ConfigError
 from hetfl.hetero import group_sizes, spec_for, submodel_ref
@@ -181,6 +181,9 @@ class MultiExitFL(SubmodelFL):
         per_level_entries(self.per_level)
         if not self.dyn >= 0:
             raise ConfigError(f"algorithm.dyn (FedDyn's alpha) must be >= 0 (0: off), got {self.dyn}")
+        if self.dyn > 0 and self.eval_window == "trained":
+            raise ConfigError('algorithm.dyn (FedDyn) with algorithm.eval_window = "trained" is not supported '
+                              '(both carry state beside the averaged weights); use eval_window = "prefix" or dyn = 0')
         if self.schedule.schedule.needs_validation:
             raise ConfigError(f"algorithm.level_schedule: {self.level_schedule!r} needs every width's validation "
                               f"loss, which the depth methods do not compute; use max, uniform, mixture(q=...) "
@@ -293,6 +296,7 @@ class MultiExitFL(SubmodelFL):
     def init_state(self, ctx: Context) -> ServerState:
         ref = self.global_ref(ctx)
         spec_for(ref, ctx.info)  # fail early if the model cannot be sliced
+        self.check_windows(ctx)
         for w, _ in self.level_table(ctx):
             group_sizes(ref, ctx.info, w)
         torch.manual_seed(round_seed(ctx.seed, 0))  # the base model's weights are FedAvg's; exits come after
@@ -384,8 +388,9 @@ class MultiExitFL(SubmodelFL):
         buffers = state.buffers
         if isinstance(update, DynUpdate):
             update, buffers = update.weights, {**state.buffers, DYN: update.state}
+        update, windows = self.split_update(state, update)
         models = {**state.models, "global": update} if update else state.models
-        return ServerState(state.round + 1, models, buffers)
+        return self.keep_windows(ServerState(state.round + 1, models, buffers), windows)
 
     def eval_targets(self, state: ServerState, ctx: Context) -> dict[str, EvalTarget]:
         """``global``: the method's prediction (DepthFL: the mean of all exits' logits); ``w<W>d<D>``: every
@@ -420,8 +425,12 @@ class MultiExitFL(SubmodelFL):
             seen.add(same)
             ref = self.client_ref(ctx, level, "last")
             own = self.view(glob, ctx, level) if level in table else top
-            targets[level_label(level)] = EvalTarget(ref, self.submodel(own, ctx, ref, level[0], policy=Prefix()),
-                                                     clients=clients_of(level))
+            weights = self.submodel(own, ctx, ref, level[0], policy=Prefix())
+            rec = state.buffers.get(WINDOWS, {}).get(f"{level[0]:g}") if self.tracks_windows else None
+            if rec is not None and level[0] < 1.0:  # eval_window = "trained": the window it last trained
+                targets[f"prefix_{level_label(level)}"] = EvalTarget(ref, weights)
+                weights = self.submodel(own, ctx, ref, level[0], int(rec[0]), int(rec[1]))
+            targets[level_label(level)] = EvalTarget(ref, weights, clients=clients_of(level))
         return targets
 
     # ------------------------------------------------------------------ client
@@ -459,20 +468,28 @@ class DepthFL(MultiExitFL):
     kd: float = 1.0  # weight of the mutual distillation (0: off, DepthFL's "FedAvg" variant)
     kd_rampup: int = 300  # rounds until the weight reaches kd: kd * exp(-5 (1 - min(t, R) / R)^2), t from 0
     temperature: float = 1.0
+    #: > 0: the ramp is this share of the run's rounds instead of kd_rampup (DepthFL's 300 of 1 000 is 0.3), so a
+    #: short run reaches the full weight too (100 rounds at kd_rampup = 300 average a weight of 0.039)
+    kd_rampup_share: float = 0.0
 
     global_output: ClassVar[str] = "ensemble"
 
     def __post_init__(self) -> None:
         if self.kd < 0 or self.kd_rampup < 0 or self.temperature <= 0:
             raise ConfigError("algorithm.kd and algorithm.kd_rampup must be >= 0 and algorithm.temperature > 0")
+        if not 0 <= self.kd_rampup_share <= 1:
+            raise ConfigError(f"algorithm.kd_rampup_share must be in [0, 1] (0: kd_rampup rounds), "
+                              f"got {self.kd_rampup_share!r}")
         super().__post_init__()
 
     def default_loss(self) -> LossRule:
-        """DepthFL's own rule from its fields: mutual distillation at ``kd``, ramped over ``kd_rampup`` rounds."""
-        return MutualKD(weight_max=self.kd, rampup=self.kd_rampup, temperature=self.temperature)
+        """DepthFL's own rule from its fields: mutual distillation at ``kd``, ramped over ``kd_rampup`` rounds
+        (or ``kd_rampup_share`` of the run)."""
+        return MutualKD(weight_max=self.kd, rampup=self.kd_rampup, temperature=self.temperature,
+                        rampup_share=self.kd_rampup_share)
 
-    def kd_weight(self, rnd: int) -> float:
-        return self.loss_rule.weight(rnd, 0)
+    def kd_weight(self, rnd: int, rounds: int = 0) -> float:
+        return self.loss_rule.weight(rnd, rounds)
 
 
 __all__ = ["DepthFL", "MultiExitFL", "level_label", "levels_for_tiers", "mutual_kl", "parse_levels"]

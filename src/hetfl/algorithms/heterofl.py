@@ -173,6 +173,7 @@ class HeteroFL(SubmodelFL):
     def init_state(self, ctx: Context) -> ServerState:
         spec_for(ctx.model, ctx.info)  # fail early (clear error) if the model cannot be sliced
         self._warn_forced_scaler(ctx)
+        self.check_windows(ctx)
         if ctx.fleet is not None:
             for rate in ctx.fleet.levels:
                 group_sizes(ctx.model, ctx.info, rate)
@@ -200,11 +201,13 @@ class HeteroFL(SubmodelFL):
         return tasks
 
     def server_step(self, state: ServerState, update: Weights, ctx: Context) -> ServerState:
+        update, windows = self.split_update(state, update)
         models = {**state.models, "global": update} if update else state.models
         glob = models["global"]
         buffers = self.widths.step(state.buffers, glob if update else None, ctx, state.round + 1,
                                    self._batch_stats(glob))
-        return ServerState(state.round + 1, models, state.buffers if buffers is None else buffers)
+        return self.keep_windows(ServerState(state.round + 1, models, state.buffers if buffers is None else buffers),
+                                 windows)
 
     def eval_targets(self, state: ServerState, ctx: Context) -> dict[str, EvalTarget]:
         glob = state.models["global"]
@@ -220,6 +223,10 @@ class HeteroFL(SubmodelFL):
             if rate == 1.0:
                 continue
             ref, weights = prefix_submodel(ctx.model, ctx.info, glob, rate)
+            sel = self.eval_selection(state, ctx, rate)  # eval_window = "trained": the window it last trained
+            if sel is not None:
+                targets[f"prefix_w{rate:g}"] = EvalTarget(ref, weights, calibrate_bn=calibrate)
+                weights = extract(glob, spec_for(ctx.model, ctx.info), sel)
             targets[f"w{rate:g}"] = EvalTarget(ref, weights, calibrate_bn=calibrate, clients=np.flatnonzero(tiers == t))
         return targets
 

@@ -79,6 +79,7 @@ class InclusiveFL(MultiExitFL):
     def server_step(self, state: ServerState, update: Weights, ctx: Context) -> ServerState:
         if not update or self.mom_beta == 0:
             return super().server_step(state, update, ctx)
+        update, windows = self.split_update(state, update)
         old = state.models["global"]
         mapping = self.transfer_map(ctx)
         momentum = state.buffers.get("momentum", {})
@@ -96,7 +97,7 @@ class InclusiveFL(MultiExitFL):
                 fresh[key] = torch.stack(deltas).mean(0)
         buffers = {**state.buffers, "momentum": {**momentum, **fresh},
                    "metrics": {"momentum_blended_tensors": blended}}
-        return ServerState(state.round + 1, {**state.models, "global": new}, buffers)
+        return self.keep_windows(ServerState(state.round + 1, {**state.models, "global": new}, buffers), windows)
 
 
 def _layer(keys: dict, unit: str) -> list[str]:

@@ -23,16 +23,17 @@ levels (:meth:`plan_law`) and the keys the server never averages (:meth:`skip_ke
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from typing import Any
 
 import torch
 
-from hetfl.aggregation import Placement, level_view, owned_by_level
+from hetfl.aggregation import Placement, Reducer, level_view, owned_by_level
 from hetfl.algorithms.base import Algorithm, ClientResult, Context, ServerState, Weights
 from hetfl.data.base import DataInfo
+from hetfl.errors import ConfigError
 from hetfl.hetero import group_sizes, spec_for
 from hetfl.hetero.extract import place_slice, selection_signature, slice_footprint
 from hetfl.hetero.policy import IndexPolicy, Prefix, Selection, index_policy
@@ -50,12 +51,40 @@ class LevelPlan:
     law: Callable[[int], dict[Any, float]]
 
 
+#: ``algorithm.eval_window``: which channels a narrower tier's submodel is evaluated with
+EVAL_WINDOWS = ("prefix", "trained")
+#: the state buffer of the last trained window per width (``eval_window = "trained"``)
+WINDOWS = "windows"
+
+
+class TrainedUpdate(dict):
+    """A round's new global weights, with ``windows``: per width (``f"{w:g}"``) the ``[round, client]`` whose
+    selection it last trained (the smallest client id among the round's results of that width)."""
+
+    windows: dict[str, list[int]]
+
+
 @dataclass(frozen=True)
 class SubmodelFL(Algorithm):
     """Base of the width and depth submodel methods (not registered): see the module docstring."""
 
     #: which channels a level narrower than the global model keeps (hetfl.hetero.policy)
     index_policy: str = "prefix"
+    #: which channels a narrower tier is evaluated with: "prefix" (the first ones, whatever the index policy
+    #: trained), or "trained": the window its clients last trained (rolling, random policies), the prefix
+    #: score then reported beside it as ``prefix_w<width>``
+    eval_window: str = "prefix"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.eval_window not in EVAL_WINDOWS:
+            raise ConfigError(f"algorithm.eval_window must be one of {', '.join(EVAL_WINDOWS)}, "
+                              f"got {self.eval_window!r}")
+
+    @property
+    def tracks_windows(self) -> bool:
+        """Whether tiers are evaluated with their last trained window (and the state records it)."""
+        return self.eval_window == "trained" and not isinstance(self.channels, Prefix)
 
     @cached_property
     def channels(self) -> IndexPolicy:
@@ -131,6 +160,55 @@ class SubmodelFL(Algorithm):
         keys = keys_of(self.level_ref(ctx, level), ctx.info)
         return [k for k in keys if k in seen and seen[k].is_floating_point() and k not in skip]
 
+    # ------------------------------------------------------------------ the windows tiers last trained
+    def aggregate(self, state: ServerState, rnd: int, results: Iterable[ClientResult], ctx: Context,
+                  reducer: Reducer | None = None) -> Any:
+        """The base's aggregate; with ``eval_window = "trained"`` the update also carries, per width, the
+        ``(round, client)`` whose selection was trained (:class:`TrainedUpdate`)."""
+        if not self.tracks_windows:
+            return super().aggregate(state, rnd, results, ctx, reducer)
+        plan = self.level_plan(state, ctx, rnd)
+        windows: dict[str, list[int]] = {}
+
+        def tap(results: Iterable[ClientResult]) -> Iterator[ClientResult]:
+            for res in results:
+                width = self.level_width(plan.of(res.client_id))
+                key = f"{width:g}"
+                if width < 1.0 and (key not in windows or res.client_id < windows[key][1]):
+                    windows[key] = [int(rnd), int(res.client_id)]
+                yield res
+
+        update = TrainedUpdate(super().aggregate(state, rnd, tap(results), ctx, reducer) or {})
+        update.windows = windows
+        return update
+
+    def split_update(self, state: ServerState, update: Any) -> tuple[Any, dict[str, list[int]] | None]:
+        """``(weights, windows)`` of an update: the plain weights, and the windows after this round (None: the
+        state keeps none)."""
+        if not self.tracks_windows:
+            return update, None
+        windows = {**state.buffers.get(WINDOWS, {}), **getattr(update, "windows", {})}
+        return (dict(update) if isinstance(update, TrainedUpdate) else update), windows
+
+    @staticmethod
+    def keep_windows(new: ServerState, windows: dict[str, list[int]] | None) -> ServerState:
+        return new if windows is None else ServerState(new.round, new.models, {**new.buffers, WINDOWS: windows})
+
+    def eval_selection(self, state: ServerState, ctx: Context, width: float) -> Selection | None:
+        """The channels the tier of ``width`` is evaluated with: None for the prefix; with ``eval_window =
+        "trained"``, the selection of the last ``(round, client)`` that trained that width (the prefix until
+        one has)."""
+        if not self.tracks_windows or width >= 1.0:
+            return None
+        rec = state.buffers.get(WINDOWS, {}).get(f"{width:g}")
+        return None if rec is None else self.selection(ctx, width, int(rec[0]), int(rec[1]))
+
+    def check_windows(self, ctx: Context) -> None:
+        if self.tracks_windows and ctx.privacy is not None:
+            raise ConfigError('algorithm.eval_window = "trained" evaluates each tier with the channels of the last '
+                              'client that trained it, which reveals who took part in a round: not with [privacy] '
+                              '(use eval_window = "prefix")')
+
     # ------------------------------------------------------------------ aggregation parts
     def placer(self, state: ServerState, rnd: int, ctx: Context) -> Callable[[ClientResult], Placement]:
         """A result's level at its channels, in the global tensors: the server recomputes the level it
@@ -195,4 +273,4 @@ def keys_of(ref: ModelRef, info: DataInfo) -> tuple[str, ...]:
         return tuple(ref.build(info).state_dict())
 
 
-__all__ = ["Level", "LevelPlan", "SubmodelFL", "keys_of"]
+__all__ = ["EVAL_WINDOWS", "Level", "LevelPlan", "SubmodelFL", "TrainedUpdate", "keys_of"]

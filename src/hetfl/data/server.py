@@ -135,3 +135,24 @@ def draw_server_data(dataset: Dataset, spec: ServerDataSpec | None, seed: int,
         groups = None if dataset.groups is None else dataset.groups[keep]
         dataset = dataclasses.replace(dataset, train=dataset.train.subset(keep), groups=groups)
     return dataset, ServerData(x, val, spec.source)
+
+
+def hold_out_validation(dataset: Dataset, fraction: float, seed: int) -> Dataset:
+    """The dataset with ``fraction`` of its training samples moved to ``val`` (``data.validation_fraction``): a
+    seeded draw made before partitioning, so no client trains on them.  ``fraction = 0``: unchanged."""
+    if fraction <= 0:
+        return dataset
+    if dataset.val is not None:
+        raise ConfigError(f"data.validation_fraction = {fraction:g}: dataset {dataset.name!r} already has its own "
+                          f"validation split (e.g. mnist's train_split = \"train\"), which the server scores; set "
+                          f"data.validation_fraction = 0")
+    n = len(dataset.train)
+    k = int(round(fraction * n))
+    if not 1 <= k < n:
+        raise ConfigError(f"data.validation_fraction = {fraction:g} of the {n} training samples of {dataset.name!r} "
+                          f"holds out {k}: it must leave at least one sample on each side")
+    perm = np.random.default_rng([seed, 0x76616C]).permutation(n)
+    val_idx, keep = np.sort(perm[:k]), np.sort(perm[k:])
+    groups = None if dataset.groups is None else dataset.groups[keep]
+    return dataclasses.replace(dataset, train=dataset.train.subset(keep), val=dataset.train.subset(val_idx),
+                               groups=groups)
