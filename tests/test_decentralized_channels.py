@@ -40,8 +40,8 @@ def test_bad_values_are_config_errors_naming_what_is_allowed(override, message):
 
 
 def test_prototypes_across_families_of_different_feature_sizes_are_refused_before_the_run():
-    with pytest.raises(ConfigError, match=r"algorithm.prototypes needs one feature size .* mlp\{'hidden': '32'\}: 32, "
-                                          r"mlp\{'hidden': '8'\}: 8; give the families equal head inputs"):
+    with pytest.raises(ConfigError, match=r"algorithm.prototypes needs one feature size .* mlp\(hidden=32\): 32, "
+                                          r"mlp\(hidden=8\): 8; give the families equal head inputs"):
         prepare(load_config(None, ['algorithm.families="mlp(hidden=32), mlp(hidden=8)"', "algorithm.prototypes=1.0"],
                             base=BASE))
     # width-slices of one model (features 32 and 2) compare on their overlap: accepted

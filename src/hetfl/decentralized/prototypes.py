@@ -55,10 +55,16 @@ def check_prototypes(refs: list[Any], info: DataInfo, compatible: Any) -> None:
     for a in refs:
         for b in refs:
             if sizes[a] != sizes[b] and not compatible(a, b):
-                listed = ", ".join(f"{r.name}{dict(r.params) or ''}: {d}" for r, d in sizes.items())
+                listed = ", ".join(f"{_label(r)}: {d}" for r, d in sizes.items())
                 raise ConfigError(f"{WHO} needs one feature size in front of every node model's classifier head "
                                   f"(or width-slices of one model), got {listed}; give the families equal head "
                                   f"inputs, e.g. families = \"cnn(fc=32), mlp(hidden=200,32), mlp(hidden=32)\"")
+
+
+def _label(ref: Any) -> str:
+    """A model as the families syntax writes it: ``mlp(hidden=32)``, ``mlp@0.25``."""
+    params = f"({';'.join(f'{k}={v}' for k, v in ref.params)})" if ref.params else ""
+    return f"{ref.name}{params}" + (f"@{ref.width:g}" if ref.width != 1.0 else "")
 
 
 class _Features:
