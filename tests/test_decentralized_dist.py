@@ -79,6 +79,16 @@ def test_teacher_options_across_processes_equal_in_process(tmp_path):
     _same_run(tmp_path / "inproc", tmp_path / "spawned")
 
 
+def test_cross_tier_channels_across_processes_equal_in_process(tmp_path):
+    """Distillation both ways, overlap gossip and prototype messages (fixed-shape tensors, not models; from round
+    2) on 3 processes give the in-process run."""
+    opts = ('algorithm.direction="both"', 'algorithm.gossip="overlap"', "algorithm.prototypes=0.5")
+    run(_cfg(*opts), tmp_path / "inproc", quiet=True)
+    summary = run(_cfg(*opts, 'engine="torchrun"', "graph.processes=3"), tmp_path / "spawned", quiet=True)
+    assert summary["status"] == "complete"
+    _same_run(tmp_path / "inproc", tmp_path / "spawned")
+
+
 def test_torchrun_style_launch_equals_in_process(tmp_path, reference, monkeypatch):
     """Every rank runs `hetfl run CONFIG --engine torchrun` with torchrun's variables; rank 0 writes the run."""
     cfg_path = tmp_path / "dist.toml"

@@ -82,14 +82,15 @@ class Generator(nn.Module):
         return self.body(torch.cat([eps, F.one_hot(y, self.num_classes).to(eps.dtype)], dim=1))
 
 
-def find_head(model: nn.Module) -> tuple[str, nn.Linear]:
-    """The classifier head: the model's last ``nn.Linear`` (by registration order), with its name."""
+def find_head(model: nn.Module, who: str = "fedgen") -> tuple[str, nn.Linear]:
+    """The classifier head: the model's last ``nn.Linear`` (by registration order), with its name (``who``:
+    the algorithm that needs it, for the error)."""
     found = None
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Linear):
             found = (name, mod)
     if found is None:
-        raise ConfigError(f"fedgen needs a model whose classifier is a final nn.Linear; "
+        raise ConfigError(f"{who} needs a model whose classifier is a final nn.Linear; "
                           f"{type(model).__name__} has none")
     return found
 

@@ -22,18 +22,29 @@ from hetfl.accounting import model_cost
 from hetfl.algorithms.base import Context, Weights, nbytes, round_seed, weights_of
 from hetfl.algorithms.families import RunningMean
 from hetfl.decentralized.protocol import GraphAlgorithm, Layout, RoundPlan, cut, edge_seed
+from hetfl.decentralized.prototypes import (
+    PROTO_KEY,
+    PrototypePull,
+    cut_prototype,
+    feature_size,
+    neighbour_mean,
+    node_prototypes,
+)
 from hetfl.decentralized.topology import GraphConfig, Topology, sample_topology
 from hetfl.model_cache import ModelCache
 from hetfl.models import ModelRef
 from hetfl.train import local_sgd
 
+#: a payload's layout: (key, shape, dtype) of every tensor, in order
+Template = list[tuple[str, tuple[int, ...], torch.dtype]]
+
 
 class Transport(Protocol):
     def exchange(self, phase: str, messages: Sequence[tuple[int, int]], payload: Callable[[int, int], Weights],
-                 template: Callable[[int, int], ModelRef]) -> dict[tuple[int, int], Weights]:
+                 template: Callable[[int, int], ModelRef | Template]) -> dict[tuple[int, int], Weights]:
         """Deliver ``payload(src, dst)`` for every ``(src, dst)`` of ``messages`` (the same list, in the same order,
         on every host); return what this host's nodes received, by ``(src, dst)``.  ``template(src, dst)`` is the
-        model whose state-dict shapes the payload has."""
+        model whose state-dict shapes the payload has, or the payload's layout itself."""
         ...
 
 
@@ -41,7 +52,7 @@ class LocalTransport:
     """Every node lives in this process: a message is the sender's tensors, unchanged."""
 
     def exchange(self, phase: str, messages: Sequence[tuple[int, int]], payload: Callable[[int, int], Weights],
-                 template: Callable[[int, int], ModelRef]) -> dict[tuple[int, int], Weights]:
+                 template: Callable[[int, int], ModelRef | Template]) -> dict[tuple[int, int], Weights]:
         return {(s, d): payload(s, d) for s, d in messages}
 
 
@@ -122,7 +133,7 @@ class NodeHost:
         return self._costs[ref]
 
     def _exchange(self, phase: str, messages: list[tuple[int, int]], payload: Callable[[int, int], Weights],
-                  template: Callable[[int, int], ModelRef],
+                  template: Callable[[int, int], ModelRef | Template],
                   stats: dict[int, NodeStats]) -> dict[tuple[int, int], Weights]:
         def counted(s: int, d: int) -> Weights:
             w = payload(s, d)
@@ -142,12 +153,19 @@ class NodeHost:
         plan = self.plan(rnd)
         train = algo.round_train_config(ctx, rnd)
         stats = {i: NodeStats() for i in self.nodes}
+        # 0. prototypes (prototypes > 0, from round 2): every node's, to every graph neighbour
+        pulls = self.prototype_targets(rnd, plan, models, train, stats) if algo.prototypes > 0 and rnd > 1 else {}
         half: dict[int, Weights] = {}
         for i in self.nodes:  # 1. local training
             t0 = time.perf_counter()
             module = self.models.loaded(lay.refs[i], models[i])
-            st = local_sgd(module, self.federation.client_train(i), train, seed=round_seed(ctx.seed, rnd, i),
-                           device=self.device)
+            if i in pulls:
+                with PrototypePull(module, pulls[i], algo.prototypes, self.device) as pull:
+                    st = local_sgd(module, self.federation.client_train(i), train,
+                                   seed=round_seed(ctx.seed, rnd, i), device=self.device, loss_terms=(pull,))
+            else:
+                st = local_sgd(module, self.federation.client_train(i), train, seed=round_seed(ctx.seed, rnd, i),
+                               device=self.device)
             half[i] = weights_of(module)
             s = stats[i]
             s.train_loss, s.samples, s.steps = st.loss, st.samples, st.steps
@@ -191,7 +209,7 @@ class NodeHost:
         # 3. gossip among the neighbours each node averages with
         # (gossip = "narrower": a wider node averages in the model its narrower neighbour already sent it for
         # distillation this round, the weak model after local training, instead of a second message)
-        reuse = {(s, w) for s, w in plan.kd} if algo.gossip == "narrower" else set()
+        reuse = {(s, w) for s, w in plan.kd if lay.rank[s] < lay.rank[w]} if algo.gossip == "narrower" else set()
         messages = [(j, i) for i in range(lay.n) for j in plan.gossip[i] if (i, j) not in reuse]
         got = self._exchange("gossip", messages,
                              lambda src, dst: cut(merged[src], lay.refs[src], lay.payload_ref(src, dst), ctx.info),
@@ -201,6 +219,28 @@ class NodeHost:
             received = {j: sent[(j, i)] if (i, j) in reuse else got[(j, i)] for j in plan.gossip[i]}
             new[i] = algo.mix(lay, i, merged[i], received, plan.coeffs[i], ctx.info)
         return new, stats, plan
+
+    def prototype_targets(self, rnd: int, plan: RoundPlan, models: dict[int, Weights], train: Any,
+                          stats: dict[int, NodeStats]) -> dict[int, torch.Tensor]:
+        """Every hosted node's prototypes (this round's minibatches, current model) sent to every graph neighbour
+        (cut to the receiver's feature size); returns each hosted node's neighbour mean per class."""
+        lay, ctx = self.layout, self.ctx
+        classes = ctx.info.num_classes
+        size = [feature_size(ref, ctx.info) for ref in lay.refs]
+        mine: dict[int, torch.Tensor] = {}
+        for i in self.nodes:
+            t0 = time.perf_counter()
+            module = self.models.loaded(lay.refs[i], models[i])
+            mine[i], samples = node_prototypes(module, self.federation.client_train(i), train,
+                                               round_seed(ctx.seed, rnd, i), classes)
+            stats[i].flops += self.forward_flops(lay.refs[i]) * samples
+            stats[i].train_time_s += time.perf_counter() - t0
+        nbrs = plan.topology.neighbours
+        messages = [(j, i) for i in range(lay.n) for j in nbrs[i]]
+        got = self._exchange("prototypes", messages, lambda s, d: {PROTO_KEY: cut_prototype(mine[s], size[d])},
+                             lambda s, d: [(PROTO_KEY, (classes, min(size[s], size[d])), torch.float32)], stats)
+        return {i: neighbour_mean(size[i], [got[(j, i)][PROTO_KEY].cpu() for j in nbrs[i]])
+                for i in self.nodes if nbrs[i]}
 
 
 def relay_mean(returned: dict[tuple[int, int], Weights], lay: Layout) -> dict[tuple[int, int], Weights]:
@@ -284,5 +324,5 @@ def lonely_message(plan: RoundPlan) -> str:
             f"no distillation for them this round, they train locally and gossip only")
 
 
-__all__ = ["LocalTransport", "NodeHost", "NodeStats", "Transport", "consensus", "lonely_message", "relay_mean",
-           "round_report"]
+__all__ = ["LocalTransport", "NodeHost", "NodeStats", "Template", "Transport", "consensus", "lonely_message",
+           "relay_mean", "round_report"]

@@ -25,7 +25,11 @@ distilled copies of its students with the same model: equal weak models mix thro
 neighbour), ``teacher = "ensemble"`` (the KD target is the mean logits of the teacher and the models its
 students sent), ``gossip = "wider"`` / ``"narrower"`` (one-way overlap gossip; ``narrower`` reuses the model
 the narrower neighbour sent for distillation), ``gossip_weights = "subgraph"`` (Metropolis-Hastings weights on
-the gossip subgraph).
+the gossip subgraph), ``direction = "up"`` / ``"both"`` (distillation of the stronger model at the weaker node
+on the weaker node's data, instead of / as well as the reverse: mutual distillation), ``prototypes = λ``
+(neighbour prototype exchange, a decentralized FedProto: :mod:`hetfl.decentralized.prototypes`).  Overlap gossip
+together with distillation (``gossip = "overlap"``, ``kd_weight > 0``) moves labels across tiers through the
+shared slice of the weights as well as through outputs.
 
 With one architecture (or ``kd_weight = 0``) step 2 does nothing and the round is exactly D-PSGD
 (local step, then gossip).  Presets: ``dkd`` (distillation + gossip among equal models), ``dpsgd``
@@ -62,6 +66,7 @@ from hetfl.algorithms.registry import ALGORITHMS
 from hetfl.config import TrainConfig
 from hetfl.data.base import DataInfo
 from hetfl.data.server import ServerDataSpec
+from hetfl.decentralized.prototypes import check_prototypes
 from hetfl.decentralized.topology import GraphConfig, Topology, sample_topology
 from hetfl.distill import kl_to_teacher
 from hetfl.errors import ConfigError
@@ -77,6 +82,7 @@ GOSSIP_WEIGHTS = ("graph", "subgraph")
 KD_RETURNS = ("own", "mean")
 TEACHERS = ("own", "ensemble")
 MODEL_CHOICES = ("own", "smallest")
+DIRECTIONS = ("down", "up", "both")
 NO_STRONGER = ("gossip", "error")
 
 
@@ -145,7 +151,7 @@ class RoundPlan:
 
     rnd: int
     topology: Topology
-    kd: tuple[tuple[int, int], ...]  # (strong, weak) pairs, sorted
+    kd: tuple[tuple[int, int], ...]  # (teacher, student) pairs, sorted: (strong, weak) and/or (weak, strong)
     gossip: tuple[tuple[int, ...], ...]  # per node: the neighbours it gossips with, sorted
     coeffs: tuple[dict[int, float], ...]  # per node: contributor (itself included) -> mixing weight
     lonely: tuple[int, ...]  # nodes below the largest model with no stronger neighbour (no distillation)
@@ -184,6 +190,8 @@ class GraphAlgorithm:
     gossip_weights: str = "graph"
     kd_return: str = "own"
     teacher: str = "own"
+    direction: str = "down"
+    prototypes: float = 0.0
 
     #: no trusted aggregator to privatise (docs/privacy.md)
     private_refusal = ("decentralized training has no trusted aggregator: every neighbour sees a node's model in the "
@@ -203,6 +211,8 @@ class GraphAlgorithm:
             (self.gossip_weights in GOSSIP_WEIGHTS, "gossip_weights", f"must be one of {', '.join(GOSSIP_WEIGHTS)}"),
             (self.kd_return in KD_RETURNS, "kd_return", f"must be one of {', '.join(KD_RETURNS)}"),
             (self.teacher in TEACHERS, "teacher", f"must be one of {', '.join(TEACHERS)}"),
+            (self.direction in DIRECTIONS, "direction", f"must be one of {', '.join(DIRECTIONS)}"),
+            (self.prototypes >= 0, "prototypes", "must be >= 0 (the weight λ of the prototype term; 0 = off)"),
         ]
         for ok, name, msg in checks:
             if not ok:
@@ -249,6 +259,9 @@ class GraphAlgorithm:
                     if big != small and big.name == small.name and big.params == small.params \
                             and big.width > small.width:
                         prefix_selection(big, small, ctx.info)
+        if self.prototypes > 0:
+            check_prototypes(list(dict.fromkeys(lay.refs)), ctx.info,
+                             lambda a, b: a.name == b.name and a.params == b.params)
         self.plan(1, lay, sample_topology(graph, lay.n, lay.tiers, ctx.seed, 1))
 
     def model_refs(self, ctx: Context) -> list[ModelRef]:
@@ -265,9 +278,15 @@ class GraphAlgorithm:
     def plan(self, rnd: int, lay: Layout, topo: Topology) -> RoundPlan:
         kd: list[tuple[int, int]] = []
         nbrs: list[list[int]] = [[] for _ in range(lay.n)]
+        taught: set[int] = set()  # nodes with a more capable neighbour
         for a, b in topo.edges:
             if self.kd_weight > 0 and lay.rank[a] != lay.rank[b]:
-                kd.append((a, b) if lay.rank[a] < lay.rank[b] else (b, a))
+                strong, weak = (a, b) if lay.rank[a] < lay.rank[b] else (b, a)
+                taught.add(weak)
+                if self.direction != "up":
+                    kd.append((strong, weak))
+                if self.direction != "down":
+                    kd.append((weak, strong))
             for i, j in ((a, b), (b, a)):
                 if self.gossips_with(lay, i, j):
                     nbrs[i].append(j)
@@ -284,7 +303,6 @@ class GraphAlgorithm:
         lonely: tuple[int, ...] = ()
         if self.kd_weight > 0:
             top = int(lay.rank.min())
-            taught = {w for _, w in kd}
             lonely = tuple(i for i in range(lay.n) if lay.rank[i] > top and i not in taught)
             if lonely and self.no_stronger == "error":
                 raise ConfigError(f"round {rnd}: node(s) {', '.join(map(str, lonely))} have no more capable neighbour "
@@ -318,7 +336,8 @@ class GraphAlgorithm:
 
     def distill_into(self, student: nn.Module, teacher: nn.Module | Sequence[nn.Module], data: Any,
                      train: TrainConfig, seed: int, device: torch.device) -> Any:
-        """Train ``student`` on ``data`` towards ``teacher``'s outputs: (1-a) CE + a T^2 KL (teacher frozen).
+        """Train ``student`` on ``data`` towards ``teacher``'s outputs: (1-a) CE + a T^2 KL (teacher frozen; the
+        stronger model of an edge, or with ``direction = "up"`` / ``"both"`` the weaker one).
 
         Several teachers: their mean logits (``teacher = "ensemble"``)."""
         members = [teacher] if isinstance(teacher, nn.Module) else list(teacher)
@@ -435,7 +454,8 @@ class GraphAlgorithm:
 @ALGORITHMS.register("dkd")
 @dataclass(frozen=True)
 class DKD(GraphAlgorithm):
-    """Decentralized distillation into weaker neighbours on their models, plus gossip among equal models."""
+    """Decentralized distillation into weaker neighbours on their models, plus gossip among equal models; options
+    add the other channels: distillation both ways (direction), overlap gossip, neighbour prototypes."""
 
 
 @ALGORITHMS.register("dpsgd")

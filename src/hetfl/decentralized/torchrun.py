@@ -36,7 +36,7 @@ import torch
 from hetfl.algorithms.base import Context, ServerState, Weights
 from hetfl.config import RunConfig, parse_toml
 from hetfl.decentralized.engine import GraphReport, LonelyLog, models_of, require_graph, state_of
-from hetfl.decentralized.host import NodeHost, round_report
+from hetfl.decentralized.host import NodeHost, Template, round_report
 from hetfl.errors import ConfigError, HetflError
 from hetfl.models import ModelRef
 from hetfl.resolve import config_from_dict
@@ -66,7 +66,6 @@ def owned(n: int, rank: int, world: int) -> list[int]:
 # transport
 # --------------------------------------------------------------------------------------------------
 
-Template = list[tuple[str, tuple[int, ...], torch.dtype]]
 
 
 def pack(weights: Weights, template: Template) -> list[torch.Tensor]:
@@ -107,8 +106,12 @@ class DistTransport:
         self.device = device
 
     def exchange(self, phase: str, messages: Sequence[tuple[int, int]], payload: Callable[[int, int], Weights],
-                 template: Callable[[int, int], ModelRef]) -> dict[tuple[int, int], Weights]:
+                 template: Callable[[int, int], ModelRef | Template]) -> dict[tuple[int, int], Weights]:
         import torch.distributed as dist
+
+        def layout(s: int, d: int) -> Template:
+            t = template(s, d)
+            return t if isinstance(t, list) else self.template_of(t)
 
         out: dict[tuple[int, int], Weights] = {}
         for s, d in messages:
@@ -116,10 +119,10 @@ class DistTransport:
             if rs == self.rank and rd == self.rank:
                 out[(s, d)] = payload(s, d)
             elif rs == self.rank:
-                for buf in pack(payload(s, d), self.template_of(template(s, d))):
+                for buf in pack(payload(s, d), layout(s, d)):
                     dist.send(buf, dst=rd)
             elif rd == self.rank:
-                tmpl = self.template_of(template(s, d))
+                tmpl = layout(s, d)
                 bufs = buffers_for(tmpl)
                 for buf in bufs:
                     dist.recv(buf, src=rs)
