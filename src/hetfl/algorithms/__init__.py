@@ -1,6 +1,6 @@
 """Algorithms: transport-agnostic objects with explicit state (see :mod:`hetfl.algorithms.base`)."""
 
-from hetfl.algorithms import depthfl, fedavg, feddf, fedgen, fiarse, heterofl, inclusivefl, scalefl  # noqa: F401
+from hetfl.algorithms import depthfl, fedavg, feddf, fedgen, fiarse, heterofl, inclusivefl, scalefl, slt  # noqa: F401
 from hetfl.algorithms.base import Algorithm, ClientResult, ClientTask, Context, EvalTarget, ServerState, Weights
 from hetfl.algorithms.registry import ALGORITHMS
 from hetfl.models import ModelRef
