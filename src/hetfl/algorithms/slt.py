@@ -115,7 +115,8 @@ def derive_stages(memory: Callable[[float, int, int], int], num_layers: int, bud
 
 def allocate_rounds(stages: Sequence[tuple[float, int]], trainable: Sequence[int], rounds: int) -> list[int]:
     """Rounds per stage: a small-model first stage ``(s0, 0)`` takes ``int(s0 * rounds)``, the others share the
-    rest in proportion to ``trainable`` (largest remainder, earlier stages first on ties)."""
+    rest in proportion to ``trainable`` (largest remainder, earlier stages first on ties); the last stage gets at
+    least one round if any is left."""
     if len(stages) == 1:
         return [rounds]
     first = int(stages[0][0] * rounds) if stages[0][1] == 0 else 0
@@ -125,6 +126,9 @@ def allocate_rounds(stages: Sequence[tuple[float, int]], trainable: Sequence[int
     counts = np.floor(exact).astype(int)
     for i in np.argsort(-(exact - counts), kind="stable")[: rest - counts.sum()]:
         counts[i] += 1
+    if counts[-1] == 0 and rest > 0:  # the full-width stage always runs: one round from the longest
+        counts[int(np.argmax(counts))] -= 1
+        counts[-1] = 1
     return ([first] if stages[0][1] == 0 else []) + [int(c) for c in counts]
 
 
@@ -137,7 +141,8 @@ def stage_of(rounds: Sequence[int], rnd: int) -> int:
 @ALGORITHMS.register("slt")
 @dataclass(frozen=True)
 class SLT(SubmodelFL):
-    """Successive layer training: see the module docstring."""
+    """SLT: the full model trained stage by stage under a memory budget (trained layers full width then frozen,
+    the later ones narrow); see the module docstring."""
 
     stages: str = ""  # "WIDTHxLAYERS,..." (e.g. "0.25x0,0.5x2,1x3"); "" = derived from the weakest tier's budget
     stage_rounds: str = ""  # rounds per stage, e.g. "10,5,5" (sum = the run's rounds); "" = SLT's rule
@@ -186,12 +191,12 @@ class SLT(SubmodelFL):
     def sizes(self, ctx: Context, level: Level) -> dict[int, int]:
         """Channels per group at ``level``: full for the groups the layers before ``b`` produce, else ``scaled``."""
         spec = spec_for(ctx.model, ctx.info)
-        full = set(self.layers(ctx).groups[: level[1]])
+        full = set(self.layers(ctx).groups[: int(level[1])])
         return {g: (grp.size if g in full else scaled(grp.units, level[0]) * grp.block)
                 for g, grp in spec.groups.items() if g != FIXED}
 
     def frozen_modules(self, ctx: Context, level: Level) -> tuple[str, ...]:
-        return tuple(m for layer in self.layers(ctx).modules[: max(0, level[1] - level[2])] for m in layer)
+        return tuple(m for layer in self.layers(ctx).modules[: max(0, int(level[1]) - int(level[2]))] for m in layer)
 
     def level_ref(self, ctx: Context, level: Level) -> ModelRef:
         spec = spec_for(ctx.model, ctx.info)

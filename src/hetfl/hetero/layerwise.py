@@ -133,8 +133,8 @@ def _resize(name: str, m: nn.Module) -> None:
 @MODELS.register("layerwise")
 def layerwise(info: DataInfo, *, width: float = 1.0, base: str = "mlp", base_params: str = "", sizes: str = "",
               frozen: str = "") -> nn.Module:
-    """Registered model ``base`` with ``sizes`` (JSON ``{group: channels}``) channels in the named groups and the
-    comma-separated modules ``frozen`` frozen."""
+    """Model ``base`` with per-group channel counts ``sizes`` (JSON ``{group: channels}``) and the comma-separated
+    modules ``frozen`` not trained (successive layer training's networks)."""
     width = check_width(width)
     if base == "layerwise":
         raise ConfigError("model.base of 'layerwise' cannot be layerwise")
