@@ -235,3 +235,20 @@ def test_configs_load_and_prepare():
     assert len(state.buffers["slt"]["stages"]) >= 2
     exp = prepare(load_config(root / "digits_slt.toml"))
     assert exp.algorithm.make_plan(exp.ctx)["stages"][-1].tolist() == [1.0, 3.0]
+
+
+def test_simulator_and_two_workers_give_the_same_model(tmp_path, digits_cfg, one_thread):
+    """Results without their frozen tensors travel back from worker processes (another layout than the task's)."""
+    from hetfl.results import read_metrics
+    from hetfl.runner import run
+
+    cfg = digits_cfg(CONV, *AB, 'algorithm={name="slt", clients_per_round=4, stages="1x2", stage_rounds="2"}',
+                     "rounds=2")
+    run(cfg, tmp_path / "inproc", quiet=True)
+    run(cfg.with_engine(workers=2), tmp_path / "workers", quiet=True)
+    a, b = (torch.load(tmp_path / e / "checkpoint.pt", weights_only=True)["state"] for e in ("inproc", "workers"))
+    for k in a["models"]["global"]:
+        assert torch.equal(a["models"]["global"][k], b["models"]["global"][k]), k
+    ra, rb = read_metrics(tmp_path / "inproc"), read_metrics(tmp_path / "workers")
+    assert [r["bytes_up"] for r in ra] == [r["bytes_up"] for r in rb]
+    assert ra[-1]["bytes_up"] < ra[-1]["bytes_down"]  # tier b freezes conv1 at this stage
