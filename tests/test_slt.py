@@ -252,3 +252,30 @@ def test_simulator_and_two_workers_give_the_same_model(tmp_path, digits_cfg, one
     ra, rb = read_metrics(tmp_path / "inproc"), read_metrics(tmp_path / "workers")
     assert [r["bytes_up"] for r in ra] == [r["bytes_up"] for r in rb]
     assert ra[-1]["bytes_up"] < ra[-1]["bytes_down"]  # tier b freezes conv1 at this stage
+
+
+def test_a_task_with_frozen_tensors_and_its_result_cross_the_flower_codec(digits_cfg):
+    """Flower carries the frozen list and a result without the frozen tensors; validation accepts exactly that."""
+    pytest.importorskip("flwr")
+    from flwr.app import ConfigRecord
+
+    from hetfl.flower import codec
+    from hetfl.reliability.validate import validate_result
+
+    exp = prepare(digits_cfg(IID, MLP, 'algorithm={name="slt", clients_per_round=2, stages="1x2"}',
+                             'fleet.source="tiers"', 'fleet.mix="a-b"', "data.num_clients=4"))
+    algo, ctx = exp.algorithm, exp.ctx
+    task = algo.configure_round(algo.init_state(ctx), 1, [3], ctx)[0]  # tier b: fc1 frozen
+    assert task.extra[FROZEN] == ["fc1.weight", "fc1.bias"]
+    back, name, _ = codec.decode_task(codec.encode_task(task, algo, ConfigRecord({})))
+    assert name == "slt" and back.extra == task.extra and back.model == task.model
+    model = back.model.build(ctx.info)
+    model.load_state_dict(back.weights)
+    res = algo.local_update(back, model, exp.federation.client_train(3), torch.device("cpu"))
+    got, _ = codec.decode_result(codec.encode_result(res))
+    assert list(got.weights) == list(res.weights) and "fc1.weight" not in got.weights
+    assert validate_result(task, got) is None
+    assert "unexpected weights fc1.weight" in validate_result(task, dataclasses.replace(
+        got, weights={**got.weights, "fc1.weight": task.weights["fc1.weight"]}))
+    assert "missing weights fc2.bias" in validate_result(task, dataclasses.replace(
+        got, weights={k: v for k, v in got.weights.items() if k != "fc2.bias"}))
