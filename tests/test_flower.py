@@ -47,9 +47,6 @@ CONFORMANCE = {
                 'fleet.source="tiers"', 'fleet.mix="a-b-c-e"'],
     "fiarse": ['algorithm={name="fiarse", clients_per_round=4}', 'model={name="mlp", hidden="32"}',
                'fleet.source="tiers"', 'fleet.mix="a-b-c-e"'],
-    # tier b trains fc2-3 with fc1 frozen in rounds 2-3: results without the frozen tensors cross Flower
-    "slt": ['algorithm={name="slt", clients_per_round=4, stages="0.5x0,1x2", stage_rounds="1,2"}',
-            'model={name="mlp", hidden="16,16,16"}', 'fleet.source="tiers"', 'fleet.mix="a-b"'],
 }
 COMMON = ["data.num_clients=4", 'data.partition={name="iid"}', "rounds=3", "seed=3", "train.momentum=0.5"]
 

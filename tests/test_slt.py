@@ -170,8 +170,9 @@ def test_memory_budget_selection_on_a_hand_made_fleet(digits_cfg):
     ('stages="0.5y2"', "algorithm.stages: cannot read '0.5y2'"),
     ('stages="1.5x0"', "needs a width in (0, 1]"),
     ('stage_rounds="a,b"', "algorithm.stage_rounds must be comma-separated round counts"),
-    ('budget="ram"', 'algorithm.budget must be "width" or "device(share=S)"'),
-    ('budget="device(share=2)"', 'algorithm.budget must be "width" or "device(share=S)"'),
+    ('budget="ram"', "unknown memory budget 'ram': algorithm.budget must be one of device, width"),
+    ('budget="device(share=2)"', "algorithm.budget = 'device(share=2)': share must be in (0, 1], got 2.0"),
+    ('budget="device(fraction=0.1)"', "memory budget 'device' has no parameter 'fraction'; its parameters: share"),
 ])
 def test_bad_settings_name_the_field(digits_cfg, setting, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

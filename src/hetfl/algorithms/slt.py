@@ -8,12 +8,13 @@ train; those before are frozen: not trained, no gradients, no optimizer state, n
 uploaded (``ClientTask.extra["frozen"]``, so ``bytes_up`` and the per-tier costs count what really travels).
 Stage ``(s0, 0)`` is the small model (everything at width ``s0``, nothing frozen), the last stage has ``s = 1``.
 
-**Budget and schedule.**  Every fleet tier has a training-memory budget (``budget``): ``"width"`` (SLT's) the
-training memory of the whole model at the tier's fleet width, ``"device(share=...)"`` that share of the RAM of
-the tier's smallest device.  Memory is :func:`hetfl.accounting.training_memory` (float32 weights, the trainable
-part's gradients and SGD buffer, one batch of the activations backpropagation keeps).  From the weakest tier's
-budget the stages are derived as SLT's tables are: for ``b = 0, 1, ...`` the largest ``s`` (in steps of 0.001)
-whose stage with ``depth = 1`` fits; a boundary where none fits is skipped; the table ends at the first ``s = 1``.
+**Budget and schedule.** Every fleet tier has a training-memory budget (``budget``, :mod:`hetfl.hetero.budgets`):
+``"width"`` (SLT's) the training memory of the whole model at the tier's fleet width, ``"device(share=...)"`` that
+share of the RAM of the tier's smallest device. Memory is :func:`hetfl.accounting.training_memory` (float32
+weights, the trainable part's gradients and SGD buffer, one batch of the activations backpropagation keeps). From
+the weakest tier's budget the stages are derived as SLT's tables are: for ``b = 0, 1, ...`` the largest ``s`` (in
+steps of 0.001) whose stage with ``depth = 1`` fits; a boundary where none fits is skipped; the table ends at the
+first ``s = 1``.
 ``stages = "0.25x0,0.5x2,1x3"`` (``WIDTHxLAYERS``) gives the table instead.  The small-model stage takes
 ``int(s0 * rounds)`` rounds, the others share the rest in proportion to their trainable parameters (largest
 remainder); ``stage_rounds = "10,5,5"`` gives the counts instead.  Every tier follows the one table; a stronger
@@ -54,6 +55,8 @@ from hetfl.algorithms.submodel import SubmodelFL
 from hetfl.data.base import Split
 from hetfl.errors import ConfigError
 from hetfl.hetero import spec_for
+from hetfl.hetero.budgets import DeviceBudget, WidthBudget
+from hetfl.hetero.budgets import memory_budget as budget_rule
 from hetfl.hetero.extract import extract
 from hetfl.hetero.layerwise import Layers, frozen_keys, layer_steps, layerwise_ref
 from hetfl.hetero.policy import IndexPolicy, Prefix, Selection
@@ -146,7 +149,7 @@ class SLT(SubmodelFL):
 
     stages: str = ""  # "WIDTHxLAYERS,..." (e.g. "0.25x0,0.5x2,1x3"); "" = derived from the weakest tier's budget
     stage_rounds: str = ""  # rounds per stage, e.g. "10,5,5" (sum = the run's rounds); "" = SLT's rule
-    budget: str = "width"  # a tier's memory budget: "width" (its fleet width's full model) or "device(share=0.001)"
+    budget: str = "width"  # a tier's memory budget (hetfl.hetero.budgets): "width", "device(share=0.001)"
     static_bn: bool = True  # BatchNorm statistics are not averaged; recomputed at evaluation (as HeteroFL)
     eval_stage: bool = True  # also evaluate the current stage's network ("stage")
 
@@ -154,7 +157,7 @@ class SLT(SubmodelFL):
         super().__post_init__()
         parse_stages(self.stages)
         self._rounds_text()
-        self.device_share  # noqa: B018  (a bad budget: ConfigError naming the field)
+        self.memory_budget  # noqa: B018  (a bad budget: ConfigError naming the field)
 
     def _rounds_text(self) -> tuple[int, ...]:
         try:
@@ -167,22 +170,9 @@ class SLT(SubmodelFL):
         return out
 
     @cached_property
-    def device_share(self) -> float | None:
-        """None for ``budget = "width"``; the RAM share for ``"device(share=...)"``."""
-        text = self.budget.replace(" ", "")
-        if text == "width":
-            return None
-        if text in ("device", "device()"):
-            return 1e-3
-        if text.startswith("device(share=") and text.endswith(")"):
-            try:
-                share = float(text[len("device(share="):-1])
-            except ValueError:
-                share = -1.0
-            if 0 < share <= 1:
-                return share
-        raise ConfigError(f'algorithm.budget must be "width" or "device(share=S)" with S in (0, 1], '
-                          f"got {self.budget!r}")
+    def memory_budget(self) -> WidthBudget | DeviceBudget:
+        """The memory budget rule (:mod:`hetfl.hetero.budgets`)."""
+        return budget_rule(self.budget)
 
     # ------------------------------------------------------------------ levels
     def layers(self, ctx: Context) -> Layers:
@@ -227,15 +217,7 @@ class SLT(SubmodelFL):
     # ------------------------------------------------------------------ the plan, made once
     def budgets(self, ctx: Context) -> list[float]:
         """Training-memory budget in bytes of every fleet tier (strongest first)."""
-        fleet = ctx.fleet
-        widths = fleet.levels if fleet is not None else (1.0,)
-        if self.device_share is None:
-            return [float(self.memory(ctx, (w, 0, 0))) for w in widths]
-        if fleet is None:
-            raise ConfigError('algorithm.budget = "device(...)" needs a [fleet] (its devices\' memory_gb)')
-        tiers = fleet.tiers()
-        return [self.device_share * float(np.min(fleet.memory_gb[tiers == t], initial=np.inf)) * 2**30
-                for t in range(len(widths))]
+        return self.memory_budget.tiers(ctx)
 
     def make_plan(self, ctx: Context) -> dict[str, torch.Tensor]:
         layers = self.layers(ctx)
