@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -50,7 +51,7 @@ if TYPE_CHECKING:
 
 __all__ = ["TIER_FIELDS", "Accountant", "ClientCost", "CostCache", "ModelCost", "TierLedger", "TrainCost",
            "client_cost", "example_input", "model_cost", "planned_samples", "tier_label", "tier_totals",
-           "train_cost"]
+           "train_cost", "training_memory"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,10 @@ class ModelCost:
     params: int
     forward_flops: int
     activation_bytes: int
+    #: parameter elements that train (``requires_grad``); None: all of them
+    trainable_params: int | None = None
+    #: FLOPs of the backward pass per sample; None: 2 x forward (every layer computes input and weight gradients)
+    backward_flops: int | None = None
 
 
 @dataclass(frozen=True)
@@ -75,13 +80,18 @@ def train_cost(cost: ModelCost, samples: int, batch_size: int, *, momentum: bool
 
     ``flops = 3 × forward_flops × samples``; ``peak_memory_bytes = params × 4 × (2 + momentum)
     + activation_bytes × batch_size`` (float32 weights, gradients and, with momentum, the SGD buffer,
-    plus the activations of one batch).
+    plus the activations of one batch).  A model with frozen parameters (:func:`model_cost` of a model with
+    ``requires_grad = False`` somewhere): gradients and the SGD buffer only for the trainable parameters,
+    ``(forward + backward) × samples`` FLOPs with the backward of the trainable part only.
     """
     if samples < 0 or batch_size < 1:
         raise ValueError(f"samples must be >= 0 and batch_size >= 1, got {samples} and {batch_size}")
+    trainable = cost.params if cost.trainable_params is None else cost.trainable_params
+    backward = 2 * cost.forward_flops if cost.backward_flops is None else cost.backward_flops
     return TrainCost(
-        flops=3 * cost.forward_flops * int(samples),
-        peak_memory_bytes=cost.params * 4 * (2 + int(bool(momentum))) + cost.activation_bytes * int(batch_size),
+        flops=(cost.forward_flops + backward) * int(samples),
+        peak_memory_bytes=(cost.params + trainable * (1 + int(bool(momentum)))) * 4
+        + cost.activation_bytes * int(batch_size),
     )
 
 
@@ -186,12 +196,20 @@ def model_cost(model: nn.Module, example: torch.Tensor) -> ModelCost:
     ``example`` is a batch of inputs as the model receives them (``(B, ...)``, normally ``B = 1``: one
     sample of the training data), on the model's device.  The model runs once in eval mode without
     gradients; its training flag is restored afterwards and its weights are untouched.
+
+    A model with frozen parameters (``requires_grad = False``, e.g. successive layer training's frozen
+    prefix) runs with autograd on instead, to see what backpropagation would keep: activations are the outputs
+    that require a gradient plus the inputs of trainable layers that do not (the last frozen output), the
+    backward FLOPs are 2 × the forward FLOPs of the layers whose output requires a gradient, and
+    ``trainable_params`` counts the trainable elements.
     """
     if not isinstance(example, torch.Tensor) or example.dim() < 1 or example.shape[0] < 1:
         raise ValueError("example must be a tensor holding a batch of at least one sample")
     batch = int(example.shape[0])
     macs = 0
     act_elems = 0
+    frozen = any(not p.requires_grad for p in model.parameters())
+    grad_macs = 0  # frozen: MACs of the layers whose output requires a gradient
     counter = _FunctionCounter()
     handles = []
 
@@ -202,7 +220,8 @@ def model_cost(model: nn.Module, example: torch.Tensor) -> ModelCost:
         counter.suppress += 1
 
     def hook(m: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        nonlocal macs, act_elems
+        nonlocal macs, act_elems, grad_macs
+        before = macs
         if isinstance(m, nn.Linear):
             out = _first_tensor(output)
             macs += 0 if out is None else out.numel() * m.in_features
@@ -214,7 +233,15 @@ def model_cost(model: nn.Module, example: torch.Tensor) -> ModelCost:
             macs += _mha_macs(m, inputs, kwargs)
         if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd, nn.RNNBase, nn.MultiheadAttention)):
             counter.suppress -= 1
-        if leaf(m) or isinstance(m, nn.MultiheadAttention):
+        if frozen:
+            out = [t for t in _tensors(output) if t.requires_grad]
+            if out:
+                grad_macs += macs - before
+            if leaf(m) or isinstance(m, nn.MultiheadAttention):
+                act_elems += sum(t.numel() for t in out)
+                if any(p.requires_grad for p in m.parameters(recurse=False)):  # the trainable layer keeps its input
+                    act_elems += sum(t.numel() for t in _tensors(inputs) if not t.requires_grad and t is not example)
+        elif leaf(m) or isinstance(m, nn.MultiheadAttention):
             act_elems += sum(t.numel() for t in _tensors(output))
 
     counted = (nn.Linear, nn.modules.conv._ConvNd, nn.RNNBase, nn.MultiheadAttention)
@@ -226,7 +253,7 @@ def model_cost(model: nn.Module, example: torch.Tensor) -> ModelCost:
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        with torch.no_grad(), counter:
+        with torch.set_grad_enabled(frozen), counter:
             model(example)
     finally:
         for h in handles:
@@ -235,8 +262,13 @@ def model_cost(model: nn.Module, example: torch.Tensor) -> ModelCost:
             m.training = training
     macs += counter.macs
     params = sum(p.numel() for p in model.parameters())
+    if not frozen:
+        return ModelCost(params=int(params), forward_flops=int(2 * macs // batch),
+                         activation_bytes=int(4 * act_elems // batch))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return ModelCost(params=int(params), forward_flops=int(2 * macs // batch),
-                     activation_bytes=int(4 * act_elems // batch))
+                     activation_bytes=int(4 * act_elems // batch), trainable_params=int(trainable),
+                     backward_flops=int(2 * 2 * (grad_macs + counter.macs) // batch))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -317,9 +349,10 @@ def client_cost(task: ClientTask, ctx: Context, model: ModelCost, tier: int = 0)
     """The cost of ``task`` for its client, given the :class:`ModelCost` of ``task.model``."""
     samples = planned_samples(int(ctx.client_sizes[task.client_id]), task.train)
     train = train_cost(model, samples, task.train.batch_size, momentum=task.train.momentum > 0)
-    size = _nbytes(task.weights)
+    from hetfl.algorithms.base import returned  # a result carries the task's weights less its frozen keys
+
     return ClientCost(int(task.client_id), int(tier), model.params, samples, train.flops, train.peak_memory_bytes,
-                      size, size)
+                      _nbytes(task.weights), _nbytes(returned(task)))
 
 
 class TierLedger:
@@ -396,3 +429,16 @@ def tier_totals(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, int]]:
             t = out.setdefault(label, dict.fromkeys(TIER_FIELDS, 0))
             t[field] = max(t[field], int(value)) if field == "peak_mem_bytes" else t[field] + int(value)
     return out
+
+
+def training_memory(ref: ModelRef, info: DataInfo, batch_size: int, *, momentum: bool) -> int:
+    """Peak training memory in bytes of model ``ref`` on batches of ``batch_size`` (:func:`train_cost`'s
+    figure: weights, gradients and SGD buffer of the trainable part, one batch of activations); cached."""
+    return _training_memory(ref, info, int(batch_size), bool(momentum))
+
+
+@lru_cache(maxsize=4096)
+def _training_memory(ref: ModelRef, info: DataInfo, batch_size: int, momentum: bool) -> int:
+    with torch.random.fork_rng(devices=[]):  # building a model must not move the global RNG
+        model = ref.build(info)
+    return train_cost(model_cost(model, example_input(info)), 0, batch_size, momentum=momentum).peak_memory_bytes

@@ -43,7 +43,7 @@ import torch
 
 from hetfl.accounting import Accountant
 from hetfl.aggregation import WeightedMean
-from hetfl.algorithms.base import Algorithm, ClientResult, ClientTask, Context, ServerState, nbytes
+from hetfl.algorithms.base import Algorithm, ClientResult, ClientTask, Context, ServerState, nbytes, returned
 from hetfl.errors import ConfigError, HetflError
 from hetfl.reliability.guard import RoundGuard
 from hetfl.reliability.plan import plan_round
@@ -191,7 +191,7 @@ class BufferedRound:
                     dropped += 1
                     continue
                 arrived.append((e, task, res))
-                report.bytes_up += nbytes(task.weights)
+                report.bytes_up += nbytes(returned(task))
                 report.tiers.trained(self.accountant.cost(task))
             dropped += len(group) - len(live)
             if len(arrived) < self.buffer:  # not yet a step: the freed slots get the current model

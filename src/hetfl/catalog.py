@@ -8,6 +8,7 @@ from hetfl.data.partition import PARTITIONERS
 from hetfl.decentralized import TOPOLOGIES
 from hetfl.decentralized import protocol as _decentralized  # noqa: F401  (registers dkd, dpsgd, isolated)
 from hetfl.engines import GRAPH_ENGINES, SERVER_ENGINES
+from hetfl.hetero.budgets import MEMORY_BUDGETS
 from hetfl.hetero.depth import DEPTH_RULES
 from hetfl.hetero.losses import LOSS_RULES
 from hetfl.hetero.policy import INDEX_POLICIES
@@ -27,7 +28,8 @@ REGISTRIES: dict[str, Registry] = {
     "width schedules": WIDTH_SCHEDULES,
     "loss rules": LOSS_RULES,
     "depth rules": DEPTH_RULES,
+    "memory budgets": MEMORY_BUDGETS,
 }
 
-__all__ = ["ALGORITHMS", "DATASETS", "DEPTH_RULES", "GRAPH_ENGINES", "INDEX_POLICIES", "LOSS_RULES", "MODELS",
-           "PARTITIONERS", "REGISTRIES", "SERVER_ENGINES", "TOPOLOGIES", "WIDTH_SCHEDULES"]
+__all__ = ["ALGORITHMS", "DATASETS", "DEPTH_RULES", "GRAPH_ENGINES", "INDEX_POLICIES", "LOSS_RULES", "MEMORY_BUDGETS",
+           "MODELS", "PARTITIONERS", "REGISTRIES", "SERVER_ENGINES", "TOPOLOGIES", "WIDTH_SCHEDULES"]

@@ -85,7 +85,7 @@ import numpy as np
 import torch
 
 from hetfl.accounting import Accountant, TierLedger
-from hetfl.algorithms.base import Algorithm, ClientResult, ClientTask, Context, ServerState, nbytes
+from hetfl.algorithms.base import Algorithm, ClientResult, ClientTask, Context, ServerState, nbytes, returned
 from hetfl.errors import ClientLost, HetflError
 from hetfl.privacy.mechanism import PrivateRound
 from hetfl.reliability.guard import RoundGuard, skip_round
@@ -247,7 +247,7 @@ class Round:
                 report.train_time_s += time.perf_counter() - t0
                 if res is None:
                     continue
-                report.bytes_up += nbytes(task.weights)  # a valid result has the task's shapes and dtypes
+                report.bytes_up += nbytes(returned(task))  # a valid result: the task's shapes, less frozen keys
                 report.tiers.trained(costs[id(task)])
                 if not book.accept(task, res):  # invalid: rejected with its reason
                     continue

@@ -13,6 +13,7 @@ from hetfl.algorithms import (  # noqa: F401  (registers the algorithms)
     inclusivefl,
     nefl,
     scalefl,
+    slt,
 )
 from hetfl.algorithms.base import Algorithm, ClientResult, ClientTask, Context, EvalTarget, ServerState, Weights
 from hetfl.algorithms.registry import ALGORITHMS

@@ -128,6 +128,20 @@ def nbytes(weights: Weights) -> int:
     return sum(t.numel() * t.element_size() for t in weights.values())
 
 
+#: ``ClientTask.extra`` key: the state-dict keys a client receives but neither trains nor returns (frozen layers,
+#: as in successive layer training); a valid result carries every other key of the task
+FROZEN = "frozen"
+
+
+def returned(task: ClientTask) -> Weights:
+    """The part of ``task.weights`` a valid result carries (all of it unless some keys are :data:`FROZEN`)."""
+    frozen = task.extra.get(FROZEN) if task.extra else None
+    if not frozen:
+        return task.weights
+    skip = set(frozen)
+    return {k: v for k, v in task.weights.items() if k not in skip}
+
+
 def round_seed(seed: int, rnd: int, client_id: int = -1) -> int:
     """A 63-bit seed derived from (run seed, round, client): independent of execution order."""
     ss = np.random.SeedSequence([seed, rnd, client_id + 1, 0x6865_7466])

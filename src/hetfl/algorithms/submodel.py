@@ -17,8 +17,9 @@ Everything else is this base, composed of registered parts from :mod:`hetfl.hete
 * the **footprints** (:meth:`footprints`): every level a client may train this round, with its probability, as
   the elements it would cover (differential privacy's expected counts), and the deployed submodels' footprints.
 
-A subclass gives the level's model (:meth:`level_ref`), its width (:meth:`level_width`), the schedule's law over
-levels (:meth:`plan_law`) and the keys the server never averages (:meth:`skip_keys`).
+A subclass gives the level's model (:meth:`level_ref`), its width (:meth:`level_width`; or its channels per group,
+:meth:`level_selection`), the schedule's law over levels (:meth:`plan_law`) and the keys the server never averages
+(:meth:`skip_keys`).
 """
 
 from __future__ import annotations
@@ -153,6 +154,12 @@ class SubmodelFL(Algorithm):
         return (policy or self.channels).select(spec.groups, group_sizes(ref, ctx.info, width), rnd=rnd,
                                                 client=client, seed=ctx.seed)
 
+    def level_selection(self, ctx: Context, level: Any, rnd: int = 0, client: int = 0,
+                        policy: IndexPolicy | None = None) -> Selection:
+        """The channels a client of ``level`` keeps: by default the selection of the level's width (a method
+        whose levels have per-layer widths, e.g. successive layer training, overrides this)."""
+        return self.selection(ctx, self.level_width(level), rnd, client, policy)
+
     def level_keys(self, ctx: Context, level: Any, glob: Weights) -> list[str]:
         """The floating tensors a client of ``level`` holds and the server averages (plain names)."""
         skip = self.skip_keys(glob)
@@ -221,7 +228,7 @@ class SubmodelFL(Algorithm):
 
         def place(res: ClientResult) -> Placement:
             level = plan.of(res.client_id)
-            sel = self.selection(ctx, self.level_width(level), rnd, res.client_id)
+            sel = self.level_selection(ctx, level, rnd, res.client_id)
             if not owned:
                 return place_slice(glob, spec, res.weights, sel, self.weight_of(res), self.class_mask(res), skip)
             tag = self.level_tag(level)
@@ -237,8 +244,7 @@ class SubmodelFL(Algorithm):
         cache: dict[tuple, Placement] = {}
 
         def footprints(client: int) -> list[tuple[float, Placement]]:
-            return [(p, self._footprint(state, ctx, level,
-                                        self.selection(ctx, self.level_width(level), rnd, client), cache))
+            return [(p, self._footprint(state, ctx, level, self.level_selection(ctx, level, rnd, client), cache))
                     for level, p in plan.law(client).items()]
 
         return footprints
@@ -250,8 +256,7 @@ class SubmodelFL(Algorithm):
     def deployed_footprints(self, state: ServerState, ctx: Context) -> dict[str, Placement]:
         """Every deployed level's submodel: its keys at the prefix of its width."""
         cache: dict[tuple, Placement] = {}
-        return {label: self._footprint(state, ctx, level, self.selection(ctx, self.level_width(level),
-                                                                          policy=Prefix()), cache)
+        return {label: self._footprint(state, ctx, level, self.level_selection(ctx, level, policy=Prefix()), cache)
                 for label, level in self.deployed_levels(ctx).items()}
 
     def _footprint(self, state: ServerState, ctx: Context, level: Any, sel: Selection, cache: dict) -> Placement:

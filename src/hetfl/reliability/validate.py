@@ -5,7 +5,7 @@ carries the submodel's shapes, and its result must have exactly those.  :func:`v
 returns ``None`` for a valid result, otherwise one line saying what is wrong:
 
 * the result answers for another client, or its ``num_samples`` is not an integer >= 0;
-* missing or unexpected weight keys; a value that is not a tensor;
+* missing or unexpected weight keys (a task's frozen keys must not come back); a value that is not a tensor;
 * a shape or dtype that differs from the task's;
 * NaN or ±Inf anywhere;
 * an update norm ``||w_new - w_task||`` (L2 over every floating tensor) above
@@ -19,7 +19,7 @@ import numbers
 
 import torch
 
-from hetfl.algorithms.base import ClientResult, ClientTask, Weights
+from hetfl.algorithms.base import ClientResult, ClientTask, Weights, returned
 from hetfl.packed import span as packed_span
 from hetfl.reliability import FaultsConfig
 
@@ -71,7 +71,7 @@ def validate_result(task: ClientTask, result: ClientResult, faults: FaultsConfig
     weights = result.weights
     if not isinstance(weights, dict):
         return f"weights must be a dict of tensors, got {type(weights).__name__}"
-    expected = task.weights
+    expected = returned(task)  # frozen keys (ClientTask.extra['frozen']) are not sent back
     # packed weights (worker results, hetfl.packed): one finite check over the whole buffer; only if it
     # fails (a non-finite value, or garbage in the gaps between tensors) is each tensor checked
     span = packed_span(weights) if all(isinstance(v, torch.Tensor) for v in weights.values()) else None
