@@ -157,15 +157,17 @@ class Entry:
         return self.result
 
 
-def presum(tasks: Sequence[Any], run: Callable[[Any], Any], weight_of: Callable[[Any], float], faults: Any,
-           into: torch.Tensor | None = None) -> tuple[list[Entry], BlockSum]:
-    """Run a block's tasks in order (``run(task)``: the client's result, or raises), validate each result
-    and add the valid ones to the block's sum; the entries for the round's books and the sum."""
+def presum(tasks: Sequence[Any], outcome_of: Callable[[Any], Outcome], weight_of: Callable[[Any], float],
+           faults: Any, into: torch.Tensor | None = None) -> tuple[list[Entry], BlockSum]:
+    """Run a block's tasks in order, validate each result and add the valid ones to the block's sum; the
+    entries for the round's books and the sum.  ``outcome_of(task)``: the task's outcome (a transport's
+    error there propagates), whose call gives the client's result or raises the client's exception."""
     entries: list[Entry] = []
     total = BlockSum.like(tasks[0].weights, into)
     for task in tasks:
+        outcome = outcome_of(task)
         try:
-            res = run(task)
+            res = outcome(task)
         except Exception as exc:  # the round books it as a failure (or re-raises under faults.fail_fast)
             entries.append(Entry(error=exc))
             continue
@@ -178,8 +180,6 @@ def presum(tasks: Sequence[Any], run: Callable[[Any], Any], weight_of: Callable[
             bare = res
         entries.append(Entry(bare, reason))
     return entries, total
-
-
 
 
 def carry_blocks(transport: Transport, tasks: Sequence[ClientTask], weight_of: Callable[[ClientResult], float],
@@ -210,15 +210,15 @@ def carry_blocks(transport: Transport, tasks: Sequence[ClientTask], weight_of: C
     stream = synchronous(transport, tasks)
     try:
         for block in blocks:
-            yield block, *presum(block, lambda task: _next_outcome(stream, task)(task), weight_of, faults)
+            yield block, *presum(block, lambda task: _next_outcome(stream, task), weight_of, faults)
     finally:
         stream.close()
 
 
-def _replaying(outcomes: Sequence[Outcome]) -> Callable[[ClientTask], ClientResult]:
-    """``run(task)`` for :func:`presum` that replays the given outcomes in order."""
+def _replaying(outcomes: Sequence[Outcome]) -> Callable[[ClientTask], Outcome]:
+    """``outcome_of(task)`` for :func:`presum` that hands out the given outcomes in order."""
     it = iter(outcomes)
-    return lambda task: next(it)(task)
+    return lambda task: next(it)
 
 
 def _next_outcome(stream: Iterator[tuple[ClientTask, Outcome]], task: ClientTask) -> Outcome:

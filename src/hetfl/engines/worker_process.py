@@ -142,7 +142,7 @@ def _run_block(meta: tuple, weights: Views, out: Views, run_client: ClientRunner
     client's entry as a picklable tuple, and the sum's summary (its values stay in shared memory)."""
     metas, faults = meta
     tasks = [ClientTask(cid, ref, weights, train, cseed, extra) for cid, ref, train, cseed, extra in metas]
-    entries, total = presum(tasks, run_client, algorithm.weight_of, faults, into=out["sum"])
+    entries, total = presum(tasks, lambda task: run_client, algorithm.weight_of, faults, into=out["sum"])
     info = []
     for task, e in zip(tasks, entries):
         if e.error is not None:
