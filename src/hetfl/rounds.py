@@ -27,7 +27,7 @@ Engines only carry tasks to clients and results back.  A transport (:class:`Tran
 
 What each engine's session does: the in-process simulator runs a task when its outcome is called (so
 "finishes" = submission order); the worker pool trains up to two tasks per worker and returns whichever
-is done first (:class:`hetfl.engines.pool.PoolSession`); Flower pushes the submitted tasks as messages
+is done first (:class:`hetfl.engines.session.PoolSession`); Flower pushes the submitted tasks as messages
 and returns replies as they are pulled (:class:`hetfl.flower.strategy.FlowerSession`).
 
 The synchronous round is the special case :func:`synchronous`: submit all of a round's tasks, then hand
@@ -78,22 +78,32 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from hetfl.accounting import Accountant, TierLedger
+from hetfl.aggregation import make_reducer
+from hetfl.aggregation.blocks import BlockSum
 from hetfl.algorithms.base import Algorithm, ClientResult, ClientTask, Context, ServerState, nbytes, returned
 from hetfl.errors import ClientLost, HetflError
 from hetfl.privacy.mechanism import PrivateRound
 from hetfl.reliability.guard import RoundGuard, skip_round
+from hetfl.reliability.validate import validate_result
 
 #: Third word of a round's sampling seed ``[run seed, round, SAMPLING_STREAM]`` ("samp").
 SAMPLING_STREAM = 0x73616D70
 
 Outcome = Callable[[ClientTask], ClientResult]
+
+#: Consecutive tasks of a round whose results are pre-summed together (:mod:`hetfl.aggregation.blocks`; one
+#: message per block from a worker process).  Small enough that a round's last blocks balance over the
+#: workers (100 clients on 2 workers: 13 blocks, at most 4 clients more on one; a cohort of 50: 7 blocks),
+#: large enough that a small model's hand-off is paid once per 8 clients.  Changing it moves the last bits
+#: of the means of rounds with more clients than one block.
+BLOCK_TASKS = 8
 
 
 def round_rng(seed: int, rnd: int) -> np.random.Generator:
@@ -129,6 +139,93 @@ def synchronous(transport: Transport, tasks: Sequence[ClientTask]) -> Iterator[t
                 task, outcome = session.next_result()
                 held[position[id(task)]] = (task, outcome)
             yield held.pop(i)
+
+
+@dataclass
+class Entry:
+    """One client of a block, as the round books it: its result without weights (``None`` if it raised:
+    ``error``) and why validation rejected it (``None``: valid, summed)."""
+
+    result: Any = None  # a ClientResult whose weights are {} (they are in the block's sum)
+    reason: str | None = None
+    error: BaseException | None = None
+
+    def outcome(self, task: ClientTask) -> ClientResult:
+        """The entry as a transport's outcome: its result, or its exception raised."""
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def presum(tasks: Sequence[Any], outcome_of: Callable[[Any], Outcome], weight_of: Callable[[Any], float],
+           faults: Any, into: torch.Tensor | None = None) -> tuple[list[Entry], BlockSum]:
+    """Run a block's tasks in order, validate each result and add the valid ones to the block's sum; the
+    entries for the round's books and the sum.  ``outcome_of(task)``: the task's outcome (a transport's
+    error there propagates), whose call gives the client's result or raises the client's exception."""
+    entries: list[Entry] = []
+    total = BlockSum.like(tasks[0].weights, into)
+    for task in tasks:
+        outcome = outcome_of(task)
+        try:
+            res = outcome(task)
+        except Exception as exc:  # the round books it as a failure (or re-raises under faults.fail_fast)
+            entries.append(Entry(error=exc))
+            continue
+        reason = validate_result(task, res, faults)
+        if reason is None:
+            total.add(res.weights, weight_of(res))
+        try:
+            bare = replace(res, weights={})
+        except TypeError:  # not a ClientResult: validation said so
+            bare = res
+        entries.append(Entry(bare, reason))
+    return entries, total
+
+
+def carry_blocks(transport: Transport, tasks: Sequence[ClientTask], weight_of: Callable[[ClientResult], float],
+                 faults: Any) -> Iterator[tuple[list[ClientTask], list[Entry], BlockSum]]:
+    """A synchronous round in blocks of :data:`BLOCK_TASKS` consecutive tasks: for each block in order, its
+    tasks, their entries and the block's sum (:func:`presum`).  A transport with ``open_blocks()`` (the
+    worker pool) runs :func:`presum` where the clients train, one message per block (``submit_block``,
+    ``next_block``; a block it had to run client by client comes back as outcomes, summed here); any other
+    transport carries the clients one by one and the blocks are summed here, the same way."""
+    blocks = [list(tasks[i:i + BLOCK_TASKS]) for i in range(0, len(tasks), BLOCK_TASKS)]
+    opener = getattr(transport, "open_blocks", None)
+    session_cm = opener() if opener is not None else None
+    if session_cm is not None:
+        with session_cm as session:
+            for block in blocks:
+                session.submit_block(block, faults)
+            held: dict[int, Any] = {}
+            for i, block in enumerate(blocks):
+                while i not in held:
+                    k, done = session.next_block()
+                    held[k] = done
+                done = held.pop(i)
+                if done.total is not None:
+                    yield block, done.entries, done.total
+                else:
+                    yield block, *presum(block, _replaying(done.outcomes), weight_of, faults)
+        return
+    stream = synchronous(transport, tasks)
+    try:
+        for block in blocks:
+            yield block, *presum(block, lambda task: _next_outcome(stream, task), weight_of, faults)
+    finally:
+        stream.close()
+
+
+def _replaying(outcomes: Sequence[Outcome]) -> Callable[[ClientTask], Outcome]:
+    """``outcome_of(task)`` for :func:`presum` that hands out the given outcomes in order."""
+    it = iter(outcomes)
+    return lambda task: next(it)
+
+
+def _next_outcome(stream: Iterator[tuple[ClientTask, Outcome]], task: ClientTask) -> Outcome:
+    got, outcome = next(stream)
+    if got is not task:  # pragma: no cover - synchronous() yields in task order
+        raise HetflError("internal error: results out of task order")
+    return outcome
 
 
 class InProcess:
@@ -232,10 +329,32 @@ class Round:
         plan = getattr(self.transport, "plan", None)
         if plan is not None:
             plan(book.to_run)
-        report.bytes_down = sum(nbytes(task.weights) for task in tasks)
+        sizes: dict[int, int] = {}  # bytes of each distinct weights dict (FedAvg sends one to every client)
+
+        def size(task: ClientTask) -> int:
+            n = sizes.get(id(task.weights))
+            if n is None:
+                n = sizes[id(task.weights)] = nbytes(task.weights)
+            return n
+
+        report.bytes_down = sum(size(task) for task in tasks)
         costs = {id(task): self.accountant.cost(task) for task in tasks}
         for task in tasks:
             report.tiers.sent(costs[id(task)])
+
+        def book_result(task: ClientTask, res: ClientResult | None, reason: Any = ...) -> bool:
+            """Book one client's (non-None) result; whether it was accepted."""
+            back = returned(task)  # a valid result has the task's shapes and dtypes, less its frozen keys
+            report.bytes_up += size(task) if back is task.weights else nbytes(back)
+            report.tiers.trained(costs[id(task)])
+            if not book.accept(task, res, reason):  # invalid: rejected with its reason
+                return False
+            report.clients.append(res.client_id)
+            report.samples += res.num_samples
+            loss = res.metrics.get("train_loss", float("nan"))
+            if np.isfinite(loss):
+                report.train_loss_sum += loss * res.num_samples
+            return True
 
         def stream() -> Iterator[ClientResult]:
             if not book.to_run:
@@ -247,22 +366,40 @@ class Round:
                 report.train_time_s += time.perf_counter() - t0
                 if res is None:
                     continue
-                report.bytes_up += nbytes(returned(task))  # a valid result: the task's shapes, less frozen keys
-                report.tiers.trained(costs[id(task)])
-                if not book.accept(task, res):  # invalid: rejected with its reason
+                if not book_result(task, res):
                     continue
-                report.clients.append(res.client_id)
-                report.samples += res.num_samples
-                loss = res.metrics.get("train_loss", float("nan"))
-                if np.isfinite(loss):
-                    report.train_loss_sum += loss * res.num_samples
                 waited[0] += time.perf_counter() - t_in
                 yield res
                 t_in = time.perf_counter()
             waited[0] += time.perf_counter() - t_in
 
+        def block_sums() -> Iterator[BlockSum]:
+            """The blocks' sums in block order; each block's clients booked as single results are."""
+            if not book.to_run:
+                return
+            t_in = time.perf_counter()
+            for tasks, entries, total in carry_blocks(self.transport, book.to_run, algo.weight_of, book.faults):
+                report.train_time_s += time.perf_counter() - t_in  # the block's clients trained (and were summed)
+                for task, entry in zip(tasks, entries):
+                    res = book.run(task, entry.outcome)
+                    if res is not None:
+                        book_result(task, res, entry.reason)
+                waited[0] += time.perf_counter() - t_in
+                yield total
+                t_in = time.perf_counter()
+            waited[0] += time.perf_counter() - t_in
+
         reducer = dp.reducer(state, rnd) if dp is not None else None  # [privacy]: the private reducer
-        update = None if book.early_skip and dp is None else algo.aggregate(state, rnd, stream(), ctx, reducer)
+        if reducer is None and algo.block_sums:  # a plain weighted mean: results may be pre-summed in blocks
+            mean = make_reducer(state.models, algo.aggregator, algo.trim)
+            if mean.accepts_sums:
+                reducer = mean
+        if book.early_skip and dp is None:
+            update = None
+        elif getattr(reducer, "accepts_sums", False):
+            update = algo.aggregate_sums(state, rnd, block_sums(), ctx, reducer)
+        else:
+            update = algo.aggregate(state, rnd, stream(), ctx, reducer)
         report.faults = book.finish()
         report.messages = book.messages
         if dp is not None:  # the noised aggregate is released every round, never skipped
@@ -296,5 +433,5 @@ def state_bytes(state: ServerState) -> int:
     return walk(state.models) + walk(state.buffers)
 
 
-__all__ = ["ClientLost", "InProcess", "Outcome", "Round", "RoundReport", "SAMPLING_STREAM", "Session", "Transport",
-           "round_rng", "state_bytes", "synchronous"]
+__all__ = ["BLOCK_TASKS", "ClientLost", "Entry", "InProcess", "Outcome", "Round", "RoundReport", "SAMPLING_STREAM",
+           "Session", "Transport", "carry_blocks", "presum", "round_rng", "state_bytes", "synchronous"]

@@ -16,6 +16,11 @@ by block (:data:`BLOCK_ELEMENTS`), so the float64 running sum stays in cache: pe
 in the same order, and each ``w * x`` is exact in float64 (float32 or narrower values, integer ``w``), so
 packed and unpacked results give bit-identical means.
 
+A round may also hand :class:`WeightedMean` the float64 weighted sums of blocks of consecutive results
+(:mod:`hetfl.aggregation.blocks`, summed where the clients trained): :meth:`WeightedMean.add_sum` adds them
+in block order.  Only reducers with ``accepts_sums`` take them; the robust ones and the private sum need
+every result on its own.
+
 Differential privacy (:mod:`hetfl.privacy.mechanism`) is a third reducer over the same placements.
 """
 
@@ -25,6 +30,7 @@ from typing import Protocol
 
 import torch
 
+from hetfl.aggregation.blocks import BlockSum
 from hetfl.aggregation.placement import Piece, Placement
 from hetfl.packed import span as packed_span
 from hetfl.packed import views as packed_views
@@ -47,6 +53,8 @@ class Reducer(Protocol):
 
     #: whether the algorithm may also read the raw results (side channels such as FedDF's teachers)
     private: bool
+    #: whether it takes block sums of whole results (:meth:`WeightedMean.add_sum`) in place of the results
+    accepts_sums: bool
     clients: int
 
     def add(self, placement: Placement) -> None: ...
@@ -113,6 +121,25 @@ class _ModelMean:
         self.flush()
         for key, piece in p.pieces.items():
             self._add_piece(key, piece, w)
+
+    def add_sum(self, s: BlockSum) -> None:
+        """Add a block's weighted sum of whole results (:mod:`hetfl.aggregation.blocks`); every result of the
+        round comes so (block sums are not mixed with single results)."""
+        if self.n and (self.flat_sum is None or self.flat_layout != s.offsets or self.pending):
+            raise ValueError("internal error: a block sum after single results, or of another layout")
+        self.single = None
+        self.n += s.n
+        if self.flat_sum is None:
+            self.flat_sum = s.flat.clone()
+            self.flat_layout = s.offsets
+            self.sums = packed_views(self.flat_sum, s.offsets)
+            self.counts = dict.fromkeys(self.sums, s.weight)
+            self.dtypes = {k: self.reference[k].dtype if self.reference is not None and k in self.reference else d
+                           for k, d in s.dtypes.items()}
+            return
+        self.flat_sum.add_(s.flat)
+        for k in self.counts:
+            self.counts[k] += s.weight
 
     def flush(self) -> None:
         if self.pending:
@@ -201,6 +228,7 @@ class WeightedMean:
     """
 
     private = False
+    accepts_sums = True
 
     def __init__(self, references: dict[str, Weights] | None = None) -> None:
         self.references = references
@@ -216,6 +244,18 @@ class WeightedMean:
             mean = self.models[placement.model] = _ModelMean(ref)
         mean.add(placement)
         self.clients += 1
+
+    def add_sum(self, model: str, s: BlockSum) -> None:
+        """Add a block's float64 weighted sum of whole results for ``model`` (:mod:`hetfl.aggregation.blocks`),
+        in block order; ``s.n`` results count as clients."""
+        if s.n == 0:
+            return
+        mean = self.models.get(model)
+        if mean is None:
+            ref = self.references.get(model) if self.references is not None else None
+            mean = self.models[model] = _ModelMean(ref)
+        mean.add_sum(s)
+        self.clients += s.n
 
     def result(self) -> dict[str, Weights]:
         """The new weights of every model that received a result (the others are absent)."""
@@ -237,6 +277,7 @@ class CoordinateRobust:
     """
 
     private = False
+    accepts_sums = False  # a median needs every result
 
     def __init__(self, references: dict[str, Weights], method: str, trim: float = 0.1) -> None:
         check_method(method, trim)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from hetfl.aggregation import Placement, Reducer, footprint_of, make_reducer, whole
+from hetfl.aggregation.blocks import BlockSum
 from hetfl.config import TrainConfig
 from hetfl.data.base import DataInfo, Split
 from hetfl.data.server import ServerData, ServerDataSpec
@@ -163,6 +164,13 @@ class Algorithm:
     #: exactly FedAvg's plain local SGD (cross-entropy, no per-client state); an override of local_update that
     #: changes this must set it False
     batchable: ClassVar[bool] = False
+    #: a round's results may be pre-summed in blocks of consecutive clients where they train
+    #: (:mod:`hetfl.aggregation.blocks`, :meth:`aggregate_sums`): every task of a round carries the same
+    #: weights, every result is placed whole on ``global`` with :meth:`weight_of` (the default
+    #: :meth:`placer`), there is no :meth:`side_channel`, and :meth:`combine` reads only the reduced models.
+    #: Used only when the round's reducer accepts sums (the mean; not the robust ones, not ``[privacy]``).
+    #: An override of any of these that breaks it must set it False
+    block_sums: ClassVar[bool] = False
 
     clients_per_round: int = 10
     fraction: float = 0.0
@@ -253,6 +261,15 @@ class Algorithm:
             if side is not None:
                 side.add(res, placement)
         return self.combine(state, rnd, reducer.result() if reducer.clients or reducer.private else {}, side, ctx)
+
+    def aggregate_sums(self, state: ServerState, rnd: int, sums: Iterable[BlockSum], ctx: Context,
+                       reducer: Reducer) -> Any:
+        """:meth:`aggregate` for an algorithm with :attr:`block_sums`: the round's results come as the float64
+        weighted sums of blocks of consecutive results (:mod:`hetfl.aggregation.blocks`), added in block
+        order into ``reducer`` (one with ``accepts_sums``), then :meth:`combine` as usual (no side channel)."""
+        for total in sums:
+            reducer.add_sum("global", total)
+        return self.combine(state, rnd, reducer.result() if reducer.clients else {}, None, ctx)
 
     def server_step(self, state: ServerState, update: Any, ctx: Context) -> ServerState:
         raise NotImplementedError

@@ -56,6 +56,7 @@ class FedAvg(Algorithm):
     """
 
     batchable: ClassVar[bool] = True  # plain local SGD: same-shape clients may train as one batched model
+    block_sums: ClassVar[bool] = True  # every task the global weights, every result placed whole: blocks pre-summed
     weighted: bool = True
     server_lr: float = 1.0
     server_momentum: float = 0.0

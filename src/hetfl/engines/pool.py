@@ -18,24 +18,34 @@ parallel region, and receive the federation once, pickled (its tensors travel th
 memory, not copied per worker).  The main process warms up (builds the models, takes one SGD step on a
 throwaway copy) before forking, so workers inherit lazy imports and do not pay them inside the first round.
 
-Sessions.  Work goes through a :class:`PoolSession` (``pool.open(chunks)``), the streaming transport of
-:mod:`hetfl.rounds`: ``submit(task)`` at any time, ``next_result()`` returns whichever client finished
-first, as ``(task, outcome)``.  Units of work (one task, or a planned chunk of same-shape tasks that one
-worker trains batched) are handed out oldest first, at most :data:`DEPTH` per worker, and never more than
-``lookahead`` units past the oldest unfinished one, so results that finish early wait in bounded number.
-Every client update seeds itself (:func:`hetfl.train.local_sgd`), so which worker trains it, and when,
-changes no bit: a run with workers equals the in-process run when both use one thread per client.
+Sessions.  Work goes through a :class:`~hetfl.engines.session.PoolSession` (``pool.open(chunks)``), the
+streaming transport of :mod:`hetfl.rounds`: ``submit(task)`` at any time, ``next_result()`` returns
+whichever client finished first, as ``(task, outcome)``.  Units of work (one task, or a planned chunk of
+same-shape tasks that one worker trains batched) are handed out oldest first, at most :data:`DEPTH` per
+worker, and never more than ``lookahead`` units past the oldest unfinished one, so results that finish early
+wait in bounded number. Every client update seeds itself (:func:`hetfl.train.local_sgd`), so which worker
+trains it, and when, changes no bit: a run with workers equals the in-process run when both use one thread
+per client.
+
+Blocks.  A session also takes whole *blocks* of consecutive tasks that share one weights dict
+(``submit_block``, :mod:`hetfl.aggregation.blocks`): one unit, one message each way; the worker trains the
+block's clients, validates each result and sums the valid ones in float64 into a shared buffer (the block's
+*out* half), and replies with each client's entry (no weights); ``next_block()`` returns blocks as they
+finish, each with its entries and sum.  This process then books the clients and adds one sum per block,
+instead of copying, validating and adding every result.
 
 Failures.  A client's exception is sent back and re-raised in the parent (its outcome raises), where the
 round's :class:`~hetfl.reliability.guard.RoundBook` records it as a failure; the worker lives on.  A
 worker that dies (killed, segfault, ``os._exit``) or exceeds ``worker_timeout_s`` on one client is
 detected through its process sentinel (never a blocking read), reported, and restarted; its client is
-retried once, and if it kills a worker again it is counted as a failed (dropped) client.
+retried once, and if it kills a worker again it is counted as a failed (dropped) client.  A block whose
+worker dies is retried client by client (each client's retry; the block is then summed in this process, the
+same way), so only the client that kills a worker twice is dropped; ``worker_timeout_s`` applies per client
+of a block (the block may take that times its clients).
 """
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import math
 import pickle
@@ -51,12 +61,14 @@ from typing import Any
 import torch
 
 from hetfl import packed
+from hetfl.aggregation.blocks import BlockSum, numel_of
+from hetfl.aggregation.blocks import flat_offsets as block_offsets
 from hetfl.algorithms.base import Algorithm, ClientResult, ClientTask, Context
 from hetfl.engines import worker_process
 from hetfl.engines.shm import Layout, Views, client_views, create_shared, group_layout, layout_of, unlink
 from hetfl.engines.worker_process import dumps
 from hetfl.errors import ConfigError, HetflError
-from hetfl.rounds import Outcome
+from hetfl.rounds import Entry, Outcome
 
 START_TIMEOUT_S = 120.0  # a worker must report ready within this (forkserver imports torch: seconds)
 STOP_TIMEOUT_S = 5.0  # close(): wait this long for a clean exit, then terminate, then kill
@@ -120,6 +132,8 @@ class _Job:
     seq: int = 0
     path: str | None = None  # a shared file this job hands over (the worker maps it first)
     slot: _Slot | None = None  # the buffers it was sent with
+    block: Any = None  # a block (pre-summed there): the round's [faults] its clients are validated with
+    clients: int = 1  # the clients it may take worker_timeout_s each for
 
 
 @dataclass
@@ -142,6 +156,16 @@ class _Worker:
 class _Outcome:
     result: ClientResult | None = None
     error: BaseException | None = None
+
+
+@dataclass
+class BlockDone:
+    """A finished block: its clients' ``entries`` and its ``total`` (pre-summed by a worker), or else the
+    ``outcomes`` of its clients one by one (retried client by client, to be summed by the caller)."""
+
+    entries: list[Entry] | None = None
+    total: BlockSum | None = None
+    outcomes: list[Outcome] | None = None
 
 
 class WorkerPool:
@@ -279,9 +303,9 @@ class WorkerPool:
             self.close()
 
     # -------------------------------------------------------------- sessions
-    def open(self, chunks: Sequence[Sequence[ClientTask]] = (), lookahead: int = 0) -> PoolSession:
-        """A streaming session (see :class:`PoolSession`); one at a time.  Workers that an interrupted
-        session stopped are restarted first."""
+    def open(self, chunks: Sequence[Sequence[ClientTask]] = (), lookahead: int = 0) -> Any:
+        """A streaming session (:class:`hetfl.engines.session.PoolSession`); one at a time.  Workers that an
+        interrupted session stopped are restarted first."""
         if self._closed:
             raise HetflError("the worker pool is closed")
         for w in list(self._workers):
@@ -290,19 +314,25 @@ class WorkerPool:
                 new = self._start(w.index)
                 self._await_ready(new)
                 self._workers[w.index] = new
+        from hetfl.engines.session import PoolSession  # the session module uses this one's types
+
         return PoolSession(self, chunks, lookahead or 4 * len(self._workers))
 
     def _send(self, w: _Worker, job: _Job, unit: Sequence[ClientTask]) -> None:
         task = unit[0]
         layout = layout_of(task.weights)
-        k = len(unit)  # > 1: a chunk, its tasks share one weights dict (see ParallelSimulator.open)
-        slot = w.slots.get((job.lane, layout, k))
+        k = len(unit)  # > 1: a chunk or a block, its tasks share one weights dict (see ParallelSimulator.open)
+        key = (job.lane, layout, "block" if job.block is not None else k)
+        slot = w.slots.get(key)
         slot_new = None
         if slot is None:
-            out_layout = group_layout(layout, k) if k > 1 else layout
+            if job.block is not None:  # the block's float64 sum, its tensors side by side
+                out_layout: Layout = (("sum", (numel_of(block_offsets(task.weights)),), torch.float64),)
+            else:
+                out_layout = group_layout(layout, k) if k > 1 else layout
             path, inp, out = create_shared(layout, out_layout)
             self._slot_ids += 1
-            slot = w.slots[(job.lane, layout, k)] = _Slot(self._slot_ids, inp, out)
+            slot = w.slots[key] = _Slot(self._slot_ids, inp, out)
             w.pending_paths.append(path)
             slot_new = (path, layout, out_layout)
             job.path = path
@@ -314,14 +344,19 @@ class WorkerPool:
             w.started = time.monotonic()
         w.jobs.append(job)
         metas = [(t.client_id, t.model, t.train, t.seed, t.extra) for t in unit]
-        msg = ("chunk", job.seq, slot.id, slot_new, metas) if k > 1 else ("task", job.seq, slot.id, slot_new, metas[0])
+        if job.block is not None:
+            msg: tuple = ("block", job.seq, slot.id, slot_new, (metas, job.block))
+        elif k > 1:
+            msg = ("chunk", job.seq, slot.id, slot_new, metas)
+        else:
+            msg = ("task", job.seq, slot.id, slot_new, metas[0])
         # a broken pipe means the worker is gone: its sentinel says so in the next wait
         with contextlib.suppress(OSError, ValueError):
             w.conn.send_bytes(dumps(msg))
 
-    def _receive(self, w: _Worker, members: Sequence[int]) -> tuple[_Job, list[_Outcome]]:
+    def _receive(self, w: _Worker, members: Sequence[int]) -> tuple[_Job, Any]:
         """``w``'s oldest job and the outcome of each task of its unit (``members``: the unit of that job,
-        looked up by the caller from ``job.index``)."""
+        looked up by the caller from ``job.index``); for a block, its :class:`BlockDone`."""
         msg = pickle.loads(w.conn.recv_bytes())
         job = w.jobs.popleft()
         w.started = time.monotonic()  # the next job (if any) starts now
@@ -330,6 +365,9 @@ class WorkerPool:
         if job.path is not None:  # mapped (and unlinked) by the worker before it replied
             unlink(job.path)
             w.pending_paths.remove(job.path)
+        if msg[0] == "block":
+            assert job.slot is not None
+            return job, _block_done(msg[3], msg[4], job.slot)
         if msg[0] == "done":
             _, _, _, info, sent = msg
             assert job.slot is not None
@@ -343,9 +381,9 @@ class WorkerPool:
         _, _, _, payload, tb = msg
         out = []
         for _ in members:  # a chunk's exception is every one of its clients' (as in process)
-            exc = pickle.loads(payload) if isinstance(payload, bytes) else RuntimeError(f"{payload[0]}: {payload[1]}")
-            exc.__cause__ = RemoteTraceback(tb)
-            out.append(_Outcome(error=exc))
+            out.append(_Outcome(error=_remote_error(payload, tb)))
+        if job.block is not None:  # the block failed outside its clients: each client fails with it
+            return job, BlockDone(outcomes=[_replay(o) for o in out])
         return job, out
 
     @staticmethod
@@ -380,168 +418,24 @@ class WorkerPool:
         return {objects[fd] for fd, _ in events}
 
 
-class PoolSession:
-    """Tasks submitted at any time, results as they finish: the pool's streaming transport.
+def _remote_error(payload: Any, tb: str) -> BaseException:
+    exc = pickle.loads(payload) if isinstance(payload, bytes) else RuntimeError(f"{payload[0]}: {payload[1]}")
+    exc.__cause__ = RemoteTraceback(tb)
+    return exc
 
-    ``submit(task)`` queues a task (a task of a planned chunk waits until every task of its chunk is
-    submitted, then the chunk is one unit); ``next_result()`` trains until some unit finishes and returns
-    one ``(task, outcome)``, whichever finished first (``outcome(task)`` returns the result or raises the
-    client's exception); ``in_flight`` counts tasks submitted and not yet returned.  As a context manager
-    the session ends cleanly (running clients finish, their results are dropped) when its block ends
-    normally or by ``GeneratorExit``, and stops busy workers at once on any other exception (Ctrl-C):
-    the next session restarts them.
-    """
 
-    def __init__(self, pool: WorkerPool, chunks: Sequence[Sequence[ClientTask]], lookahead: int) -> None:
-        self.pool = pool
-        self.lookahead = lookahead  # units handed out past the oldest unfinished one, at most
-        self._chunk_of = {id(t): k for k, chunk in enumerate(chunks) for t in chunk}
-        self._chunk_size = [len(chunk) for chunk in chunks]
-        self._held: dict[int, list[int]] = {}  # chunk -> its tasks submitted so far (submission numbers)
-        self._tasks: dict[int, ClientTask] = {}  # submission number -> task, until its outcome is ready
-        self._units: dict[int, tuple[int, ...]] = {}  # unit id (its first task's number) -> its tasks
-        self._todo: list[tuple[int, int]] = []  # (unit id, attempt) waiting for a worker, sorted
-        self._formed: list[int] = []  # unit ids from the oldest unfinished one on, sorted
-        self._ready: deque[tuple[ClientTask, Outcome]] = deque()
-        self._submitted = self._returned = 0
-
-    def __enter__(self) -> PoolSession:
-        return self
-
-    def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
-        if kind is None or issubclass(kind, GeneratorExit):
-            self.close()
+def _block_done(info: list[tuple], summary: tuple, slot: _Slot) -> BlockDone:
+    """A block's reply: each client's entry (a result without weights, or its exception) and the block's sum,
+    copied out of the slot's buffer (the next block on this lane reuses it)."""
+    entries = []
+    for item in info:
+        if item[0] == "error":
+            entries.append(Entry(error=_remote_error(item[1], item[2])))
         else:
-            self.abort()
-
-    @property
-    def in_flight(self) -> int:
-        return self._submitted - self._returned
-
-    def submit(self, task: ClientTask) -> None:
-        i = self._submitted
-        self._submitted += 1
-        self._tasks[i] = task
-        k = self._chunk_of.pop(id(task), None)
-        if k is None:
-            self._form((i,))
-            return
-        held = self._held.setdefault(k, [])
-        held.append(i)
-        if len(held) == self._chunk_size[k]:
-            self._form(tuple(self._held.pop(k)))
-
-    def next_result(self) -> tuple[ClientTask, Outcome]:
-        while not self._ready:
-            if not self._units:
-                if not self._held:
-                    raise HetflError("next_result(): no task is in flight")
-                for members in self._held.values():  # a chunk that will not be completed: its tasks one by one
-                    for i in members:
-                        self._form((i,))
-                self._held.clear()
-                continue
-            self._step()
-        self._returned += 1
-        return self._ready.popleft()
-
-    def close(self) -> None:
-        """Let the clients still running finish (their results are dropped), so the next session starts clean."""
-        self._todo.clear()
-        while any(w.jobs for w in self.pool._workers):
-            self._step()
-            self._todo.clear()  # a retry of a lost unit is not needed any more
-        self._forget()
-
-    def abort(self) -> None:
-        """Stop every busy worker now (restarted by the next session); no waiting for long clients."""
-        for w in self.pool._workers:
-            if w.jobs:
-                self.pool._kill(w)
-        self._forget()
-
-    def _forget(self) -> None:
-        self._todo.clear()
-        self._units.clear()
-        self._held.clear()
-        self._tasks.clear()
-        self._formed.clear()
-        self._ready.clear()
-
-    # -------------------------------------------------------------- units
-    def _form(self, members: tuple[int, ...]) -> None:
-        uid = members[0]
-        self._units[uid] = members
-        bisect.insort(self._todo, (uid, 0))
-        bisect.insort(self._formed, uid)
-
-    def _finish(self, uid: int, outcomes: Sequence[_Outcome]) -> None:
-        for i, outcome in zip(self._units.pop(uid), outcomes):
-            self._ready.append((self._tasks.pop(i), _replay(outcome)))
-        while self._formed and self._formed[0] not in self._units:
-            self._formed.pop(0)
-
-    def _dispatch(self) -> None:
-        """Hand out units oldest first, no further than ``lookahead`` units past the oldest unfinished one:
-        first one to every idle worker, then queue more per worker (up to DEPTH) while enough units remain
-        (at the end of a round, an idle worker beats a queue)."""
-        workers = self.pool._workers
-        for depth in range(self.pool.depth):
-            for w in workers:
-                if not self._todo or bisect.bisect_left(self._formed, self._todo[0][0]) >= self.lookahead:
-                    return
-                if len(w.jobs) > depth or (depth > 0 and len(self._todo) <= depth * len(workers)):
-                    continue
-                lane = w.free_lane()
-                if lane is None:
-                    continue
-                uid, attempt = self._todo.pop(0)
-                self.pool._send(w, _Job(uid, attempt, lane), [self._tasks[i] for i in self._units[uid]])
-
-    def _step(self) -> None:
-        pool = self.pool
-        self._dispatch()
-        busy = [w for w in pool._workers if w.jobs]
-        if not busy:
-            raise HetflError("internal error: no worker is busy but results are missing")  # pragma: no cover
-        timeout = 1.0
-        if pool.timeout_s > 0:
-            now = time.monotonic()
-            timeout = max(0.0, min(timeout, min(w.started + pool.timeout_s - now for w in busy)))
-        ready = pool._wait(busy, timeout)
-        for w in busy:
-            if w.conn in ready:
-                try:
-                    while w.jobs and pool._readable(w):  # every reply that is there
-                        uid = w.jobs[0].index
-                        _, outcomes = pool._receive(w, self._units[uid])
-                        self._finish(uid, outcomes)
-                    continue
-                except (EOFError, OSError):
-                    pass  # died while replying: handled as a death below
-            if w.conn in ready or w.proc.sentinel in ready:
-                w.proc.join(0.5)
-                self._lost(w, f"died ({pool._exit_text(w)})")
-            elif pool.timeout_s > 0 and time.monotonic() - w.started > pool.timeout_s:
-                self._lost(w, f"took longer than worker_timeout_s={pool.timeout_s:g}")
-
-    def _lost(self, w: _Worker, why: str) -> None:
-        """Worker ``w`` died or stalled: retry its running unit once (or drop its clients), requeue the rest."""
-        head, *queued = list(w.jobs)
-        cids = [self._tasks[i].client_id for i in self._units[head.index]]
-        if len(cids) == 1:
-            who, retry = f"client {cids[0]}", f"client {cids[0]} is retried once"
-        else:
-            who, retry = f"clients {', '.join(map(str, cids))} (one batched chunk)", "they are retried once"
-        again = [(j.index, j.attempt) for j in queued]
-        if head.attempt == 0:
-            again.append((head.index, 1))
-            self.pool._replace(w, f"{why} while training {who}; {retry}")
-        else:
-            self._finish(head.index, [_Outcome(error=WorkerDiedError(
-                f"the worker training client {cid} {why}, twice; the client is dropped")) for cid in cids])
-            self.pool._replace(w, f"{why} while training {who} (retry)")
-        self._todo[:] = sorted(self._todo + again)
+            _, cid, n, metrics, extra, reason = item
+            entries.append(Entry(ClientResult(cid, n, {}, metrics, extra), reason))
+    flat = slot.out["sum"].clone() if summary[3] else torch.empty(0, dtype=torch.float64)
+    return BlockDone(entries, BlockSum.of(flat, summary))
 
 
 def _replay(outcome: _Outcome) -> Outcome:

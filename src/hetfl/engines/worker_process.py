@@ -4,9 +4,14 @@ A worker maps the shared buffers it is told about (:mod:`hetfl.engines.shm`), tr
 sent with the one :class:`~hetfl.client.ClientRunner` (or a chunk of same-shape clients batched,
 :mod:`hetfl.engines.batched`), writes the result into the buffer's *out* half and replies with the small
 rest (client id, sample count, metrics, ``extra``; an exception with its traceback if the client raised).
-Messages are pickled tuples: ``("task" | "chunk", seq, slot id, new slot or None, meta)`` in,
-``("done", seq, seconds, info, weights or None)`` / ``("error", seq, seconds, exception, traceback)`` out,
-``("ready", pid)`` once at start, ``("stop",)`` to end.
+A *block* (``"block"``: consecutive tasks that share the weights in the slot, :mod:`hetfl.aggregation.blocks`)
+is run by :func:`hetfl.rounds.presum`: every client trained, its result validated (the round's ``[faults]``,
+sent with the block) and the valid ones summed in float64 into the slot's out buffer; the reply carries each
+client's entry (id, samples, metrics, ``extra``, the rejection reason or its exception) and the sum's
+weight and count, no weights.
+Messages are pickled tuples: ``("task" | "chunk" | "block", seq, slot id, new slot or None, meta)`` in,
+``("done", seq, seconds, info, weights or None)`` / ``("block", seq, seconds, entries, sum summary)`` /
+``("error", seq, seconds, exception, traceback)`` out, ``("ready", pid)`` once at start, ``("stop",)`` to end.
 """
 
 from __future__ import annotations
@@ -21,12 +26,13 @@ from typing import Any
 
 import torch
 
-from hetfl.algorithms.base import Algorithm, ClientTask, Context
+from hetfl.algorithms.base import Algorithm, ClientResult, ClientTask, Context
 from hetfl.client import ClientRunner
 from hetfl.engines.batched import train_tasks
 from hetfl.engines.shm import Views, client_views, layout_of, map_views, unlink
 from hetfl.errors import HetflError
 from hetfl.model_cache import ModelCache
+from hetfl.rounds import presum
 from hetfl.train import SGD
 
 
@@ -91,22 +97,32 @@ def worker_main(conn: Any, algorithm: Algorithm, federation: Any, ctx: Context, 
         weights, out = slots[slot_id]
         t0 = time.perf_counter()
         try:
-            sent = None  # the weights, when they do not fit the slot's out buffer
-            if kind == "chunk":  # same-shape clients trained as one batched model (hetfl.engines.batched)
-                info: Any = _train_chunk(meta, weights, out, models, federation)
+            if kind == "block":  # consecutive clients, their valid results summed here: one reply, no weights
+                entries, summary = _run_block(meta, weights, out, run_client, algorithm)
+                reply: tuple = ("block", seq, time.perf_counter() - t0, entries, summary)
             else:
-                client_id, ref, train, cseed, extra = meta
-                res = run_client(ClientTask(client_id, ref, weights, train, cseed, extra))
-                if layout_of(res.weights) == layout_of(out):
-                    for k, v in res.weights.items():
-                        out[k].copy_(v)
-                else:
-                    sent = res.weights
-                info = (res.client_id, res.num_samples, res.metrics, res.extra)
-            reply = ("done", seq, time.perf_counter() - t0, info, sent)
+                info, sent = _run_unit(kind, meta, weights, out, run_client, models, federation)
+                reply = ("done", seq, time.perf_counter() - t0, info, sent)
         except Exception as exc:  # the client failed, the worker lives on
             reply = ("error", seq, time.perf_counter() - t0, *_exception_payload(exc))
         conn.send_bytes(dumps(reply))
+
+
+def _run_unit(kind: str, meta: Any, weights: Views, out: Views, run_client: ClientRunner, models: ModelCache,
+              federation: Any) -> tuple[Any, Any]:
+    """One task (or a chunk of them, trained batched): the reply's info, and the weights when they do not
+    fit the slot's out buffer (else None: they are in it)."""
+    if kind == "chunk":  # same-shape clients trained as one batched model (hetfl.engines.batched)
+        return _train_chunk(meta, weights, out, models, federation), None
+    client_id, ref, train, cseed, extra = meta
+    res = run_client(ClientTask(client_id, ref, weights, train, cseed, extra))
+    sent = None
+    if layout_of(res.weights) == layout_of(out):
+        for k, v in res.weights.items():
+            out[k].copy_(v)
+    else:
+        sent = res.weights
+    return (res.client_id, res.num_samples, res.metrics, res.extra), sent
 
 
 def _train_chunk(metas: list[tuple], weights: Views, out: Views, models: ModelCache, federation: Any) -> list[tuple]:
@@ -118,3 +134,22 @@ def _train_chunk(metas: list[tuple], weights: Views, out: Views, models: ModelCa
     results = train_tasks(models.get(tasks[0].model), tasks, federation, into)
     return [(r.client_id, r.num_samples, r.metrics, r.extra) for r in results]
 
+
+
+def _run_block(meta: tuple, weights: Views, out: Views, run_client: ClientRunner, algorithm: Algorithm
+               ) -> tuple[list[tuple], tuple]:
+    """Run a block of clients (:func:`hetfl.rounds.presum`), their sum into the slot's out buffer; each
+    client's entry as a picklable tuple, and the sum's summary (its values stay in shared memory)."""
+    metas, faults = meta
+    tasks = [ClientTask(cid, ref, weights, train, cseed, extra) for cid, ref, train, cseed, extra in metas]
+    entries, total = presum(tasks, lambda task: run_client, algorithm.weight_of, faults, into=out["sum"])
+    info = []
+    for task, e in zip(tasks, entries):
+        if e.error is not None:
+            info.append(("error", *_exception_payload(e.error)))
+        elif isinstance(e.result, ClientResult):
+            r = e.result
+            info.append(("ok", r.client_id, r.num_samples, r.metrics, r.extra, e.reason))
+        else:  # not a ClientResult: rejected (e.reason says why); the round needs only the reason
+            info.append(("ok", task.client_id, 0, {}, {}, e.reason))
+    return info, total.summary()

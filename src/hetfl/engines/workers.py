@@ -8,7 +8,10 @@ turns ``engine.workers`` (``"auto"`` or a number) into a number of processes.
 Order and equality.  The round hands results to the aggregation in the order of the tasks, whichever
 worker finishes first, so the aggregation sees exactly the sequence of the in-process loop; since every
 client update seeds itself (:func:`hetfl.train.local_sgd`), a run with workers equals the in-process run
-bit for bit when both train with the same number of threads per client.
+bit for bit when both train with the same number of threads per client.  For a plain weighted mean
+(:attr:`~hetfl.algorithms.base.Algorithm.block_sums`: FedAvg) a worker takes a whole block of consecutive
+tasks, validates and sums their results itself and sends one message per block
+(:mod:`hetfl.aggregation.blocks`); the in-process engine sums the same blocks the same way.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ import torch
 
 from hetfl.accounting import model_cost
 from hetfl.algorithms.base import Algorithm, ClientTask, Context
-from hetfl.engines.pool import PoolSession, WorkerPool
+from hetfl.engines.pool import WorkerPool
+from hetfl.engines.session import PoolSession
 from hetfl.engines.simulator import Simulator
 from hetfl.errors import ConfigError
 
@@ -152,7 +156,7 @@ class ParallelSimulator(Simulator):
 
     @contextlib.contextmanager
     def open(self) -> Iterator[PoolSession]:
-        """A streaming session on the worker pool (:class:`~hetfl.engines.pool.PoolSession`), with the
+        """A streaming session on the worker pool (:class:`~hetfl.engines.session.PoolSession`), with the
         batcher's planned chunks; this process keeps one thread while it is open (it aggregates between
         results, beside the workers), and its wall time is the round's ``train_time_s``."""
         t0 = time.perf_counter()
@@ -161,6 +165,12 @@ class ParallelSimulator(Simulator):
                 yield session
         finally:
             self._stream_s += time.perf_counter() - t0
+
+    def open_blocks(self) -> contextlib.AbstractContextManager[PoolSession] | None:
+        """A session for blocks of pre-summed results (:func:`hetfl.rounds.carry_blocks`): the workers train,
+        validate and sum each block, one message per block.  None while the batcher plans chunks (the round
+        then gets results one by one and sums the blocks here, to the same numbers)."""
+        return self.open() if self.batcher is None else None
 
     def _chunks(self) -> list[list[ClientTask]]:
         """The batcher's chunks of this round (planned by ``plan``); a worker trains each chunk as one

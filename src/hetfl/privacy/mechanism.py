@@ -111,6 +111,7 @@ class PrivateSum:
     (data-dependent weights such as HeteroFL's classifier rows) is not used."""
 
     private = True
+    accepts_sums = False  # each update is clipped on its own
 
     def __init__(self, owner: PrivateRound, state: Any, rnd: int, counts: dict[str, dict[str, Any]],
                  clip: float | None) -> None:

@@ -104,10 +104,13 @@ class RoundBook:
             self.messages.append(f"client {task.client_id} failed: {reason}")
             return None
 
-    def accept(self, task: ClientTask, result: ClientResult) -> bool:
-        """Validate ``result`` against ``task``; record it as accepted or rejected (with the reason)."""
+    def accept(self, task: ClientTask, result: ClientResult, reason: Any = ...) -> bool:
+        """Validate ``result`` against ``task``; record it as accepted or rejected (with the reason).
+        ``reason``: the verdict of :func:`validate_result` when it was already checked where the client ran
+        (a pre-summed block, :func:`hetfl.rounds.presum`: the result's weights are in the block's sum)."""
         self.arrived.append(self.plans[id(task)])
-        reason = validate_result(task, result, self.faults)
+        if reason is ...:
+            reason = validate_result(task, result, self.faults)
         if reason is not None:
             self.rejected.append({"client": int(task.client_id), "reason": reason})
             self.messages.append(f"client {task.client_id} rejected: {reason}")
