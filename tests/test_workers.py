@@ -14,6 +14,7 @@ from hetfl.algorithms.fedavg import FedAvg
 from hetfl.cli import main
 from hetfl.engines import SERVER_ENGINES
 from hetfl.engines.pool import WorkerDiedError
+from hetfl.engines.session import open_session
 from hetfl.engines.simulator import Simulator
 from hetfl.engines.workers import ParallelSimulator, resolve_workers
 from hetfl.errors import ConfigError
@@ -301,7 +302,7 @@ def test_interrupted_round_stops_busy_workers_and_the_next_round_restarts_them(t
     exp, algo, state, victim = _faulty(digits_cfg, tmp_path, "stall", times=1)
     sim = ParallelSimulator(algo, exp.federation, exp.ctx, workers=2)
     try:
-        with pytest.raises(KeyboardInterrupt), sim.pool.open() as session:
+        with pytest.raises(KeyboardInterrupt), open_session(sim.pool) as session:
             for task in exp.algorithm.configure_round(state, 1, list(range(8)), exp.ctx):
                 session.submit(task)
             session.next_result()  # one client is done; client 1 stalls for a minute

@@ -18,7 +18,7 @@ parallel region, and receive the federation once, pickled (its tensors travel th
 memory, not copied per worker).  The main process warms up (builds the models, takes one SGD step on a
 throwaway copy) before forking, so workers inherit lazy imports and do not pay them inside the first round.
 
-Sessions.  Work goes through a :class:`~hetfl.engines.session.PoolSession` (``pool.open(chunks)``), the
+Sessions.  Work goes through a :class:`~hetfl.engines.session.PoolSession` (``open_session(pool, chunks)``), the
 streaming transport of :mod:`hetfl.rounds`: ``submit(task)`` at any time, ``next_result()`` returns
 whichever client finished first, as ``(task, outcome)``.  Units of work (one task, or a planned chunk of
 same-shape tasks that one worker trains batched) are handed out oldest first, at most :data:`DEPTH` per
@@ -303,9 +303,9 @@ class WorkerPool:
             self.close()
 
     # -------------------------------------------------------------- sessions
-    def open(self, chunks: Sequence[Sequence[ClientTask]] = (), lookahead: int = 0) -> Any:
-        """A streaming session (:class:`hetfl.engines.session.PoolSession`); one at a time.  Workers that an
-        interrupted session stopped are restarted first."""
+    def revive(self) -> int:
+        """Before a streaming session (:func:`hetfl.engines.session.open_session`): restart the workers an
+        interrupted session stopped; the default lookahead (tasks queued ahead) for this many workers."""
         if self._closed:
             raise HetflError("the worker pool is closed")
         for w in list(self._workers):
@@ -314,9 +314,7 @@ class WorkerPool:
                 new = self._start(w.index)
                 self._await_ready(new)
                 self._workers[w.index] = new
-        from hetfl.engines.session import PoolSession  # the session module uses this one's types
-
-        return PoolSession(self, chunks, lookahead or 4 * len(self._workers))
+        return 4 * len(self._workers)
 
     def _send(self, w: _Worker, job: _Job, unit: Sequence[ClientTask]) -> None:
         task = unit[0]

@@ -15,6 +15,13 @@ from hetfl.errors import HetflError
 from hetfl.rounds import Outcome
 
 
+def open_session(pool: WorkerPool, chunks: Sequence[Sequence[ClientTask]] = (), lookahead: int = 0) -> PoolSession:
+    """A streaming session on ``pool`` (one at a time); workers an interrupted session stopped are restarted
+    first."""
+    default = pool.revive()
+    return PoolSession(pool, chunks, lookahead or default)
+
+
 class PoolSession:
     """Tasks submitted at any time, results as they finish: the pool's streaming transport.
 

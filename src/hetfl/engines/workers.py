@@ -30,7 +30,7 @@ import torch
 from hetfl.accounting import model_cost
 from hetfl.algorithms.base import Algorithm, ClientTask, Context
 from hetfl.engines.pool import WorkerPool
-from hetfl.engines.session import PoolSession
+from hetfl.engines.session import PoolSession, open_session
 from hetfl.engines.simulator import Simulator
 from hetfl.errors import ConfigError
 
@@ -161,7 +161,7 @@ class ParallelSimulator(Simulator):
         results, beside the workers), and its wall time is the round's ``train_time_s``."""
         t0 = time.perf_counter()
         try:
-            with _Threads(1), self.pool.open(self._chunks()) as session:
+            with _Threads(1), open_session(self.pool, self._chunks()) as session:
                 yield session
         finally:
             self._stream_s += time.perf_counter() - t0
