@@ -20,8 +20,8 @@ FEATURES = DataInfo((60,), 10)
 TOKENS = DataInfo((16,), 20, vocab_size=20)
 
 TOKEN_MODELS = {"lstm", "transformer"}
-ALL = ["cnn", "exclusive_sizes", "heterofl_conv", "leaf_cnn", "lstm", "mlp", "multi_exit", "resnet", "simple_cnn",
-       "transformer"]
+ALL = ["cnn", "exclusive_sizes", "heterofl_conv", "layerwise", "leaf_cnn", "lstm", "mlp", "multi_exit", "resnet",
+       "simple_cnn", "transformer"]
 
 
 def info_for(name: str) -> DataInfo:
