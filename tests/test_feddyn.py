@@ -127,3 +127,18 @@ def test_client_state_travels_through_worker_processes(tmp_path, digits_cfg, one
         assert torch.equal(v, b["models"]["global"][k]), k
     for c, st in a["buffers"][DYN]["clients"].items():
         assert all(torch.equal(v, b["buffers"][DYN]["clients"][c][k]) for k, v in st.items()), c
+
+
+def test_large_client_state_through_workers_does_not_deadlock(tmp_path, digits_cfg, one_thread):
+    """FedDyn's state goes to the worker in the task and comes back in the result: with a model of ~1 MB both
+    messages outgrow the pipe's buffer, and a parent sending the next task while the worker sends its reply
+    used to wait on each other for ever (the crossover pilot's depthfl-dyn cell hung in round 1)."""
+    cfg = digits_cfg('fleet.source="tiers"', 'fleet.mix="a-c"', "data.num_clients=8", "rounds=1",
+                     'model={name="mlp", hidden="512,512"}',
+                     'algorithm={name="depthfl", clients_per_round=8, levels="1x1,1x0.5", dyn=0.1}')
+    run(cfg, tmp_path / "inproc", quiet=True)
+    run(cfg.with_engine(workers=2), tmp_path / "workers", quiet=True)
+    a = torch.load(tmp_path / "inproc" / "checkpoint.pt", weights_only=True)["state"]
+    b = torch.load(tmp_path / "workers" / "checkpoint.pt", weights_only=True)["state"]
+    for k, v in a["models"]["global"].items():
+        assert torch.equal(v, b["models"]["global"][k]), k

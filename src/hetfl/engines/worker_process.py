@@ -19,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import queue
 import signal
+import threading
 import time
 import traceback
 from typing import Any
@@ -77,15 +79,10 @@ def worker_main(conn: Any, algorithm: Algorithm, federation: Any, ctx: Context, 
         warm_up(models, algorithm, federation, ctx)
     slots: dict[int, tuple[Views, Views]] = {}
     conn.send_bytes(dumps(("ready", os.getpid())))
+    inbox = _Inbox(conn)
     while True:
-        while not conn.poll(1.0):
-            if os.getppid() != parent:  # the parent died without stopping us
-                return
-        try:
-            msg = pickle.loads(conn.recv_bytes())
-        except (EOFError, OSError):
-            return
-        if msg[0] == "stop":
+        msg = inbox.get(parent)
+        if msg is None or msg[0] == "stop":
             return
         kind, seq, slot_id, slot_new, meta = msg
         if slot_new is not None:
@@ -106,6 +103,39 @@ def worker_main(conn: Any, algorithm: Algorithm, federation: Any, ctx: Context, 
         except Exception as exc:  # the client failed, the worker lives on
             reply = ("error", seq, time.perf_counter() - t0, *_exception_payload(exc))
         conn.send_bytes(dumps(reply))
+
+
+class _Inbox:
+    """The worker's incoming messages, read by a thread of their own.
+
+    The parent queues a worker's next tasks while it trains, and a message and a reply can both be larger
+    than the pipe's buffer (FedDyn's per-client state travels in ``extra`` both ways).  If the worker only
+    read between replies, a parent blocked sending the next task and a worker blocked sending its reply would
+    wait on each other for ever; a reader that always drains the pipe makes that impossible."""
+
+    def __init__(self, conn: Any) -> None:
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        threading.Thread(target=self._read, args=(conn,), daemon=True, name="hetfl-inbox").start()
+
+    def _read(self, conn: Any) -> None:
+        while True:
+            try:
+                msg = pickle.loads(conn.recv_bytes())
+            except (EOFError, OSError):
+                self._queue.put(None)
+                return
+            self._queue.put(msg)
+            if msg[0] == "stop":
+                return
+
+    def get(self, parent: int) -> Any:
+        """The next message; None once the pipe closed or the parent is gone without stopping us."""
+        while True:
+            try:
+                return self._queue.get(timeout=1.0)
+            except queue.Empty:
+                if os.getppid() != parent:
+                    return None
 
 
 def _run_unit(kind: str, meta: Any, weights: Views, out: Views, run_client: ClientRunner, models: ModelCache,
