@@ -25,7 +25,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-STUDY = Path(__file__).parents[1] / "configs" / "study_footing_fmnist.toml"
+CONFIGS = Path(__file__).parents[1] / "configs"
 
 
 def test_summary_puts_each_models_flops_beside_its_accuracy(digits_cfg, tmp_path):
@@ -42,12 +42,15 @@ def test_summary_puts_each_models_flops_beside_its_accuracy(digits_cfg, tmp_path
     assert flops[0] > flops[1] > flops[2] > 0
 
 
-@pytest.mark.parametrize("method", ["depthfl-budget", "scalefl-budget"])
-def test_budget_matched_depth_levels_cost_what_heterofl_tiers_cost(method):
+@pytest.mark.parametrize(("study", "method"), [("study_footing_fmnist", "depthfl-budget"),
+                                               ("study_footing_fmnist", "scalefl-budget"),
+                                               ("study_crossover_pilot", "nefl"),
+                                               ("study_crossover_pilot", "depthfl-dyn")])
+def test_budget_matched_depth_levels_cost_what_heterofl_tiers_cost(study, method):
     """The study's budget-matched levels: every tier's client model within 10 % of HeteroFL's forward FLOPs per
     sample on the study's model and 28x28 inputs (tier b of DepthFL's own levels costs 0.74 of the full model,
     HeteroFL's 0.26)."""
-    study = tomllib.loads(STUDY.read_text())
+    study = tomllib.loads((CONFIGS / f"{study}.toml").read_text())
     override = study["axes"]["method"][method][0]
     name = re.search(r'name="(\w+)"', override).group(1)
     levels = re.search(r'levels="([^"]+)"', override).group(1)

@@ -1,0 +1,73 @@
+"""benchmarks/crossover_pilot.py applies the pilot's committed rule: lr by validation accuracy, then the two
+candidates with the highest mean validation accuracy over seeds 100-102."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pytest
+
+from hetfl.sweep import load_study
+
+ROOT = Path(__file__).parents[1]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("crossover_pilot", ROOT / "benchmarks" / "crossover_pilot.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _sweep(path: Path, rows: list[dict], study: Path | None = None) -> Path:
+    path.mkdir(parents=True)
+    if study is not None:
+        shutil.copy(study, path / "study.toml")
+    with (path / "results.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["method", "lr", "seed", "status", "deployed_val_acc_last5",
+                                          "deployed_acc_last5"])
+        w.writeheader()
+        for r in rows:
+            w.writerow({"status": "complete", "deployed_acc_last5": 0.99, **r})
+    return path
+
+
+def test_rule_reads_validation_only_and_picks_two(tmp_path, capsys):
+    mod = _script()
+    val = {"exclusive": (0.70, 0.72, 0.71), "fedavg-smallest": (0.60, 0.61, 0.65), "heterofl": (0.7, 0.7, 0.7),
+           "inplace": (0.74, 0.73, 0.70), "nefl": (0.69, 0.75, 0.70), "depthfl-dyn": (0.71, 0.72, 0.73)}
+    rows = [{"method": m, "lr": lr, "seed": 100, "deployed_val_acc_last5": a}
+            for m, accs in val.items() for lr, a in zip(("0.02", "0.05", "0.1"), accs)]
+    pilot = _sweep(tmp_path / "pilot", rows, ROOT / "configs" / "study_crossover_pilot.toml")
+    best = mod.tuned(mod._rows(pilot))
+    assert best["inplace"][0] == "0.02" and best["inplace"][2]  # at the grid's edge: flagged
+    assert best["nefl"][0] == "0.05" and not best["nefl"][2]
+    assert best["fedavg-smallest"][0] == "0.1"
+    select = tmp_path / "select.toml"
+    assert mod.main([str(pilot), "--select", str(select)]) == 0
+    study = load_study(select)
+    cells = study.cells()
+    assert sorted({c.seed for c in cells}) == [101, 102]
+    assert {c.name.split("__")[0] for c in cells} == {"inplace", "nefl", "depthfl-dyn"}
+    lrs = {c.name.split("__")[0]: study.config(c).train.lr for c in cells}
+    assert lrs == {"inplace": 0.02, "nefl": 0.05, "depthfl-dyn": 0.1}
+    # the selection: test accuracy (0.99 everywhere) plays no part
+    sel = _sweep(tmp_path / "select", [
+        {"method": "inplace", "lr": "0.02", "seed": s, "deployed_val_acc_last5": a}
+        for s, a in ((101, 0.70), (102, 0.70))] + [
+        {"method": "nefl", "lr": "0.05", "seed": s, "deployed_val_acc_last5": a}
+        for s, a in ((101, 0.8), (102, 0.8))] + [
+        {"method": "depthfl-dyn", "lr": "0.1", "seed": s, "deployed_val_acc_last5": a}
+        for s, a in ((101, 0.6), (102, 0.6))])
+    capsys.readouterr()
+    assert mod.main([str(pilot), "--selected", str(sel)]) == 0
+    out = capsys.readouterr().out
+    assert "the main study's sharing methods: nefl, inplace" in out  # (.75+.8+.8)/3 > (.74+.7+.7)/3 > (.73+.6+.6)/3
+
+
+def test_missing_sweep_says_what_to_run(tmp_path):
+    with pytest.raises(SystemExit, match="run `hetfl sweep"):
+        _script().main([str(tmp_path)])
