@@ -64,3 +64,22 @@ def test_budget_matched_depth_levels_cost_what_heterofl_tiers_cost(study, method
     depth_tiers = [cost(algo.client_ref(ctx, level)).forward_flops for level in algo.level_table(ctx)]
     ratios = [d / w for d, w in zip(depth_tiers, width_tiers)]
     assert all(abs(r - 1) < 0.1 for r in ratios), ratios
+
+
+@pytest.mark.parametrize("algorithm", ['{name="heterofl", clients_per_round=4}', '{name="fedavg", clients_per_round=4}',
+                                       '{name="depthfl", clients_per_round=4, levels="1x1,1x0.5,1x0.25"}'])
+def test_every_method_reports_the_same_per_tier_keys(digits_cfg, tmp_path, algorithm):
+    """deployed_tier_acc.<tier> / deployed_tier_test.<tier>: keyed by the fleet tier, whatever model serves it, so
+    a crossover table reads one column per tier for one model for all, widths and depths alike."""
+    cfg = digits_cfg("rounds=1", "data.num_clients=12", "data.local_test_fraction=0.2", 'fleet.source="tiers"',
+                     'fleet.mix="a-b-c"', 'model={name="heterofl_conv", hidden="8,8,8,8"}', f"algorithm={algorithm}")
+    run(cfg, tmp_path, quiet=True)
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    tiers = ("w1", "w0.5", "w0.25")
+    assert all(f"deployed_tier_acc.{t}" in row and f"deployed_tier_test.{t}" in row for t in tiers), sorted(row)
+    if "heterofl" in algorithm:  # the tier's own model, as tier_acc / test_accuracy name it
+        assert row["deployed_tier_acc.w0.5"] == row["tier_acc.w0.5"]
+        assert row["deployed_tier_test.w0.25"] == row["test_accuracy.w0.25"]
+        assert row["deployed_tier_test.w1"] == row["test_accuracy"]
+    if "fedavg" in algorithm:  # one model for everyone: every tier reads its test accuracy
+        assert {row[f"deployed_tier_test.{t}"] for t in tiers} == {row["test_accuracy"]}

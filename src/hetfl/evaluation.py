@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hetfl.accounting import tier_label
 from hetfl.algorithms.base import Algorithm, Context, EvalTarget, ServerState
 from hetfl.algorithms.fedproto import prototype_forward
 from hetfl.config import EvalConfig
@@ -140,7 +141,19 @@ class Evaluator:
                 out.update({names[k]: v for k, v in self._deployed(targets, out, "val_accuracy").items()})
         if deployed_local is not None and not np.isnan(deployed_local).any():
             out.update(client_distribution(deployed_local, prefix="deployed_client_acc"))
+            out.update(self._by_tier(deployed_local, self.local.clients, "deployed_tier_acc"))
         return out
+
+    def _by_tier(self, per_client: np.ndarray, clients: np.ndarray, prefix: str) -> dict[str, float]:
+        """``<prefix>.w<width>``: the mean of ``per_client`` over the clients of each fleet tier (labelled by the
+        tier's fleet width, whatever model the method serves it), so every method -- one model for all, widths,
+        depths, sizes -- has the same per-tier keys; none for a fleet of one tier."""
+        fleet = self.ctx.fleet
+        if fleet is None or len(fleet.levels) < 2:
+            return {}
+        tiers = fleet.tiers()[clients]
+        return {f"{prefix}.{tier_label(w)}": float(per_client[tiers == t].mean())
+                for t, w in enumerate(fleet.levels) if (tiers == t).any()}
 
     def _own_local(self, model: torch.nn.Module, target: EvalTarget, prec: dict[str, Any]) -> float:
         """A personal model's accuracy on its own client's local test split (NaN: none)."""
@@ -195,7 +208,10 @@ class Evaluator:
         served = [(label, t.clients) for label, t in targets.items() if t.clients is not None]
         if not served:
             acc = out[metric]
-            return {"deployed_accuracy": acc, "smallest_accuracy": acc}
+            res = {"deployed_accuracy": acc, "smallest_accuracy": acc}
+            if metric == "test_accuracy":
+                res.update(self._by_tier(np.full(n, acc), np.arange(n), "deployed_tier_test"))
+            return res
         per_client = np.full(n, np.nan)
         for label, clients in served:
             free = clients[np.isnan(per_client[clients])]
@@ -207,6 +223,8 @@ class Evaluator:
         if fleet is not None:
             tiers = fleet.tiers()
             res["smallest_accuracy"] = float(per_client[tiers == tiers.max()].mean())
+            if metric == "test_accuracy":
+                res.update(self._by_tier(per_client, np.arange(n), "deployed_tier_test"))
         return res
 
 

@@ -32,7 +32,9 @@ submodel on the global test set) and of every capability tier (local test splits
 them), the deployed accuracy (the mean over clients of the test accuracy of the width each client runs),
 the width schedule's expected ``width_q`` and the wall time; with ``data.validation_fraction > 0`` also the
 validation split's ``val_acc`` and ``deployed_val_acc`` (tune on those, never on the test columns), and
-``mflops_<label>``: the forward MFLOPs per sample of every evaluated model (summary.json ``evaluated_models``).
+``mflops_<label>``: the forward MFLOPs per sample of every evaluated model (summary.json ``evaluated_models``),
+and per fleet tier, whatever model serves it, ``deployed_tier_acc_w<width>_last5`` (the tier's clients' local
+test splits) and ``deployed_tier_test_w<width>_last5`` (the global test set).
 ``OUT/sweep.json`` logs every invocation.
 """
 
@@ -470,6 +472,9 @@ def cell_row(study: Study, cell: Cell, run_dir: Path) -> dict[str, Any]:
         vals = [r[key] for r in evals if r.get(key) is not None]  # the evaluator's, for depth and capacity levels
         if vals and col not in row:
             row[col], row[f"{col}_last5"] = vals[-1], _last5(vals)
+    for key in (k for k in evals[-1] if k.startswith(("deployed_tier_acc.", "deployed_tier_test."))):
+        vals = [r[key] for r in evals if r.get(key) is not None]  # per fleet tier, whatever model serves it
+        row[f"{key.replace('.', '_', 1)}_last5"] = _last5(vals)
     for label, model in (summary.get("evaluated_models") or {}).items():  # each evaluated model's inference cost
         row[f"mflops_{label}"] = model["forward_flops"] / 1e6
     qs = [r["width_q"] for r in rows if r.get("width_q") is not None]
