@@ -1,0 +1,64 @@
+"""benchmarks/crossover_table.py applies the crossover study's committed criterion: the best sharing method's
+tier accuracy minus max(exclusive, FedAvg-smallest) per seed, 95 % t interval above 0."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("crossover_table", ROOT / "benchmarks" / "crossover_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _write(path: Path, acc: dict[str, dict[str, list[float]]]) -> Path:
+    path.mkdir()
+    fields = ["method", "gap", "mix", "seed", "status", "deployed_acc_last5", "mflops_global",
+              "deployed_tier_acc_w1_last5", "deployed_tier_acc_w0.125_last5"]
+    with (path / "results.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for method, tiers in acc.items():
+            for seed in range(5):
+                w.writerow({"method": method, "gap": "1/8", "mix": "balanced", "seed": seed, "status": "complete",
+                            "deployed_acc_last5": tiers["w1"][seed] / 2 + tiers["w0.125"][seed] / 2,
+                            "mflops_global": 5.0 if method != "fedavg-smallest" else 0.1,
+                            "deployed_tier_acc_w1_last5": tiers["w1"][seed],
+                            "deployed_tier_acc_w0.125_last5": tiers["w0.125"][seed]})
+    return path
+
+
+def test_pays_only_above_both_baselines_per_seed(tmp_path, capsys):
+    noise = [0.0, 0.01, -0.01, 0.005, -0.005]
+    acc = {
+        "exclusive": {"w1": [0.80 + n for n in noise], "w0.125": [0.70 + n for n in noise]},
+        "fedavg-smallest": {"w1": [0.70 + n for n in noise], "w0.125": [0.71 + n for n in noise]},
+        # beats exclusive by 3 points at the strong tier on every seed; at the weak tier it beats exclusive but
+        # not FedAvg-smallest, whose seeds are the max there: no pay
+        "nefl": {"w1": [0.83 + n for n in noise], "w0.125": [0.705 + n + (0.01 if i % 2 else -0.01)
+                                                           for i, n in enumerate(noise)]},
+        "heterofl": {"w1": [0.79 + n for n in noise], "w0.125": [0.69 + n for n in noise]},
+    }
+    sweep = _write(tmp_path / "sweep", acc)
+    mod = _script()
+    res = mod.analyse(mod.load(sweep))
+    tiers = res[("1/8", "balanced")]["per_tier"]
+    assert tiers["w1"]["best"] == "nefl"
+    assert mod.verdict(tiers["w1"]["diffs"]["nefl"]) == "**pays**"
+    assert tiers["w1"]["diffs"]["nefl"] == pytest.approx([0.03] * 5)
+    assert mod.verdict(tiers["w0.125"]["diffs"]["nefl"]) == "ties"
+    assert mod.verdict(tiers["w1"]["diffs"]["heterofl"]) == "loses"
+    out_csv = tmp_path / "map.csv"
+    assert mod.main([str(sweep), "--csv", str(out_csv)]) == 0
+    text = capsys.readouterr().out
+    assert "| 1/8 | balanced | w1 | 5.00 / 5.00 / 0.10 |" in text
+    rows = list(csv.DictReader(out_csv.open()))
+    assert {(r["tier"], r["method"]) for r in rows} == {(t, m) for t in ("w1", "w0.125") for m in ("nefl", "heterofl")}
