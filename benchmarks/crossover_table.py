@@ -1,11 +1,12 @@
 """The crossover map: where does sharing across tiers pay?  (docs/study-crossover.md, issue 40 item 3)
 
-    python benchmarks/crossover_table.py sweeps/crossover-fmnist \\
+    python benchmarks/crossover_table.py sweeps/crossover-g4 sweeps/crossover-g8 sweeps/crossover-g16 \\
         --csv benchmarks/results/crossover_fmnist.csv --figure docs/img/crossover_fmnist.png
 
-Reads ``OUT/results.csv`` of the main study (axes ``method``, ``gap``, ``mix``; paired seeds) and applies the
-success criterion committed in the doc before the runs: *sharing pays at tier t of a setting* when, for the
-best sharing method at that tier (the highest mean over seeds), the 95 % t interval of its tier-t deployed
+Reads ``OUT/results.csv`` of each sweep of the main study (one study file per capacity gap, since FedAvg-smallest's
+width and the depth methods' levels depend on it; axes ``method``, ``gap`` (one level), ``mix``; paired seeds)
+and applies the success criterion committed in the doc before the runs: *sharing pays at tier t of a setting*
+when, for the best sharing method at that tier (the highest mean over seeds), the 95 % t interval of its tier-t deployed
 accuracy minus max(exclusive learning's, FedAvg-smallest's) tier-t deployed accuracy (the max taken per seed)
 lies above 0.  Tier-t deployed accuracy is ``deployed_tier_acc_<tier>_last5``: the model tier t runs, on the
 local test splits of tier t's clients, mean of the last 5 evaluations (``--metric deployed_tier_test`` reads
@@ -111,12 +112,12 @@ def _mflops(row: dict[str, str], tier: str, index: int) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("sweep", type=Path)
+    ap.add_argument("sweeps", type=Path, nargs="+", help="the study's sweep directories (one per gap)")
     ap.add_argument("--metric", default="deployed_tier_acc", choices=("deployed_tier_acc", "deployed_tier_test"))
     ap.add_argument("--csv", type=Path, help="write the per-(setting, tier, method) differences here")
     ap.add_argument("--figure", type=Path, help="draw the map (points, 95 % intervals) here")
     args = ap.parse_args(argv)
-    res = analyse(load(args.sweep), args.metric)
+    res = analyse([r for sweep in args.sweeps for r in load(sweep)], args.metric)
     if not res:
         sys.exit("no complete cell with per-tier accuracy")
     lines = []
