@@ -9,7 +9,8 @@ validation accuracy only (``deployed_val_acc``, mean of the last 5 evaluations),
     python benchmarks/crossover_pilot.py sweeps/crossover-pilot --selected sweeps/crossover-select
 
 1. **Learning rate** per method: the grid value with the highest ``deployed_val_acc`` on seed 100; a best
-   value at an edge of the grid is flagged (the grid does not bracket it).
+   value at an edge of the grid is flagged (the grid does not bracket it).  ``--extend DIR`` adds the cells of
+   a further grid (the upward extension, ``configs/study_crossover_lr02.toml``) to the choice.
 2. ``--select FILE`` writes the selection study: the candidate sharing methods at their tuned learning rate on
    seeds 101-102 (seed 100 is the pilot's own cell).
 3. ``--selected DIR``: per candidate the mean ``deployed_val_acc`` over seeds 100-102; the two highest are
@@ -84,10 +85,12 @@ def select_study(pilot: Path, best: dict[str, tuple[str, float, bool]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("pilot", type=Path, help="the pilot's sweep directory")
+    ap.add_argument("--extend", type=Path, action="append", default=[],
+                    help="a sweep of further grid values (configs/study_crossover_lr02.toml), read with the pilot's")
     ap.add_argument("--select", type=Path, help="write the selection study file here")
     ap.add_argument("--selected", type=Path, help="the selection sweep's directory: pick the two methods")
     args = ap.parse_args(argv)
-    rows = _rows(args.pilot)
+    rows = _rows(args.pilot) + [r for extra in args.extend for r in _rows(extra)]
     best = tuned(rows)
     print_grid(rows, best)
     if args.select:

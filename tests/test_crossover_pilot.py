@@ -71,3 +71,14 @@ def test_rule_reads_validation_only_and_picks_two(tmp_path, capsys):
 def test_missing_sweep_says_what_to_run(tmp_path):
     with pytest.raises(SystemExit, match="run `hetfl sweep"):
         _script().main([str(tmp_path)])
+
+
+def test_extended_grid_joins_the_choice(tmp_path):
+    mod = _script()
+    rows = [{"method": "heterofl", "lr": lr, "seed": 100, "deployed_val_acc_last5": a}
+            for lr, a in (("0.02", 0.7), ("0.05", 0.75), ("0.1", 0.78))]
+    pilot = _sweep(tmp_path / "pilot", rows, ROOT / "configs" / "study_crossover_pilot.toml")
+    assert mod.tuned(mod._rows(pilot))["heterofl"][::2] == ("0.1", True)
+    ext = _sweep(tmp_path / "ext", [{"method": "heterofl", "lr": "0.2", "seed": 100, "deployed_val_acc_last5": 0.77}])
+    best = mod.tuned(mod._rows(pilot) + mod._rows(ext))
+    assert best["heterofl"][::2] == ("0.1", False)  # bracketed now: 0.05 < 0.1 > 0.2
