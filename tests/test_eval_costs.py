@@ -45,7 +45,10 @@ def test_summary_puts_each_models_flops_beside_its_accuracy(digits_cfg, tmp_path
 @pytest.mark.parametrize(("study", "method"), [("study_footing_fmnist", "depthfl-budget"),
                                                ("study_footing_fmnist", "scalefl-budget"),
                                                ("study_crossover_pilot", "nefl"),
-                                               ("study_crossover_pilot", "depthfl-dyn")])
+                                               ("study_crossover_pilot", "depthfl-dyn"),
+                                               ("study_footing_q_lr", "depthfl"),
+                                               ("study_footing_q_lr", "scalefl"),
+                                               ("study_footing_q_lr", "inclusivefl")])
 def test_budget_matched_depth_levels_cost_what_heterofl_tiers_cost(study, method):
     """The study's budget-matched levels: every tier's client model within 10 % of HeteroFL's forward FLOPs per
     sample on the study's model and 28x28 inputs (tier b of DepthFL's own levels costs 0.74 of the full model,

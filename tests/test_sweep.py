@@ -179,3 +179,13 @@ def test_pool_workers_stop_when_the_sweep_process_is_killed(tmp_path):
         time.sleep(0.2)
     os.kill(worker, signal.SIGKILL)
     raise AssertionError("the pool worker outlived its killed sweep process")
+
+
+def test_rolling_tiers_scored_with_their_window_keep_the_prefix_as_a_column(tmp_path):
+    axes = {"method": {"fedrolex": ['algorithm={name="fedrolex", clients_per_round=4, eval_window="trained"}']}}
+    study = study_from_dict({"name": "win", "seeds": [0], "base": BASE, "axes": axes}, "win.toml")
+    run_sweep(study, tmp_path, workers=1, log=None)
+    row = read_results(tmp_path / RESULTS_CSV)[0]
+    assert row["status"] == "complete"
+    for w in ("w0.5", "w0.25"):  # the trained window's score and, beside it, the prefix's
+        assert isinstance(row[f"acc_{w}_last5"], float) and isinstance(row[f"prefix_acc_{w}_last5"], float)

@@ -475,6 +475,9 @@ def cell_row(study: Study, cell: Cell, run_dir: Path) -> dict[str, Any]:
     for key in (k for k in evals[-1] if k.startswith(("deployed_tier_acc.", "deployed_tier_test."))):
         vals = [r[key] for r in evals if r.get(key) is not None]  # per fleet tier, whatever model serves it
         row[f"{key.replace('.', '_', 1)}_last5"] = _last5(vals)
+    for key in (k for k in evals[-1] if k.startswith("test_accuracy.prefix_")):  # eval_window = "trained"
+        vals = [r[key] for r in evals if r.get(key) is not None]  # the prefix score beside the trained window
+        row[f"prefix_acc_{key[len('test_accuracy.prefix_'):]}_last5"] = _last5(vals)
     for label, model in (summary.get("evaluated_models") or {}).items():  # each evaluated model's inference cost
         row[f"mflops_{label}"] = model["forward_flops"] / 1e6
     qs = [r["width_q"] for r in rows if r.get("width_q") is not None]
