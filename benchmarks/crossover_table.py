@@ -25,14 +25,16 @@ from collections import defaultdict
 from pathlib import Path
 
 BASELINES = ("exclusive", "fedavg-smallest")
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 def interval(d: list[float]) -> tuple[float, float, float]:
+    """Mean and 95 % t interval of paired differences (the benchmarks' one helper for it)."""
+    from scipy.stats import t as student_t
+
     m = statistics.fmean(d)
     if len(d) < 2:
         return m, math.nan, math.nan
-    half = T95.get(len(d) - 1, 2.0) * statistics.stdev(d) / math.sqrt(len(d))
+    half = float(student_t.ppf(0.975, len(d) - 1)) * statistics.stdev(d) / math.sqrt(len(d))
     return m, m - half, m + half
 
 

@@ -16,23 +16,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from crossover_table import interval  # one 95 % t interval for every study script
+
 CONSTANTS = ("0.35", "0.5")
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-
-
-def interval(d: list[float]) -> tuple[float, float, float]:
-    m = statistics.fmean(d)
-    if len(d) < 2:
-        return m, math.nan, math.nan
-    t = T95.get(len(d) - 1, 1.96 if len(d) > 30 else 2.045)
-    half = t * statistics.stdev(d) / math.sqrt(len(d))
-    return m, m - half, m + half
-
 
 def fmt(d: list[float]) -> str:
     m, lo, hi = interval(d)
