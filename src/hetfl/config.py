@@ -277,6 +277,7 @@ def validate_ranges(cfg: RunConfig) -> None:
              f"train.augment must be one of {', '.join(map(repr, AUGMENTATIONS))}, got {t.augment!r}")
     e = cfg.eval
     _require(e.every >= 1, f"eval.every must be >= 1, got {e.every}")
+    _require(e.start >= 0, f"eval.start must be >= 0 (0 = from the first eval.every), got {e.start}")
     _require(e.batch_size >= 1, f"eval.batch_size must be >= 1, got {e.batch_size}")
     _require(e.bn_samples >= 1, f"eval.bn_samples must be >= 1, got {e.bn_samples}")
     _require(e.bn in BN_RULES, f"eval.bn must be one of {', '.join(map(repr, BN_RULES))}, got {e.bn!r}")

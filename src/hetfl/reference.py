@@ -64,6 +64,7 @@ NOTES = {
     "train.weight_decay": "local SGD weight decay",
     "train.grad_clip": "clip every local gradient to this L2 norm (0 = off)",
     "eval.every": "evaluate every this many rounds (and after the last)",
+    "eval.start": "no evaluation before this round (0 = from the first eval.every; the last round always is)",
     "eval.batch_size": "evaluation batch size",
     "eval.local": "also evaluate on every client's local test split (data.local_test_fraction > 0)",
     "eval.local_clients": "evaluate only this many clients locally (0 = all)",

@@ -204,7 +204,7 @@ def run(
                                              "elapsed_s": time.perf_counter() - t_start, "seed": cfg.seed,
                                              "torch_rng": torch.get_rng_state(),
                                              "row": json.dumps(row, default=_json_value)})
-                if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
+                if cfg.eval.due(rnd, cfg.rounds):
                     t1 = time.perf_counter()
                     bar.phase(rnd, "evaluating")
                     row.update(evaluator(exp.algorithm, state))
@@ -278,7 +278,7 @@ def _finish_row(run_dir: RunDir, row: dict[str, Any], cfg: RunConfig, evaluator:
     """A private run killed between a round's checkpoint and its metrics row: the row, saved in the
     checkpoint, is completed (evaluating the checkpointed model again releases nothing new) and appended."""
     rnd = int(row["round"])
-    if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
+    if cfg.eval.due(rnd, cfg.rounds):
         row.update(evaluator(exp.algorithm, state))
     run_dir.append_metrics(row)
 

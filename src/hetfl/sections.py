@@ -100,6 +100,9 @@ class TrainConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     every: int = 1
+    #: no evaluation before this round (0: from the first multiple of ``every``); the last round always is.
+    #: Evaluation has no effect on training, so a later start changes no evaluated round's numbers
+    start: int = 0
     batch_size: int = 1000
     local: bool = True
     local_clients: int = 0
@@ -108,6 +111,10 @@ class EvalConfig:
     #: own: static BN recalibrates, the others run the averaged statistics), "recalibrate" (every method
     #: recomputes them over eval.bn_samples client samples), "running" (every method runs its averaged ones)
     bn: str = "method"
+
+    def due(self, rnd: int, rounds: int) -> bool:
+        """Whether round ``rnd`` of a ``rounds``-round run is evaluated."""
+        return rnd == rounds or (rnd >= self.start and rnd % self.every == 0)
 
 
 @dataclass(frozen=True)
