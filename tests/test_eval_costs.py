@@ -48,7 +48,8 @@ def test_summary_puts_each_models_flops_beside_its_accuracy(digits_cfg, tmp_path
                                                ("study_crossover_pilot", "depthfl-dyn"),
                                                ("study_footing_q_lr", "depthfl"),
                                                ("study_footing_q_lr", "scalefl"),
-                                               ("study_footing_q_lr", "inclusivefl")])
+                                               ("study_footing_q_lr", "inclusivefl"),
+                                               ("study_crossover_shakespeare_lr", "depthfl-dyn")])
 def test_budget_matched_depth_levels_cost_what_heterofl_tiers_cost(study, method):
     """The study's budget-matched levels: every tier's client model within 10 % of HeteroFL's forward FLOPs per
     sample on the study's model and 28x28 inputs (tier b of DepthFL's own levels costs 0.74 of the full model,
@@ -57,8 +58,16 @@ def test_budget_matched_depth_levels_cost_what_heterofl_tiers_cost(study, method
     override = study["axes"]["method"][method][0]
     name = re.search(r'name="(\w+)"', override).group(1)
     levels = re.search(r'levels="([^"]+)"', override).group(1)
-    info = DataInfo((1, 28, 28), 10)
-    model = ModelRef("heterofl_conv", 1.0, (("hidden", study["base"]["model"]["hidden"]),))
+    base_model = study["base"]["model"]
+    if base_model["name"] == "lstm":  # 80-character windows over hetfl's 96-symbol Shakespeare vocabulary
+        from hetfl.data.shakespeare import SHAKESPEARE_VOCAB
+
+        n = len(SHAKESPEARE_VOCAB)
+        info = DataInfo((study["base"]["data"]["seq_len"],), n, vocab_size=n)
+        model = ModelRef("lstm", 1.0, (("hidden", base_model["hidden"]), ("per_layer", base_model["per_layer"])))
+    else:
+        info = DataInfo((1, 28, 28), 10)
+        model = ModelRef("heterofl_conv", 1.0, (("hidden", base_model["hidden"]),))
     fleet = build_fleet(FleetConfig(source="tiers", mix=study["base"]["fleet"]["mix"]), 4, 0, sizes=np.ones(4))
     ctx = Context(info, model, TrainConfig(), np.ones(4), 0, 100, fleet)
     cost = CostCache(info, example_input(info))
