@@ -5,6 +5,7 @@ round's numbers are the same as with evaluation from the start."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ SETTING = ('data.num_clients=8', 'data.local_test_fraction=0.2', 'fleet.source="
            "rounds=4", "eval.every=1")
 HETEROFL = 'algorithm={name="heterofl", clients_per_round=4}'
 
+ROOT = Path(__file__).parents[1]
 TIMING = ("time", "_s", "elapsed")
 
 
@@ -54,3 +56,17 @@ def test_the_last_round_is_evaluated_whatever_the_start(digits_cfg, tmp_path):
 def test_a_negative_start_is_refused(digits_cfg):
     with pytest.raises(ConfigError, match=r"eval.start must be >= 0 \(0 = from the first eval.every\), got -1"):
         load_config(None, ["eval.start=-1"])
+
+
+@pytest.mark.parametrize("extra", [[], ['algorithm.families="mlp(hidden=64,16), mlp(hidden=16)"']])
+def test_decentralized_nodes_are_evaluated_without_side_effects(tmp_path, extra):
+    """The decentralized study (configs/study_decentral2_*.toml) evaluates from round 60 on this guarantee: every
+    channel of ``dkd`` (both directions, overlap gossip, prototypes), slices and families."""
+    setting = [str(ROOT / "configs" / "digits_dkd_mutual.toml"), "rounds=4", "eval.every=1",
+               'algorithm.gossip="overlap"', "algorithm.prototypes=1.0", *extra]
+    runs = {}
+    for name, more in (("all", []), ("late", ["eval.start=3"])):
+        runs[name] = tmp_path / name
+        run(load_config(setting[0], [*setting[1:], *more]), runs[name], quiet=True)
+    every, late = _rows(runs["all"]), _rows(runs["late"])
+    assert "test_accuracy" not in late[2] and late[3] == every[3] and late[4] == every[4]
