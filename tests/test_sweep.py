@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,20 @@ def test_rolling_tiers_scored_with_their_window_keep_the_prefix_as_a_column(tmp_
     assert row["status"] == "complete"
     for w in ("w0.5", "w0.25"):  # the trained window's score and, beside it, the prefix's
         assert isinstance(row[f"acc_{w}_last5"], float) and isinstance(row[f"prefix_acc_{w}_last5"], float)
+
+
+def test_the_log_says_how_long_the_rest_will_take(tmp_path):
+    lines = []
+    run_sweep(_study(set=["rounds=1"], seeds=[0]), tmp_path, workers=1, log=lines.append)
+    progress = [line for line in lines if line.startswith("[")]
+    assert len(progress) == 4
+    assert all(re.search(r", ~\d+ min left$", line) for line in progress[:3]), progress
+    assert not progress[-1].endswith("left")
+
+
+def test_time_left_reads_in_minutes_then_hours():
+    from hetfl.sweep import _time_left
+
+    assert _time_left(600.0, 2, 4) == ", ~10 min left"
+    assert _time_left(3600.0, 1, 3) == ", ~2.0 h left"
+    assert _time_left(5.0, 4, 4) == ""

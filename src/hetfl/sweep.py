@@ -310,15 +310,15 @@ def run_sweep(study: Study, out: str | Path, *, workers: int | None = None,
     def finished(res: dict[str, Any]) -> None:
         nonlocal done
         done += 1
+        left = _time_left(time.perf_counter() - t0, done, len(jobs))
         if res["error"]:
             failed[res["cell"]] = res["error"]
             say(f"[{done}/{len(jobs)}] {res['cell']}: FAILED after {res['seconds']:.0f}s: "
-                f"{res['error'].splitlines()[0]}")
+                f"{res['error'].splitlines()[0]}{left}")
         else:
             acc = res.get("test_accuracy")
-            say(f"[{done}/{len(jobs)}] {res['cell']}: {res.get('status')} "
-                f"test_accuracy={acc:.4f} ({res['seconds']:.0f}s)" if isinstance(acc, float) else
-                f"[{done}/{len(jobs)}] {res['cell']}: {res.get('status')} ({res['seconds']:.0f}s)")
+            shown = f" test_accuracy={acc:.4f}" if isinstance(acc, float) else ""
+            say(f"[{done}/{len(jobs)}] {res['cell']}: {res.get('status')}{shown} ({res['seconds']:.0f}s){left}")
         write_results(out, study)
 
     try:
@@ -344,6 +344,14 @@ def run_sweep(study: Study, out: str | Path, *, workers: int | None = None,
         f"in {elapsed:.0f}s; table {out / RESULTS_CSV}")
     return {"cells": len(cells), "ran": done, "skipped": skipped, "failed": failed, "wall_s": elapsed,
             "results": out / RESULTS_CSV}
+
+
+def _time_left(elapsed: float, done: int, total: int) -> str:
+    """``", ~12 min left"``: the remaining cells at the pace of the finished ones (wall time, all workers)."""
+    if done >= total or done == 0:
+        return ""
+    seconds = elapsed / done * (total - done)
+    return f", ~{seconds / 3600:.1f} h left" if seconds >= 5400 else f", ~{max(1, round(seconds / 60))} min left"
 
 
 def _run_pool(jobs: list[dict[str, Any]], n_workers: int, finished: Callable[[dict[str, Any]], None]) -> None:
