@@ -12,7 +12,8 @@ from hetfl.sweep import load_study
 CONFIGS = Path(__file__).parents[1] / "configs"
 
 
-@pytest.mark.parametrize(("stage", "full"), [("study_decentral2_slices", "study_decentral2_fmnist")])
+@pytest.mark.parametrize(("stage", "full"), [("study_decentral2_slices", "study_decentral2_fmnist"),
+                                           ("study_decentral2_families", "study_decentral2_fmnist")])
 def test_stage_cells_are_the_full_studys_cells(stage, full):
     part, whole = load_study(CONFIGS / f"{stage}.toml"), load_study(CONFIGS / f"{full}.toml")
     mine = {c.name: part.config(c) for c in part.cells()}
