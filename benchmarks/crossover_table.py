@@ -12,6 +12,11 @@ lies above 0.  Tier-t deployed accuracy is ``deployed_tier_acc_<tier>_last5``: t
 local test splits of tier t's clients, mean of the last 5 evaluations (``--metric deployed_tier_test`` reads
 the global test set instead).  Every sharing method's interval is printed, not only the best one's, with
 each tier's forward MFLOPs per sample, and the fleet-weighted deployed accuracy against both baselines.
+
+``--long FILE`` writes the design's 300-round study by its committed rule: the setting where the best sharing
+method's weakest-tier deficit to FedAvg-smallest (mean over seeds) is largest, with three methods (that best
+method, exclusive learning, FedAvg-smallest), the setting's own base and overrides, 300 rounds, evaluated
+from round 260 (the last 5 evaluations at every 10).
 """
 
 from __future__ import annotations
@@ -97,6 +102,52 @@ def analyse(rows: list[dict[str, str]], metric: str = "deployed_tier_acc") -> di
     return out
 
 
+def long_setting(res: dict[tuple[str, str], dict]) -> tuple[tuple[str, str], str, float]:
+    """The committed rule for the 300-round study: per setting, the best sharing method at the weakest tier
+    (highest mean) and its mean deficit FedAvg-smallest - method; the setting with the largest deficit."""
+    best = None
+    for setting, s in res.items():
+        weakest = s["tiers"][-1]
+        pt = s["per_tier"][weakest]
+        method = pt["best"]
+        small = pt["acc"].get("fedavg-smallest")
+        if method is None or not small:
+            continue
+        seeds = sorted(set(small) & set(pt["acc"][method]))
+        deficit = statistics.fmean(small[x] - pt["acc"][method][x] for x in seeds)
+        if best is None or deficit > best[2]:
+            best = (setting, method, deficit)
+    if best is None:
+        sys.exit("no setting with a sharing method and FedAvg-smallest at the weakest tier")
+    return best
+
+
+def write_long(sweeps: list[Path], res: dict[tuple[str, str], dict], path: Path, rounds: int = 300) -> str:
+    """Write the 300-round study (see ``--long``) from the chosen setting's own study file; returns its text."""
+    from dataclasses import replace
+
+    from hetfl.sweep import load_study
+
+    (gap, mix), method, deficit = long_setting(res)
+    for sweep in sweeps:
+        study = load_study(sweep)
+        if gap in study.axes.get("gap", {}) and mix in study.axes.get("mix", {}):
+            break
+    else:
+        sys.exit(f"no sweep among {', '.join(map(str, sweeps))} has gap {gap} and mix {mix}")
+    methods = {m: study.axes["method"][m] for m in (method, *BASELINES)}
+    base = {**study.base, "rounds": rounds, "eval": {**study.base.get("eval", {}), "start": rounds - 40}}
+    long = replace(study, name=f"{study.name}-{rounds}", base=base,
+                   axes={"method": methods, "gap": {gap: study.axes["gap"][gap]}, "mix": {mix: study.axes["mix"][mix]}})
+    head = (f"# The crossover study's {rounds}-round setting (docs/study-crossover.md), written by\n"
+            f"# benchmarks/crossover_table.py --long from {', '.join(map(str, sweeps))}: gap {gap}, mix {mix},\n"
+            f"# the largest FedAvg-smallest minus best sharing method ({method}) at the weakest tier: "
+            f"{100 * deficit:+.2f} points.\n")
+    text = head + long.to_toml()
+    path.write_text(text, encoding="utf-8")
+    return text
+
+
 def _mflops(row: dict[str, str], tier: str, index: int) -> float | None:
     """The forward MFLOPs per sample of the model tier ``tier`` runs: the evaluated model of that width, the
     index-th budget level of a depth method, or the one model of a one-model method."""
@@ -118,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--metric", default="deployed_tier_acc", choices=("deployed_tier_acc", "deployed_tier_test"))
     ap.add_argument("--csv", type=Path, help="write the per-(setting, tier, method) differences here")
     ap.add_argument("--figure", type=Path, help="draw the map (points, 95 % intervals) here")
+    ap.add_argument("--long", type=Path, help="write the 300-round study (the committed rule) to this file")
     args = ap.parse_args(argv)
     res = analyse([r for sweep in args.sweeps for r in load(sweep)], args.metric)
     if not res:
@@ -163,6 +215,11 @@ def main(argv: list[str] | None = None) -> int:
             w.writerows(lines)
     if args.figure and lines:
         _figure(lines, args.figure)
+    if args.long:
+        (gap, mix), method, deficit = long_setting(res)
+        write_long(args.sweeps, res, args.long)
+        print(f"\n300 rounds: gap {gap}, {mix}, {method} (weakest tier, FedAvg-smallest minus it: "
+              f"{100 * deficit:+.2f} points) -> {args.long}")
     return 0
 
 

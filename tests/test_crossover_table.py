@@ -62,3 +62,32 @@ def test_pays_only_above_both_baselines_per_seed(tmp_path, capsys):
     assert "| 1/8 | balanced | w1 | 5.00 / 5.00 / 0.10 |" in text
     rows = list(csv.DictReader(out_csv.open()))
     assert {(r["tier"], r["method"]) for r in rows} == {(t, m) for t in ("w1", "w0.125") for m in ("nefl", "heterofl")}
+
+
+def test_the_long_study_is_written_where_the_weak_tier_trails_most(tmp_path):
+    from hetfl.sweep import load_study
+
+    study = load_study(ROOT / "configs" / "study_crossover_g8.toml")
+    sweep = tmp_path / "g8"
+    sweep.mkdir()
+    (sweep / "study.toml").write_text(study.to_toml())
+    fields = ["method", "gap", "mix", "seed", "status", "deployed_tier_acc_w1_last5", "deployed_tier_acc_w0.125_last5"]
+    weak = {("balanced", "fedavg-smallest"): 0.74, ("balanced", "inplace"): 0.735, ("balanced", "heterofl"): 0.72,
+            ("weak70", "fedavg-smallest"): 0.74, ("weak70", "inplace"): 0.70, ("weak70", "heterofl"): 0.725}
+    with (sweep / "results.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for (mix, method), acc in [*weak.items(), (("balanced", "exclusive"), 0.74), (("weak70", "exclusive"), 0.74)]:
+            for seed in range(5):
+                w.writerow({"method": method, "gap": "1/8", "mix": mix, "seed": seed, "status": "complete",
+                            "deployed_tier_acc_w1_last5": 0.8, "deployed_tier_acc_w0.125_last5": acc + seed / 1000})
+    mod = _script()
+    res = mod.analyse(mod.load(sweep))
+    # balanced: the best (inplace) trails by 0.5 points; weak70: the best (heterofl) by 1.5 -> weak70
+    assert mod.long_setting(res) == (("1/8", "weak70"), "heterofl", pytest.approx(0.015))
+    mod.write_long([sweep], res, tmp_path / "long.toml")
+    long = load_study(tmp_path / "long.toml")
+    assert long.name == "crossover-g8-300" and long.base["rounds"] == 300 and long.base["eval"]["start"] == 260
+    assert list(long.axes["method"]) == ["heterofl", "exclusive", "fedavg-smallest"]
+    assert long.axes["method"]["heterofl"] == study.axes["method"]["heterofl"]  # its tuned lr kept
+    assert list(long.axes["mix"]) == ["weak70"] and len(long.cells()) == 15
