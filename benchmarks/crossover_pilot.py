@@ -15,6 +15,9 @@ validation accuracy only (``deployed_val_acc``, mean of the last 5 evaluations),
    seeds 101-102 (seed 100 is the pilot's own cell).
 3. ``--selected DIR``: per candidate the mean ``deployed_val_acc`` over seeds 100-102; the two highest are
    the main study's sharing methods.
+4. ``--main FILE`` (any tuning sweep with ``method`` and ``lr`` axes, e.g. the footing's or the Shakespeare
+   setting's): the main study, every method at its tuned lr, seeds 0-4, plus ``--ablation`` arms; refused
+   while a best lr lies at an edge of the grid.
 """
 
 from __future__ import annotations
@@ -82,6 +85,40 @@ def select_study(pilot: Path, best: dict[str, tuple[str, float, bool]]) -> str:
             "(docs/study-crossover.md).\n" + select.to_toml())
 
 
+def main_study(tuning: Path, best: dict[str, tuple[str, float, bool]], *, name: str, seeds: tuple[int, ...],
+               ablations: list[str], extra: list[str] = ()) -> str:
+    """A tuning sweep's main study: every tuned method at its chosen lr (the lr axis gone), the tuning study's
+    base and other axes, ``seeds``; each ``NAME=METHOD:OVERRIDE;OVERRIDE`` of ``ablations`` adds an arm with
+    METHOD's overrides and lr plus its own (e.g. ``depthfl-kd0=depthfl:algorithm.kd=0.0``), each
+    ``NAME=OVERRIDE;OVERRIDE`` of ``extra`` an arm of its own (its lr among its overrides: not tuned here)."""
+    study = load_study(tuning)
+    methods = study.axes["method"]
+    missing = [m for m in methods if m not in best]
+    if missing:
+        sys.exit(f"{tuning}: no complete tuning cell of {', '.join(missing)}")
+    edge = [m for m in methods if best[m][2]]
+    if edge:
+        sys.exit(f"best lr at an edge of the grid for {', '.join(edge)}: extend the grid (--extend) first")
+    arms = {m: (*methods[m], f"train.lr={best[m][0]}") for m in methods}
+    for spec in ablations:
+        arm, _, rest = spec.partition("=")
+        of, _, more = rest.partition(":")
+        if not arm or of not in arms or not more:
+            sys.exit(f"--ablation {spec!r}: expected NAME=METHOD:OVERRIDE[;OVERRIDE] with METHOD one of "
+                     f"{', '.join(arms)}")
+        arms[arm] = (*arms[of], *more.split(";"))
+    for spec in extra:
+        arm, _, overrides = spec.partition("=")
+        if not arm or "train.lr=" not in overrides or arm in arms:
+            sys.exit(f"--arm {spec!r}: expected a new NAME=OVERRIDE[;OVERRIDE] that sets train.lr")
+        arms[arm] = tuple(overrides.split(";"))
+    axes = {"method": arms, **{a: lv for a, lv in study.axes.items() if a not in ("method", "lr")}}
+    main = replace(study, name=name, seeds=seeds, axes=axes)
+    lrs = ", ".join(f"{m} {best[m][0]}" for m in methods)
+    return (f"# Written by benchmarks/crossover_pilot.py --main from the tuning sweep {tuning} (validation split\n"
+            f"# only): {lrs}.\n" + main.to_toml())
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("pilot", type=Path, help="the pilot's sweep directory")
@@ -89,6 +126,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="a sweep of further grid values (configs/study_crossover_lr02.toml), read with the pilot's")
     ap.add_argument("--select", type=Path, help="write the selection study file here")
     ap.add_argument("--selected", type=Path, help="the selection sweep's directory: pick the two methods")
+    ap.add_argument("--main", type=Path, help="write the main study (tuned lrs, --seeds) to this file")
+    ap.add_argument("--name", help="the main study's name (default: the tuning study's without '-lr')")
+    ap.add_argument("--seeds", default="0,1,2,3,4", help="the main study's seeds, comma-separated")
+    ap.add_argument("--ablation", action="append", default=[], metavar="NAME=METHOD:OVERRIDE[;OVERRIDE]",
+                    help="an extra arm of the main study: METHOD at its lr plus these overrides")
+    ap.add_argument("--arm", action="append", default=[], metavar="NAME=OVERRIDE[;OVERRIDE]",
+                    help="an untuned arm of the main study, its train.lr among its overrides")
     args = ap.parse_args(argv)
     rows = _rows(args.pilot) + [r for extra in args.extend for r in _rows(extra)]
     best = tuned(rows)
@@ -96,6 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.select:
         args.select.write_text(select_study(args.pilot, best), encoding="utf-8")
         print(f"wrote {args.select}")
+    if args.main:
+        name = args.name or load_study(args.pilot).name.removesuffix("-lr")
+        seeds = tuple(int(x) for x in args.seeds.split(","))
+        text = main_study(args.pilot, best, name=name, seeds=seeds, ablations=args.ablation, extra=args.arm)
+        args.main.write_text(text, encoding="utf-8")
+        print(f"wrote {args.main}")
     if args.selected:
         seed100 = {r["method"]: float(r[METRIC]) for r in rows if r["lr"] == best.get(r["method"], ("",))[0]}
         by: dict[str, list[float]] = {m: [seed100[m]] for m in CANDIDATES if m in seed100}

@@ -82,3 +82,29 @@ def test_extended_grid_joins_the_choice(tmp_path):
     ext = _sweep(tmp_path / "ext", [{"method": "heterofl", "lr": "0.2", "seed": 100, "deployed_val_acc_last5": 0.77}])
     best = mod.tuned(mod._rows(pilot) + mod._rows(ext))
     assert best["heterofl"][::2] == ("0.1", False)  # bracketed now: 0.05 < 0.1 > 0.2
+
+
+def test_main_study_takes_each_tuned_lr_and_refuses_an_edge(tmp_path):
+    mod = _script()
+    tuning = ROOT / "configs" / "study_footing_q_lr.toml"
+    methods = list(load_study(tuning).axes["method"])
+    rows = [{"method": m, "lr": lr, "seed": 100, "deployed_val_acc_last5": acc}
+            for m in methods for lr, acc in (("0.05", 0.70), ("0.1", 0.75), ("0.2", 0.72))]
+    sweep = _sweep(tmp_path / "tune", rows, study=tuning)
+    out = tmp_path / "main.toml"
+    nefl = 'nefl=algorithm={name="nefl", clients_per_round=10};train.lr=0.1'
+    assert mod.main([str(sweep), "--main", str(out), "--ablation", "depthfl-kd0=depthfl:algorithm.kd=0.0",
+                     "--arm", nefl]) == 0
+    main = load_study(out)
+    assert main.name == "footing-q" and main.seeds == (0, 1, 2, 3, 4) and "lr" not in main.axes
+    assert main.base == load_study(tuning).base
+    assert main.axes["method"]["fjord"][-1] == "train.lr=0.1"
+    assert main.axes["method"]["depthfl-kd0"][-2:] == ("train.lr=0.1", "algorithm.kd=0.0")
+    assert main.axes["method"]["nefl"] == ('algorithm={name="nefl", clients_per_round=10}', "train.lr=0.1")
+    assert len(main.cells()) == 5 * (len(methods) + 2)
+    with pytest.raises(SystemExit, match="that sets train.lr"):
+        mod.main([str(sweep), "--main", str(out), "--arm", 'nefl=algorithm={name="nefl"}'])
+    edge = _sweep(tmp_path / "edge", [{**r, "deployed_val_acc_last5": float(r["lr"])} for r in rows], study=tuning)
+    with pytest.raises(SystemExit, match="edge of the grid for fedavg-full"):
+        mod.main([str(edge), "--main", str(tmp_path / "no.toml")])
+    assert not (tmp_path / "no.toml").exists()
