@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 
+from hetfl.data import fetch
 from hetfl.resolve import load_config
 
 DIGITS = {
@@ -35,3 +39,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Path:
+    """A private dataset cache, and pip (the network) off unless a test is marked `network`: the dataset
+    modules use it for every test (``pytestmark = pytest.mark.usefixtures("isolated")``)."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("HETFL_CACHE", str(cache))
+    if request.node.get_closest_marker("network") is None:
+
+        def no_network(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+            raise AssertionError(f"test tried to run pip: {args}")
+
+        monkeypatch.setattr(fetch, "_run_pip", no_network)
+    return cache
