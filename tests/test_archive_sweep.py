@@ -3,13 +3,13 @@ same results table), incomplete cells left out, nothing overwritten."""
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
 import pytest
 
 from hetfl.sweep import CELLS, RESULTS_CSV, run_sweep, study_from_dict
+from tests.bench_scripts import load
 
 ROOT = Path(__file__).parents[1]
 STUDY = {"name": "tiny", "seeds": [0], "base": {
@@ -19,10 +19,7 @@ STUDY = {"name": "tiny", "seeds": [0], "base": {
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("archive_sweep", ROOT / "benchmarks" / "archive_sweep.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load("archive_sweep")
 
 
 def test_packed_cells_are_skipped_on_another_machine(tmp_path):

@@ -4,22 +4,19 @@ candidates with the highest mean validation accuracy over seeds 100-102."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import shutil
 from pathlib import Path
 
 import pytest
 
 from hetfl.sweep import load_study
+from tests.bench_scripts import load
 
 ROOT = Path(__file__).parents[1]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("crossover_pilot", ROOT / "benchmarks" / "crossover_pilot.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load("crossover_pilot")
 
 
 def _sweep(path: Path, rows: list[dict], study: Path | None = None) -> Path:

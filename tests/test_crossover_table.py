@@ -4,19 +4,17 @@ tier accuracy minus max(exclusive, FedAvg-smallest) per seed, 95 % t interval ab
 from __future__ import annotations
 
 import csv
-import importlib.util
 from pathlib import Path
 
 import pytest
+
+from tests.bench_scripts import load
 
 ROOT = Path(__file__).parents[1]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("crossover_table", ROOT / "benchmarks" / "crossover_table.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load("crossover_table")
 
 
 def _write(path: Path, acc: dict[str, dict[str, list[float]]]) -> Path:

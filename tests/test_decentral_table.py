@@ -4,24 +4,16 @@ setting only when its paired 95 % t interval against D-PSGD-smallest lies above 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).parents[1]
+from tests.bench_scripts import load
+
 TIERS = ("w1", "w0.25", "w0.0625")
 
 
 def _script():
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # it imports crossover_table's interval, as when run as a script
-    try:
-        spec = importlib.util.spec_from_file_location("decentral_table", ROOT / "benchmarks" / "decentral_table.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return mod
+    return load("decentral_table")
 
 
 def _sweep(path: Path, acc: dict[str, dict[str, float]]) -> Path:

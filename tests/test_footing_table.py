@@ -4,25 +4,17 @@ seed across sweeps of one setting, with the prefix score of rolling / random met
 from __future__ import annotations
 
 import csv
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).parents[1]
+from tests.bench_scripts import load
+
 NOISE = [0.0, 0.01, -0.01, 0.005, -0.005]
 
 
 def _script():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        spec = importlib.util.spec_from_file_location("footing_table", ROOT / "benchmarks" / "footing_table.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return mod
+    return load("footing_table")
 
 
 def _write(path: Path, acc: dict[str, tuple[float, float]], mix: str = "balanced", prefix: bool = False) -> Path:
