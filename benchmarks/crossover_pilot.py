@@ -17,7 +17,8 @@ validation accuracy only (``deployed_val_acc``, mean of the last 5 evaluations),
    the main study's sharing methods.
 4. ``--main FILE`` (any tuning sweep with ``method`` and ``lr`` axes, e.g. the footing's or the Shakespeare
    setting's): the main study, every method at its tuned lr, seeds 0-4, plus ``--ablation`` arms; refused
-   while a best lr lies at an edge of the grid.
+   while a best lr lies at an edge of the grid that no ``--extend`` sweep has moved (the design extends once:
+   a best value at the extension's own edge is taken and flagged).
 """
 
 from __future__ import annotations
@@ -44,16 +45,23 @@ def _rows(sweep: Path) -> list[dict[str, str]]:
         return [r for r in csv.DictReader(f) if r.get("status") == "complete" and r.get(METRIC)]
 
 
-def tuned(rows: list[dict[str, str]]) -> dict[str, tuple[str, float, bool]]:
-    """Per method: (best lr, its deployed_val_acc, whether the best lies at an edge of the grid)."""
+def tuned(rows: list[dict[str, str]]) -> dict[str, tuple[str, float, bool, bool]]:
+    """Per method: (best lr, its deployed_val_acc, whether the best lies at an edge of the grid, whether it was
+    taken there anyway). The design extends a grid once toward an edge: a best value that is itself the
+    extension's (a row marked ``_extension``) is taken at the new edge, flagged, not refused again."""
     grid: dict[str, dict[str, float]] = {}
+    ext: dict[str, set[str]] = {}
     for r in rows:
         grid.setdefault(r["method"], {})[r["lr"]] = float(r[METRIC])
+        if r.get("_extension"):
+            ext.setdefault(r["method"], set()).add(r["lr"])
     out = {}
     for method, by_lr in grid.items():
         lrs = sorted(by_lr, key=float)
         best = max(lrs, key=lambda lr: by_lr[lr])
-        out[method] = (best, by_lr[best], len(lrs) > 2 and best in (lrs[0], lrs[-1]))
+        at_edge = len(lrs) > 2 and best in (lrs[0], lrs[-1])
+        taken = at_edge and best in ext.get(method, set())
+        out[method] = (best, by_lr[best], at_edge and not taken, taken)
     return out
 
 
@@ -65,8 +73,9 @@ def print_grid(rows: list[dict[str, str]], best: dict[str, tuple[str, float, boo
     print("|---|" + "---:|" * (len(lrs) + 1))
     for method in best:
         cells = [f"{100 * acc[(method, lr)]:.2f}" if (method, lr) in acc else "-" for lr in lrs]
-        lr, _, edge = best[method]
-        print(f"| {method} | " + " | ".join(cells) + f" | {lr}{' (edge of the grid)' if edge else ''} |")
+        lr, _, edge, taken = best[method]
+        note = " (edge of the grid)" if edge else " (edge after one extension: taken)" if taken else ""
+        print(f"| {method} | " + " | ".join(cells) + f" | {lr}{note} |")
     print()
 
 
@@ -85,7 +94,7 @@ def select_study(pilot: Path, best: dict[str, tuple[str, float, bool]]) -> str:
             "(docs/study-crossover.md).\n" + select.to_toml())
 
 
-def main_study(tuning: Path, best: dict[str, tuple[str, float, bool]], *, name: str, seeds: tuple[int, ...],
+def main_study(tuning: Path, best: dict[str, tuple[str, float, bool, bool]], *, name: str, seeds: tuple[int, ...],
                ablations: list[str], extra: list[str] = ()) -> str:
     """A tuning sweep's main study: every tuned method at its chosen lr (the lr axis gone), the tuning study's
     base and other axes, ``seeds``; each ``NAME=METHOD:OVERRIDE;OVERRIDE`` of ``ablations`` adds an arm with
@@ -115,8 +124,11 @@ def main_study(tuning: Path, best: dict[str, tuple[str, float, bool]], *, name: 
     axes = {"method": arms, **{a: lv for a, lv in study.axes.items() if a not in ("method", "lr")}}
     main = replace(study, name=name, seeds=seeds, axes=axes)
     lrs = ", ".join(f"{m} {best[m][0]}" for m in methods)
+    taken = [m for m in methods if best[m][3]]
+    note = (f"# Taken at the edge of the grid after one extension (the design extends once): {', '.join(taken)}.\n"
+            if taken else "")
     return (f"# Written by benchmarks/crossover_pilot.py --main from the tuning sweep {tuning} (validation split\n"
-            f"# only): {lrs}.\n" + main.to_toml())
+            f"# only): {lrs}.\n" + note + main.to_toml())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arm", action="append", default=[], metavar="NAME=OVERRIDE[;OVERRIDE]",
                     help="an untuned arm of the main study, its train.lr among its overrides")
     args = ap.parse_args(argv)
-    rows = _rows(args.pilot) + [r for extra in args.extend for r in _rows(extra)]
+    rows = _rows(args.pilot) + [{**r, "_extension": "1"} for extra in args.extend for r in _rows(extra)]
     best = tuned(rows)
     print_grid(rows, best)
     if args.select:

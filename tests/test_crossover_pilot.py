@@ -105,3 +105,28 @@ def test_main_study_takes_each_tuned_lr_and_refuses_an_edge(tmp_path):
     with pytest.raises(SystemExit, match="edge of the grid for fedavg-full"):
         mod.main([str(edge), "--main", str(tmp_path / "no.toml")])
     assert not (tmp_path / "no.toml").exists()
+
+
+def test_an_edge_the_extension_reached_is_taken_once(tmp_path):
+    """The design extends a grid once toward an edge: a best value at the extension's own edge is taken (and said
+    in the file); a best value at an edge of the original grid is still refused."""
+    mod = _script()
+    tuning = ROOT / "configs" / "study_crossover_shakespeare_lr.toml"
+    methods = list(load_study(tuning).axes["method"])
+    grid = {m: (0.30, 0.33, 0.35) for m in methods} | {"depthfl-dyn": (0.32, 0.31, 0.17)}
+    rows = [{"method": m, "lr": lr, "seed": 100, "deployed_val_acc_last5": acc}
+            for m in methods for lr, acc in zip(("0.8", "1.5", "3"), grid[m])]
+    sweep = _sweep(tmp_path / "tune", rows, study=tuning)
+    up = _sweep(tmp_path / "up", [{"method": m, "lr": "6", "seed": 100,
+                                   "deployed_val_acc_last5": 0.36 if m == "heterofl" else 0.30}
+                                  for m in methods if m != "depthfl-dyn"])
+    with pytest.raises(SystemExit, match="edge of the grid for depthfl-dyn"):  # 0.8: the original grid's edge
+        mod.main([str(sweep), "--extend", str(up), "--main", str(tmp_path / "no.toml")])
+    down = _sweep(tmp_path / "down", [{"method": "depthfl-dyn", "lr": "0.4", "seed": 100,
+                                       "deployed_val_acc_last5": 0.2}])
+    out = tmp_path / "main.toml"
+    assert mod.main([str(sweep), "--extend", str(up), "--extend", str(down), "--main", str(out)]) == 0
+    arms = load_study(out).axes["method"]
+    assert arms["heterofl"][-1] == "train.lr=6" and arms["exclusive"][-1] == "train.lr=3"
+    assert arms["depthfl-dyn"][-1] == "train.lr=0.8"
+    assert "after one extension (the design extends once): heterofl.\n" in out.read_text()
