@@ -119,3 +119,39 @@ def test_client_split_gathers_rows_lazily_and_trains_bit_for_bit_as_a_gathered_s
         weights.append((stats.loss, model.state_dict()))
     assert weights[0][0] == weights[1][0]
     assert all(torch.equal(weights[0][1][k], weights[1][1][k]) for k in weights[1][1])
+
+
+def _bn_net(pool_to_one: bool) -> torch.nn.Module:
+    torch.manual_seed(0)
+    layers = [torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU()]
+    if pool_to_one:  # a BatchNorm on 1 x 1 maps: one value per channel for a one-sample batch
+        layers += [torch.nn.AdaptiveAvgPool2d(1), torch.nn.BatchNorm2d(4)]
+    return torch.nn.Sequential(*layers, torch.nn.Flatten(), torch.nn.Linear(4 if pool_to_one else 144, 3))
+
+
+def test_a_lone_sample_batchnorm_cannot_normalise_is_skipped_cleanly():
+    """17 samples at batch 16 leave a one-sample batch; where torch would raise (a BatchNorm on 1 x 1 maps) it
+    is skipped, and the BatchNorms before the failing one keep the statistics of the first batch alone."""
+    g = torch.Generator().manual_seed(5)
+    data = Split(torch.randn(17, 1, 6, 6, generator=g), torch.randint(3, (17,), generator=g))
+    cfg = TrainConfig(batch_size=16, lr=0.1)
+    model = _bn_net(pool_to_one=True)
+    stats = local_sgd(model, data, cfg, seed=3)
+    assert (stats.steps, stats.samples) == (1, 16)
+    first = torch.randperm(17, generator=torch.Generator().manual_seed(3))[:16]  # local_sgd's first batch
+    ref = _bn_net(pool_to_one=True)
+    local_sgd(ref, data.subset(first), cfg, seed=3)
+    for a, b in zip(model.modules(), ref.modules()):
+        if isinstance(a, torch.nn.BatchNorm2d):
+            assert int(a.num_batches_tracked) == 1
+            assert torch.allclose(a.running_mean, b.running_mean, atol=1e-6)
+            assert torch.allclose(a.running_var, b.running_var, atol=1e-6)
+
+
+def test_a_lone_sample_batchnorm_can_normalise_still_trains():
+    """On 6 x 6 maps a one-sample batch has 36 values per channel: it trains, as before."""
+    g = torch.Generator().manual_seed(5)
+    data = Split(torch.randn(17, 1, 6, 6, generator=g), torch.randint(3, (17,), generator=g))
+    model = _bn_net(pool_to_one=False)
+    stats = local_sgd(model, data, TrainConfig(batch_size=16, lr=0.1), seed=3)
+    assert (stats.steps, stats.samples) == (2, 17)

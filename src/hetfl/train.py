@@ -39,7 +39,8 @@ def batch_indices(n: int, batch_size: int, cfg_epochs: int, steps: int,
     """Minibatch index tensors: ``cfg_epochs`` shuffled passes, or exactly ``steps`` batches if > 0.
 
     In step mode the shuffled passes continue as long as needed.  The last batch of a pass may be
-    smaller (no samples are dropped).  The permutation is drawn on the CPU (``generator``) and, with
+    smaller (no samples are dropped here; :func:`local_sgd` skips a one-sample batch only where a BatchNorm
+    cannot normalise it, where torch would raise).  The permutation is drawn on the CPU (``generator``) and, with
     ``device``, moved there once per pass: the batches are views, no host transfer per batch.
     """
     done = 0
@@ -142,17 +143,24 @@ def _sgd_loop(model: nn.Module, data: Split | ClientSplit, cfg: TrainConfig, gen
         xb, yb = data.rows(idx)  # a client's data gathers only the rows of this minibatch
         if augment is not None:
             xb = augment(xb)
-        if bf16:
-            with autocast("bf16", device):
-                logits = forward(model, xb).float()
+        saved = _bn_state(model) if len(yb) == 1 else None
+        try:
+            if bf16:
+                with autocast("bf16", device):
+                    logits = forward(model, xb).float()
+                    loss = loss_fn(logits, yb)
+                    for term in loss_terms:
+                        loss = loss + term(model, xb, yb, logits)
+            else:
+                logits = forward(model, xb)
                 loss = loss_fn(logits, yb)
                 for term in loss_terms:
                     loss = loss + term(model, xb, yb, logits)
-        else:
-            logits = forward(model, xb)
-            loss = loss_fn(logits, yb)
-            for term in loss_terms:
-                loss = loss + term(model, xb, yb, logits)
+        except ValueError as exc:
+            if not saved or not str(exc).startswith(LONE_SAMPLE_BN):
+                raise
+            _restore_bn(saved)  # the BatchNorms before the failing one had already counted the lone sample
+            continue
         opt.zero_grad()
         loss.backward()
         if cfg.grad_clip > 0:
@@ -162,6 +170,27 @@ def _sgd_loop(model: nn.Module, data: Split | ClientSplit, cfg: TrainConfig, gen
         steps += 1
         samples += len(yb)
     return TrainStats(loss=float(total) / max(samples, 1), steps=steps, samples=samples)
+
+
+#: torch's refusal to normalise one value per channel in training mode (a lone sample reaching a BatchNorm
+#: whose input is 1 x 1 per channel, e.g. a conv net's last block on 8 x 8 digits)
+LONE_SAMPLE_BN = "Expected more than 1 value per channel when training"
+
+
+def _bn_state(model: nn.Module) -> list[tuple[nn.Module, list[torch.Tensor]]]:
+    """The running statistics of every BatchNorm that trains on this batch (saved before a one-sample batch)."""
+    out = []
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.running_mean is not None:
+            out.append((m, [m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()]))
+    return out
+
+
+def _restore_bn(saved: list[tuple[nn.Module, list[torch.Tensor]]]) -> None:
+    for m, (mean, var, count) in saved:
+        m.running_mean.copy_(mean)
+        m.running_var.copy_(var)
+        m.num_batches_tracked.copy_(count)
 
 
 class SGD:
