@@ -155,3 +155,16 @@ def test_a_lone_sample_batchnorm_can_normalise_still_trains():
     model = _bn_net(pool_to_one=False)
     stats = local_sgd(model, data, TrainConfig(batch_size=16, lr=0.1), seed=3)
     assert (stats.steps, stats.samples) == (2, 17)
+
+
+def test_recalibration_leaves_out_a_lone_sample_batchnorm_cannot_normalise():
+    from hetfl.evaluation import recalibrate_bn
+
+    g = torch.Generator().manual_seed(5)
+    data = Split(torch.randn(17, 1, 6, 6, generator=g), torch.randint(3, (17,), generator=g))
+    model, ref = _bn_net(pool_to_one=True), _bn_net(pool_to_one=True)
+    assert recalibrate_bn(model, data, 16) == 16
+    assert recalibrate_bn(ref, data.subset(torch.arange(16)), 16) == 16
+    for a, b in zip(model.modules(), ref.modules()):
+        if isinstance(a, torch.nn.BatchNorm2d):
+            assert torch.equal(a.running_mean, b.running_mean) and torch.equal(a.running_var, b.running_var)

@@ -21,7 +21,7 @@ from hetfl.data.base import Split
 from hetfl.data.federation import Federation
 from hetfl.errors import ConfigError
 from hetfl.model_cache import ModelCache
-from hetfl.train import evaluate
+from hetfl.train import LONE_SAMPLE_BN, bn_state, evaluate, restore_bn
 
 
 def client_distribution(acc: np.ndarray, prefix: str = "client_acc") -> dict[str, float]:
@@ -260,9 +260,17 @@ def recalibrate_bn(model: torch.nn.Module, data: Split, batch_size: int) -> int:
         m.reset_running_stats()
         m.momentum = None
     model.train()
+    used = len(data)
     for i in range(0, len(data), batch_size):
-        model(data.x[i:i + batch_size])
+        lone = bn_state(model) if len(data) - i == 1 else None
+        try:
+            model(data.x[i:i + batch_size])
+        except ValueError as exc:  # a last lone sample on 1 x 1 maps: left out, as local training leaves it out
+            if not lone or not str(exc).startswith(LONE_SAMPLE_BN):
+                raise
+            restore_bn(lone)
+            used -= 1
     for m, mom in zip(norms, saved):
         m.momentum = mom
     model.eval()
-    return len(data)
+    return used

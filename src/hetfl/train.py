@@ -143,7 +143,7 @@ def _sgd_loop(model: nn.Module, data: Split | ClientSplit, cfg: TrainConfig, gen
         xb, yb = data.rows(idx)  # a client's data gathers only the rows of this minibatch
         if augment is not None:
             xb = augment(xb)
-        saved = _bn_state(model) if len(yb) == 1 else None
+        saved = bn_state(model) if len(yb) == 1 else None
         try:
             if bf16:
                 with autocast("bf16", device):
@@ -159,7 +159,7 @@ def _sgd_loop(model: nn.Module, data: Split | ClientSplit, cfg: TrainConfig, gen
         except ValueError as exc:
             if not saved or not str(exc).startswith(LONE_SAMPLE_BN):
                 raise
-            _restore_bn(saved)  # the BatchNorms before the failing one had already counted the lone sample
+            restore_bn(saved)  # the BatchNorms before the failing one had already counted the lone sample
             continue
         opt.zero_grad()
         loss.backward()
@@ -177,7 +177,7 @@ def _sgd_loop(model: nn.Module, data: Split | ClientSplit, cfg: TrainConfig, gen
 LONE_SAMPLE_BN = "Expected more than 1 value per channel when training"
 
 
-def _bn_state(model: nn.Module) -> list[tuple[nn.Module, list[torch.Tensor]]]:
+def bn_state(model: nn.Module) -> list[tuple[nn.Module, list[torch.Tensor]]]:
     """The running statistics of every BatchNorm that trains on this batch (saved before a one-sample batch)."""
     out = []
     for m in model.modules():
@@ -186,7 +186,7 @@ def _bn_state(model: nn.Module) -> list[tuple[nn.Module, list[torch.Tensor]]]:
     return out
 
 
-def _restore_bn(saved: list[tuple[nn.Module, list[torch.Tensor]]]) -> None:
+def restore_bn(saved: list[tuple[nn.Module, list[torch.Tensor]]]) -> None:
     for m, (mean, var, count) in saved:
         m.running_mean.copy_(mean)
         m.running_var.copy_(var)
